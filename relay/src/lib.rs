@@ -1,0 +1,203 @@
+//! wsrelay: a WebSocket-terminating message relay.
+//!
+//! The relay terminates every client WebSocket, decodes its frames and re-originates the
+//! conversation to a backend chosen by rendezvous hashing. The binary `wsrelay` is a thin CLI
+//! over this library; tests and applications embed the relay with [`Relay::bind`]:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = wsrelay::config::Config::quick_start(
+//!     "127.0.0.1:0".parse()?,
+//!     &["ws://127.0.0.1:9001".to_owned()],
+//! )?;
+//! let relay = wsrelay::Relay::bind(config).await?;
+//! println!("relay on ws://{}", relay.local_addr());
+//! relay.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A reader finds each concept by its file: `listener` (accept loop, HTTP side), `handshake`
+//! (RFC 6455 checks), `route` (routes, hash keys), `hashing` (rendezvous), `dial` (the backend
+//! leg), `session` (one client's life), `pump` (frames both ways), `keepalive`, `shutdown`.
+
+pub mod config;
+pub mod demo;
+pub mod dial;
+pub mod handshake;
+pub mod hashing;
+pub mod keepalive;
+mod listener;
+pub mod pump;
+pub mod route;
+mod session;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::config::Config;
+use crate::keepalive::KeepalivePolicy;
+use crate::route::RouteTable;
+use crate::shutdown::Shutdown;
+
+/// Errors from starting the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The client-facing listener could not be bound.
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+}
+
+/// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
+/// idle, so it is small; messages larger than it get a buffer of their own size as they arrive.
+const READ_CHUNK: usize = 4 * 1024;
+/// Frames are gathered up to this size before a write syscall; the pump flushes after each
+/// burst anyway.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// State every task of one relay shares, read-only apart from its counters.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub keepalive: KeepalivePolicy,
+    pub client_ws: WebSocketConfig,
+    pub backend_ws: WebSocketConfig,
+    /// One permit per connection, handshaking or established (`max_connections`).
+    pub connection_slots: Arc<Semaphore>,
+    pub next_conn_id: AtomicU64,
+    /// Established sessions right now.
+    pub open_sessions: AtomicUsize,
+    pub shutdown: Shutdown,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    fn new(config: Config) -> Shared {
+        let limits = &config.limits;
+        let ws = WebSocketConfig::default()
+            .read_buffer_size(READ_CHUNK)
+            .write_buffer_size(WRITE_BATCH)
+            .max_message_size(Some(limits.max_message_size.as_usize()))
+            .max_frame_size(Some(limits.max_frame_size.as_usize()));
+        Shared {
+            routes: RouteTable::from_config(&config),
+            keepalive: KeepalivePolicy::from_config(&config.keepalive),
+            client_ws: ws,
+            backend_ws: ws,
+            connection_slots: Arc::new(Semaphore::new(*config.server.max_connections.get_ref())),
+            next_conn_id: AtomicU64::new(1),
+            open_sessions: AtomicUsize::new(0),
+            shutdown: Shutdown::default(),
+            tasks: TaskTracker::new(),
+            config,
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        self.config.server.shutdown_grace.0
+    }
+}
+
+/// Entry point: binds a relay and runs it in the background of the current tokio runtime.
+pub struct Relay;
+
+impl Relay {
+    /// Binds the client listener of `config` and starts serving.
+    pub async fn bind(config: Config) -> Result<RelayHandle, RelayError> {
+        let addr = config.listen_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        Self::serve(config, listener)
+    }
+
+    /// Serves on an already bound listener (e.g. one bound with `SO_REUSEPORT`).
+    pub fn serve(config: Config, listener: TcpListener) -> Result<RelayHandle, RelayError> {
+        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: config.listen_addr(),
+            source,
+        })?;
+        let shared = Arc::new(Shared::new(config));
+        let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
+        tracing::info!(%local_addr, "relay listening");
+        Ok(RelayHandle {
+            local_addr,
+            shared,
+            accept,
+        })
+    }
+}
+
+/// A running relay. Dropping it leaves the relay running; call [`RelayHandle::shutdown`].
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions open when the drain began.
+    pub sessions_at_drain: usize,
+    /// Sessions still open when the grace period ran out (dropped without a close handshake).
+    pub sessions_aborted: usize,
+}
+
+impl RelayHandle {
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Established sessions right now.
+    pub fn open_sessions(&self) -> usize {
+        self.shared.open_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Graceful drain (DESIGN 7): stop accepting, close every client with 1001 (spread over
+    /// the grace period), close the backend legs, and return once all are gone or the grace
+    /// period has passed.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let shared = &self.shared;
+        let grace = shared.shutdown_grace();
+        shared.shutdown.stop_accepting.cancel();
+        let sessions_at_drain = self.open_sessions();
+        let _ = self.accept.await;
+        tracing::info!(sessions = sessions_at_drain, ?grace, "draining");
+        shared.shutdown.drain.cancel();
+        shared.tasks.close();
+        let mut sessions_aborted = 0;
+        if tokio::time::timeout(grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            sessions_aborted = shared.open_sessions.load(Ordering::Relaxed);
+            tracing::warn!(
+                sessions = sessions_aborted,
+                "grace period over; dropping the rest"
+            );
+            shared.shutdown.abort.cancel();
+            shared.tasks.wait().await;
+        }
+        tracing::info!("drained");
+        ShutdownReport {
+            sessions_at_drain,
+            sessions_aborted,
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The client-facing listener: accept, limit, read the HTTP/1.1 request (hyper), answer or
+//! upgrade. The backend leg is opened before the client gets its `101`, so the client sees the
+//! backend's own refusal, and the subprotocol the backend picked.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Shared;
+use crate::dial::{BackendRequest, DialError, dial};
+use crate::handshake::{self, Refusal};
+use crate::route::client_hash_key;
+use crate::session::{self, SessionStart};
+
+/// Largest request head hyper buffers; beyond it the client gets 431.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// Accepts until the relay stops accepting.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let stop = shared.shutdown.stop_accepting.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // Usually EMFILE: back off briefly instead of spinning on the error.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = shared.connection_slots.clone().try_acquire_owned().ok();
+        let conn_shared = shared.clone();
+        shared
+            .tasks
+            .spawn(serve_connection(conn_shared, tcp, peer, permit));
+    }
+}
+
+/// The connection slot of a client connection, handed to its session once it upgrades.
+type Slot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let timeout = shared.config.server.handshake_timeout.0;
+    let slot: Slot = Arc::new(Mutex::new(permit));
+    let service_shared = shared.clone();
+    let service = service_fn(move |request| {
+        let shared = service_shared.clone();
+        let slot = slot.clone();
+        async move { Ok::<_, Infallible>(answer(&shared, peer, &slot, request).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let connection = builder
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::select! {
+        served = tokio::time::timeout(timeout, connection) => match served {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!(%peer, %error, "client HTTP connection failed"),
+            Err(_) => debug!(%peer, ?timeout, "client handshake timed out"),
+        },
+        () = shared.shutdown.drain.cancelled() => {}
+    }
+}
+
+/// Answers one HTTP request: a refusal, `/healthz`, or a `101` with a session behind it.
+async fn answer(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    slot: &Slot,
+    mut request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let headers = request.headers();
+    if !handshake::wants_websocket(headers) && request.uri().path() == "/healthz" {
+        return if request.method() == http::Method::GET || request.method() == http::Method::HEAD {
+            text_response(StatusCode::OK, "ok\n")
+        } else {
+            text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET /healthz\n")
+        };
+    }
+    if slot.lock().expect("slot lock").is_none() {
+        let mut response = refusal_response(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (max_connections)",
+        ));
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    let upgrade = match handshake::check_upgrade(&request) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return refusal_response(refusal),
+    };
+    let path = request.uri().path();
+    let Some(route) = shared.routes.find(path) else {
+        return refusal_response(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("no route serves {path}"),
+        ));
+    };
+    if let Err(refusal) = handshake::check_origin(headers, &shared.config.limits.allowed_origins) {
+        return refusal_response(refusal);
+    }
+
+    let conn_id = shared
+        .next_conn_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = info_span!("conn", id = conn_id);
+    let hash_key = client_hash_key(&route.hash_key, headers, path, request.uri().query(), peer);
+    let backend_request = BackendRequest::from_client(
+        request.uri(),
+        headers,
+        peer,
+        conn_id,
+        route.preserve_host,
+        "http",
+    );
+    let upstream = route.upstream.clone();
+    let ranked = upstream.ranking.rank(&hash_key);
+    let mut failures = Vec::new();
+    let mut dialed = None;
+    for &index in &ranked {
+        let backend = &upstream.backends[index];
+        match dial(
+            backend,
+            &backend_request,
+            shared.backend_ws,
+            upstream.connect_timeout,
+        )
+        .instrument(span.clone())
+        .await
+        {
+            Ok(leg) => {
+                dialed = Some((index, leg));
+                break;
+            }
+            Err(DialError::Refused {
+                url,
+                status,
+                headers,
+                body,
+            }) => {
+                span.in_scope(
+                    || info!(%peer, backend = %url, %status, "backend refused the client"),
+                );
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                return response;
+            }
+            Err(unreachable) => {
+                span.in_scope(
+                    || warn!(%peer, error = %unreachable, "backend unreachable; trying the next"),
+                );
+                failures.push(unreachable.to_string());
+            }
+        }
+    }
+    let Some((backend_index, leg)) = dialed else {
+        span.in_scope(|| warn!(%peer, upstream = %upstream.name, "no backend reachable"));
+        return refusal_response(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            format!("no backend of upstream {:?} is reachable", upstream.name),
+        ));
+    };
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let answer_headers = response.headers_mut();
+    answer_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    answer_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    answer_headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        handshake::accept_value(&upgrade),
+    );
+    if let Some(protocol) = &leg.protocol {
+        answer_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+    let start = SessionStart {
+        shared: shared.clone(),
+        conn_id,
+        peer,
+        path: path.to_owned(),
+        upstream,
+        hash_key,
+        backend_index,
+        backend: leg.socket,
+        protocol: leg.protocol,
+        backend_request,
+        upgrade: hyper::upgrade::on(&mut request),
+        slot: slot.lock().expect("slot lock").take(),
+    };
+    shared.tasks.spawn(session::run(start).instrument(span));
+    response
+}
+
+fn text_response(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn refusal_response(refusal: Refusal) -> Response<Full<Bytes>> {
+    debug!(status = %refusal.status, reason = %refusal.reason, "refused a request");
+    let mut response = Response::new(Full::new(Bytes::from(refusal.reason + "\n")));
+    *response.status_mut() = refusal.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    for (name, value) in refusal.headers {
+        headers.insert(name, value);
+    }
+    response
+}

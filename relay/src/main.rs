@@ -1,0 +1,220 @@
+//! The `wsrelay` command: a thin CLI over the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use wsrelay::config::Config;
+use wsrelay::demo::DemoBackend;
+use wsrelay::{Relay, RelayHandle};
+
+/// A WebSocket-terminating message relay: decodes every frame and re-originates each client's
+/// conversation to a backend chosen by rendezvous hashing.
+#[derive(Debug, Parser)]
+#[command(name = "wsrelay", version, about)]
+struct Cli {
+    /// Run from this TOML config file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Client listener address (overrides `[server] listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Quick start without a config file: a backend URL (repeat for more).
+    #[arg(long = "backend", value_name = "URL")]
+    backends: Vec<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file; print each problem with its line; exit 1 if any.
+    Check,
+    /// Run the relay in front of three built-in demo backends.
+    Demo {
+        /// Client listener address for the demo relay.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let outcome = match &cli.command {
+        Some(Command::Check) => check(&cli),
+        Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo(*listen))),
+        None => runtime().and_then(|rt| rt.block_on(run(&cli))),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wsrelay: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    let source =
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    Ok(Config::from_toml(&source, &path.display().to_string())?)
+}
+
+fn config_from_cli(cli: &Cli) -> Result<Config> {
+    match (&cli.config, cli.backends.is_empty()) {
+        (Some(_), false) => bail!("use either --config or --backend, not both"),
+        (Some(path), true) => {
+            let mut config = load_config(path)?;
+            if let Some(listen) = cli.listen {
+                config.server.listen =
+                    toml::Spanned::new(0..0, wsrelay::config::ListenAddr(listen));
+            }
+            Ok(config)
+        }
+        (None, false) => {
+            let listen = cli
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+            Ok(Config::quick_start(listen, &cli.backends)?)
+        }
+        (None, true) => bail!(
+            "nothing to relay to: give --config wsrelay.toml, or --backend ws://HOST:PORT (repeatable), or try `wsrelay demo`"
+        ),
+    }
+}
+
+fn check(cli: &Cli) -> Result<()> {
+    let Some(path) = &cli.config else {
+        bail!("`wsrelay check` needs --config FILE");
+    };
+    let source =
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    match Config::from_toml(&source, &path.display().to_string()) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} route{}, {} upstream{})",
+                path.display(),
+                config.routes.len(),
+                if config.routes.len() == 1 { "" } else { "s" },
+                config.upstreams.len(),
+                if config.upstreams.len() == 1 { "" } else { "s" },
+            );
+            Ok(())
+        }
+        Err(error) => {
+            let lines: Vec<&str> = source.lines().collect();
+            for problem in &error.problems {
+                println!("{}:{problem}", path.display());
+                if let Some(text) = problem.line.and_then(|n| lines.get(n - 1)) {
+                    println!("    {:>4} | {text}", problem.line.unwrap_or(0));
+                }
+            }
+            bail!(
+                "{} problem{} in {}",
+                error.problems.len(),
+                if error.problems.len() == 1 { "" } else { "s" },
+                path.display()
+            )
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<()> {
+    let config = config_from_cli(cli)?;
+    let relay = Relay::bind(config).await?;
+    wait_for_shutdown_signal().await?;
+    let report = relay.shutdown().await;
+    if report.sessions_aborted > 0 {
+        tracing::warn!(
+            aborted = report.sessions_aborted,
+            "some sessions outlived the grace period"
+        );
+    }
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr) -> Result<()> {
+    let mut backends = Vec::new();
+    for name in ["alpha", "bravo", "charlie"] {
+        backends.push(DemoBackend::start(name, SocketAddr::from(([127, 0, 0, 1], 0))).await?);
+    }
+    let urls: Vec<String> = backends.iter().map(DemoBackend::url).collect();
+    let mut config = Config::quick_start(listen, &urls)?;
+    // Demo clients usually come from one address; hash by a query parameter so different
+    // users land on different backends, falling back to the address.
+    config.routes[0].hash_key = wsrelay::config::HashKey::Query("user".into());
+    let relay: RelayHandle = Relay::bind(config).await?;
+    let url = format!("ws://{}", relay.local_addr());
+    println!("wsrelay demo: relay on {url} in front of 3 echo backends:");
+    for backend in &backends {
+        println!("  {:<8} {}", backend.name, backend.url());
+    }
+    println!("Each backend echoes what you send and answers `whoami` with its name.");
+    println!(
+        "Clients are hashed by ?user=NAME (else by address): the same user always lands on the same backend."
+    );
+    println!("Try it:");
+    println!("  python3 -m websockets '{url}/chat?user=ann'     (pip install websockets)");
+    println!("  npx wscat -c '{url}/chat?user=bob'");
+    println!("then type: whoami");
+    println!("Ctrl-C drains and stops.");
+    wait_for_shutdown_signal().await?;
+    relay.shutdown().await;
+    drop(backends);
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP (config reload) is acknowledged but not implemented
+/// yet, so it must not kill the process as its default action would.
+async fn wait_for_shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                tracing::warn!("SIGHUP: config reload is not supported yet; keeping the current config");
+            }
+        }
+    }
+    tracing::info!("shutdown signal received");
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The frame pump: moves messages both ways between a client leg and a backend leg, in one
+//! task, with one message of buffering per direction.
+//!
+//! Each direction reads a message from its source only once the destination has accepted the
+//! previous one, so a slow reader slows its writer through TCP back-pressure and the relay never
+//! holds more than one message plus tungstenite's write buffer per direction. Payloads are the
+//! `Bytes` tungstenite decoded into: forwarding them copies nothing until the destination frames
+//! them. Writes are flushed once a source has nothing more to read, so bursts share syscalls.
+//! The same poll also drives keepalive (one timer for both legs), idle timeout and drain.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message};
+
+use crate::keepalive::{KeepalivePolicy, LegLiveness, LegVerdict, far_future};
+
+/// Messages a direction moves before it lets the other direction and the timers run.
+const FAIRNESS_BUDGET: usize = 32;
+
+/// Why the pump stopped; the session decides what to do with each leg.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// The client sent a Close frame (already answered by tungstenite).
+    ClientClosed(Option<CloseFrame>),
+    /// The client's connection ended without a close handshake, or it stopped answering pings.
+    ClientGone(String),
+    /// The client broke the protocol or a limit; it gets this close code.
+    ClientViolation(CloseCode, String),
+    /// The backend sent a Close frame (already answered by tungstenite).
+    BackendClosed(Option<CloseFrame>),
+    /// The backend's connection ended without a close handshake, or it stopped answering pings.
+    BackendGone(String),
+    /// The backend broke the protocol or a limit; it gets this close code.
+    BackendViolation(CloseCode, String),
+    /// No message crossed for `idle_timeout`.
+    Idle,
+    /// The relay is draining.
+    Drain,
+}
+
+/// Counters of what crossed, per direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Messages from the client to the backend.
+    pub client_messages: u64,
+    /// Payload bytes from the client to the backend.
+    pub client_bytes: u64,
+    /// Messages from the backend to the client.
+    pub backend_messages: u64,
+    /// Payload bytes from the backend to the client.
+    pub backend_bytes: u64,
+}
+
+/// Pump state that outlives one backend leg, so a session can re-originate to another
+/// backend without losing what the client sent.
+pub struct PumpState {
+    policy: KeepalivePolicy,
+    to_backend: Option<Message>,
+    /// Client messages handed to the backend leg since its last completed flush: if the leg
+    /// dies before the flush completes, these may not have reached the backend's kernel.
+    unflushed_to_backend: Vec<Message>,
+    to_client: Option<Message>,
+    backend_needs_flush: bool,
+    client_needs_flush: bool,
+    client_live: LegLiveness,
+    backend_live: LegLiveness,
+    last_message: Instant,
+    next_check: Instant,
+    /// What crossed so far.
+    pub traffic: Traffic,
+}
+
+impl PumpState {
+    /// State for a session whose legs both finished their handshake at `now`.
+    pub fn new(policy: KeepalivePolicy, now: Instant) -> PumpState {
+        PumpState {
+            policy,
+            to_backend: None,
+            unflushed_to_backend: Vec::new(),
+            to_client: None,
+            backend_needs_flush: false,
+            client_needs_flush: false,
+            client_live: LegLiveness::new(now),
+            backend_live: LegLiveness::new(now),
+            last_message: now,
+            next_check: now,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// A new backend leg replaces a lost one: the client messages the old leg may not have
+    /// delivered are queued for it, oldest first, and returned for the session to send.
+    pub fn take_replay(&mut self, now: Instant) -> Vec<Message> {
+        let mut replay = std::mem::take(&mut self.unflushed_to_backend);
+        replay.retain(|m| m.is_text() || m.is_binary());
+        replay.extend(self.to_backend.take());
+        self.backend_needs_flush = false;
+        self.to_client = None;
+        self.backend_live = LegLiveness::new(now);
+        self.next_check = now;
+        replay
+    }
+
+    /// Runs until one of the [`PumpEnd`] events; `stop` completing ends it with
+    /// [`PumpEnd::Drain`].
+    pub async fn run<C, B>(
+        &mut self,
+        client: &mut WebSocketStream<C>,
+        backend: &mut WebSocketStream<B>,
+        stop: impl Future<Output = ()>,
+    ) -> PumpEnd
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let timer = tokio::time::sleep_until(self.next_check);
+        tokio::pin!(timer, stop);
+        poll_fn(|cx| {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(PumpEnd::Drain);
+            }
+            self.poll_once(cx, client, backend, timer.as_mut())
+        })
+        .await
+    }
+
+    fn poll_once<C, B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut WebSocketStream<C>,
+        backend: &mut WebSocketStream<B>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<PumpEnd>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let now = Instant::now();
+        if now >= self.next_check {
+            if let Some(end) = self.check_timers(now, client, backend) {
+                return Poll::Ready(end);
+            }
+            timer.as_mut().reset(self.next_check);
+        }
+        // Registers the timer's waker; it fires at `next_check`.
+        let _ = timer.as_mut().poll(cx);
+
+        // Client -> backend.
+        let mut moved = 0;
+        loop {
+            if let Some(message) = self.to_backend.take() {
+                match Pin::new(&mut *backend).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(backend_write_failed(error)),
+                    Poll::Pending => {
+                        self.to_backend = Some(message);
+                        break;
+                    }
+                }
+                self.unflushed_to_backend.push(message.clone());
+                if let Err(error) = Pin::new(&mut *backend).start_send(message) {
+                    return Poll::Ready(backend_write_failed(error));
+                }
+                self.backend_needs_flush = true;
+            }
+            if moved == FAIRNESS_BUDGET {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            match Pin::new(&mut *client).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    return Poll::Ready(PumpEnd::ClientGone("connection closed".into()));
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(client_read_failed(error)),
+                Poll::Ready(Some(Ok(message))) => {
+                    self.client_live.heard(now);
+                    match message {
+                        Message::Text(_) | Message::Binary(_) => {
+                            moved += 1;
+                            self.last_message = now;
+                            self.traffic.client_messages += 1;
+                            self.traffic.client_bytes += message.len() as u64;
+                            self.to_backend = Some(message);
+                        }
+                        Message::Close(frame) => return Poll::Ready(PumpEnd::ClientClosed(frame)),
+                        // Pings are answered by tungstenite; pongs only prove liveness.
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+            }
+        }
+        if self.backend_needs_flush {
+            match Pin::new(&mut *backend).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.backend_needs_flush = false;
+                    self.unflushed_to_backend.clear();
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(backend_write_failed(error)),
+                Poll::Pending => {}
+            }
+        }
+
+        // Backend -> client.
+        let mut moved = 0;
+        loop {
+            if let Some(message) = self.to_client.take() {
+                match Pin::new(&mut *client).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(client_write_failed(error)),
+                    Poll::Pending => {
+                        self.to_client = Some(message);
+                        break;
+                    }
+                }
+                if let Err(error) = Pin::new(&mut *client).start_send(message) {
+                    return Poll::Ready(client_write_failed(error));
+                }
+                self.client_needs_flush = true;
+            }
+            if moved == FAIRNESS_BUDGET {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            match Pin::new(&mut *backend).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    return Poll::Ready(PumpEnd::BackendGone("connection closed".into()));
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(backend_read_failed(error)),
+                Poll::Ready(Some(Ok(message))) => {
+                    self.backend_live.heard(now);
+                    match message {
+                        Message::Text(_) | Message::Binary(_) => {
+                            moved += 1;
+                            self.last_message = now;
+                            self.traffic.backend_messages += 1;
+                            self.traffic.backend_bytes += message.len() as u64;
+                            self.to_client = Some(message);
+                        }
+                        Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+            }
+        }
+        if self.client_needs_flush {
+            match Pin::new(&mut *client).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.client_needs_flush = false,
+                Poll::Ready(Err(error)) => return Poll::Ready(client_write_failed(error)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Keepalive and idle checks; sends due pings. Sets `next_check`.
+    fn check_timers<C, B>(
+        &mut self,
+        now: Instant,
+        client: &mut WebSocketStream<C>,
+        backend: &mut WebSocketStream<B>,
+    ) -> Option<PumpEnd>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut next = far_future(now);
+        if let Some(idle) = self.policy.idle_timeout {
+            let due = self.last_message + idle;
+            if now >= due {
+                return Some(PumpEnd::Idle);
+            }
+            next = next.min(due);
+        }
+        // A leg we stopped reading (its message waits for the other side) can't be heard from;
+        // it is not to blame for that.
+        if self.to_backend.is_some() {
+            self.client_live.heard(now);
+        }
+        if self.to_client.is_some() {
+            self.backend_live.heard(now);
+        }
+        match self.client_live.check(now, &self.policy) {
+            LegVerdict::Dead => {
+                return Some(PumpEnd::ClientGone(
+                    "no answer to ping within pong_timeout".into(),
+                ));
+            }
+            LegVerdict::Wait(at) => next = next.min(at),
+            LegVerdict::Ping(at) => {
+                next = next.min(at);
+                if let Err(error) = send_ping(client) {
+                    return Some(client_write_failed(error));
+                }
+                self.client_needs_flush = true;
+            }
+        }
+        match self.backend_live.check(now, &self.policy) {
+            LegVerdict::Dead => {
+                return Some(PumpEnd::BackendGone(
+                    "no answer to ping within pong_timeout".into(),
+                ));
+            }
+            LegVerdict::Wait(at) => next = next.min(at),
+            LegVerdict::Ping(at) => {
+                next = next.min(at);
+                if let Err(error) = send_ping(backend) {
+                    return Some(backend_write_failed(error));
+                }
+                self.backend_needs_flush = true;
+            }
+        }
+        self.next_check = next;
+        None
+    }
+}
+
+fn send_ping<S>(leg: &mut WebSocketStream<S>) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // A static payload: any frame from the peer, not only the matching pong, proves it alive.
+    Pin::new(leg).start_send(Message::Ping(bytes::Bytes::from_static(b"wsrelay")))
+}
+
+/// The close code a peer gets for a read error, or `None` when the peer is simply gone.
+pub fn close_code_for(error: &WsError) -> Option<(CloseCode, String)> {
+    match error {
+        WsError::Capacity(capacity) => Some((CloseCode::Size, capacity.to_string())),
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message".into())),
+        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(protocol) => Some((CloseCode::Protocol, protocol.to_string())),
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => None,
+        other => Some((CloseCode::Error, other.to_string())),
+    }
+}
+
+fn client_read_failed(error: WsError) -> PumpEnd {
+    match close_code_for(&error) {
+        Some((code, reason)) => PumpEnd::ClientViolation(code, reason),
+        None => PumpEnd::ClientGone(error.to_string()),
+    }
+}
+
+fn backend_read_failed(error: WsError) -> PumpEnd {
+    match close_code_for(&error) {
+        Some((code, reason)) => PumpEnd::BackendViolation(code, reason),
+        None => PumpEnd::BackendGone(error.to_string()),
+    }
+}
+
+fn client_write_failed(error: WsError) -> PumpEnd {
+    PumpEnd::ClientGone(format!("write failed: {error}"))
+}
+
+fn backend_write_failed(error: WsError) -> PumpEnd {
+    PumpEnd::BackendGone(format!("write failed: {error}"))
+}

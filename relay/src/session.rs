@@ -1,0 +1,342 @@
+//! One client's session: the upgraded client leg, its backend leg, the pump between them, and
+//! what happens when either side ends (close forwarding, re-origination, drain).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::HeaderValue;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role};
+
+use crate::Shared;
+use crate::config::OnBackendLoss;
+use crate::dial::{BackendRequest, BackendSocket, dial};
+use crate::pump::{PumpEnd, PumpState};
+use crate::route::Upstream;
+use crate::shutdown::close_delay;
+
+/// Time allowed for a close handshake once the relay has decided to close a leg.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+type ClientSocket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Everything the listener hands over when it answers `101`.
+pub(crate) struct SessionStart {
+    pub shared: Arc<Shared>,
+    pub conn_id: u64,
+    pub peer: SocketAddr,
+    pub path: String,
+    pub upstream: Arc<Upstream>,
+    /// The client's hash key, to rank backends again after a loss.
+    pub hash_key: Vec<u8>,
+    pub backend_index: usize,
+    pub backend: BackendSocket,
+    /// The subprotocol the client was given; a replacement backend must pick the same.
+    pub protocol: Option<HeaderValue>,
+    pub backend_request: BackendRequest,
+    pub upgrade: OnUpgrade,
+    /// The client's connection slot, held for the session's life.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Counts the session as open for as long as it lives.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs a session to its end; the grace period's end (`abort`) cuts it short.
+pub(crate) async fn run(start: SessionStart) {
+    let abort = start.shared.shutdown.abort.clone();
+    tokio::select! {
+        () = run_to_end(start) => {}
+        () = abort.cancelled() => debug!("session dropped at the end of the grace period"),
+    }
+}
+
+async fn run_to_end(start: SessionStart) {
+    let SessionStart {
+        shared,
+        conn_id,
+        peer,
+        path,
+        upstream,
+        hash_key,
+        mut backend_index,
+        backend,
+        protocol,
+        backend_request,
+        upgrade,
+        slot: _slot,
+    } = start;
+    let mut backend = backend;
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            debug!(%peer, %error, "client left before the upgrade completed");
+            close_leg(
+                &mut backend,
+                Some(close(CloseCode::Away, "client went away")),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut client = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(shared.client_ws),
+    )
+    .await;
+    shared.open_sessions.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(shared.clone());
+    let started = Instant::now();
+    info!(%peer, %path, backend = %upstream.backends[backend_index], "session open");
+
+    let mut state = PumpState::new(shared.keepalive, started);
+    let mut draining = false;
+    let outcome = loop {
+        let end = if draining {
+            let delay = close_delay(
+                conn_id,
+                shared.open_sessions.load(Ordering::Relaxed),
+                shared.shutdown_grace(),
+            );
+            let stop = tokio::time::sleep(delay);
+            tokio::pin!(stop);
+            state.run(&mut client, &mut backend, stop).await
+        } else {
+            state
+                .run(&mut client, &mut backend, shared.shutdown.drain.cancelled())
+                .await
+        };
+        match end {
+            PumpEnd::Drain if !draining => {
+                draining = true;
+                continue;
+            }
+            PumpEnd::Drain => {
+                let going_away = close(CloseCode::Away, "going away: relay shutting down");
+                close_both(
+                    &mut client,
+                    Some(going_away.clone()),
+                    &mut backend,
+                    Some(going_away),
+                )
+                .await;
+                break "drained".to_owned();
+            }
+            PumpEnd::ClientClosed(frame) => {
+                let code = describe(&frame);
+                close_both(&mut client, None, &mut backend, frame).await;
+                break format!("client closed ({code})");
+            }
+            PumpEnd::ClientGone(reason) => {
+                close_leg(
+                    &mut backend,
+                    Some(close(CloseCode::Away, "client went away")),
+                )
+                .await;
+                break format!("client gone: {reason}");
+            }
+            PumpEnd::ClientViolation(code, reason) => {
+                info!(%peer, %code, %reason, "closing client");
+                close_both(
+                    &mut client,
+                    Some(close(code, &reason)),
+                    &mut backend,
+                    Some(close(CloseCode::Away, "client went away")),
+                )
+                .await;
+                break format!("client violation ({code}: {reason})");
+            }
+            PumpEnd::BackendViolation(code, reason) => {
+                warn!(backend = %upstream.backends[backend_index], %code, %reason, "closing backend");
+                close_both(
+                    &mut client,
+                    Some(close(
+                        CloseCode::Bad(1014),
+                        "bad gateway: the backend misbehaved",
+                    )),
+                    &mut backend,
+                    Some(close(code, &reason)),
+                )
+                .await;
+                break format!("backend violation ({code}: {reason})");
+            }
+            PumpEnd::Idle => {
+                let idle = close(CloseCode::Normal, "idle timeout");
+                close_both(&mut client, Some(idle.clone()), &mut backend, Some(idle)).await;
+                break "idle timeout".to_owned();
+            }
+            PumpEnd::BackendClosed(frame)
+                if !is_backend_loss(&frame) || upstream.on_backend_loss == OnBackendLoss::Close =>
+            {
+                let code = describe(&frame);
+                if upstream.on_backend_loss == OnBackendLoss::Close && is_backend_loss(&frame) {
+                    close_both(&mut client, Some(service_restart()), &mut backend, None).await;
+                } else {
+                    close_both(&mut client, frame, &mut backend, None).await;
+                }
+                break format!("backend closed ({code})");
+            }
+            PumpEnd::BackendGone(reason) if upstream.on_backend_loss == OnBackendLoss::Close => {
+                close_leg(&mut client, Some(service_restart())).await;
+                break format!("backend gone: {reason}");
+            }
+            PumpEnd::BackendClosed(_) | PumpEnd::BackendGone(_) => {
+                let lost = upstream.backends[backend_index].original.clone();
+                info!(backend = %lost, ?end, "backend lost; re-originating the client");
+                let replay = state.take_replay(Instant::now());
+                let found = tokio::select! {
+                    found = reconnect(&shared, &upstream, &hash_key, backend_index, &backend_request, protocol.as_ref()) => found,
+                    () = shared.shutdown.drain.cancelled() => None,
+                };
+                let Some((index, mut replacement)) = found else {
+                    close_leg(&mut client, Some(service_restart())).await;
+                    break format!("backend {lost} lost, no other backend took the client");
+                };
+                let replayed = replay.len();
+                let mut replay_ok = true;
+                for message in replay {
+                    if replacement.feed(message).await.is_err() {
+                        replay_ok = false;
+                        break;
+                    }
+                }
+                if !replay_ok || replacement.flush().await.is_err() {
+                    close_leg(&mut client, Some(service_restart())).await;
+                    break "replacement backend failed during replay".to_owned();
+                }
+                info!(from = %lost, to = %upstream.backends[index], replayed, "client re-originated");
+                backend_index = index;
+                backend = replacement;
+            }
+        }
+    };
+    let traffic = state.traffic;
+    info!(
+        %peer,
+        how = %outcome,
+        seconds = started.elapsed().as_secs_f64(),
+        messages_in = traffic.client_messages,
+        bytes_in = traffic.client_bytes,
+        messages_out = traffic.backend_messages,
+        bytes_out = traffic.backend_bytes,
+        "session closed"
+    );
+}
+
+/// Finds the next backend in the client's rank, skipping the one just lost.
+async fn reconnect(
+    shared: &Shared,
+    upstream: &Upstream,
+    hash_key: &[u8],
+    lost: usize,
+    request: &BackendRequest,
+    protocol: Option<&HeaderValue>,
+) -> Option<(usize, BackendSocket)> {
+    for index in upstream.ranking.rank(hash_key) {
+        if index == lost {
+            continue;
+        }
+        let backend = &upstream.backends[index];
+        match dial(
+            backend,
+            request,
+            shared.backend_ws,
+            upstream.connect_timeout,
+        )
+        .await
+        {
+            Ok(leg) if leg.protocol.as_ref() == protocol => return Some((index, leg.socket)),
+            Ok(mut leg) => {
+                warn!(%backend, "replacement backend picked another subprotocol; skipping it");
+                close_leg(
+                    &mut leg.socket,
+                    Some(close(CloseCode::Protocol, "subprotocol mismatch")),
+                )
+                .await;
+            }
+            Err(error) => warn!(%error, "replacement backend failed"),
+        }
+    }
+    None
+}
+
+/// Backend closes that mean "this backend is going away", not "this conversation is over".
+fn is_backend_loss(frame: &Option<CloseFrame>) -> bool {
+    matches!(
+        frame.as_ref().map(|f| f.code),
+        Some(CloseCode::Away | CloseCode::Restart | CloseCode::Again)
+    )
+}
+
+fn service_restart() -> CloseFrame {
+    close(CloseCode::Restart, "backend unavailable")
+}
+
+fn close(code: CloseCode, reason: &str) -> CloseFrame {
+    // A close frame's reason must fit in 123 bytes; cut at a character boundary.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].to_owned().into(),
+    }
+}
+
+fn describe(frame: &Option<CloseFrame>) -> String {
+    match frame {
+        Some(frame) => format!("{} {:?}", u16::from(frame.code), frame.reason.as_str()),
+        None => "no status".to_owned(),
+    }
+}
+
+async fn close_both(
+    client: &mut ClientSocket,
+    client_frame: Option<CloseFrame>,
+    backend: &mut BackendSocket,
+    backend_frame: Option<CloseFrame>,
+) {
+    tokio::join!(
+        close_leg(client, client_frame),
+        close_leg(backend, backend_frame)
+    );
+}
+
+/// Sends our Close (or completes the peer's), then reads until the peer ends the connection,
+/// within [`CLOSE_HANDSHAKE_TIMEOUT`]. Data that arrives meanwhile is dropped: the other leg
+/// is closing too.
+async fn close_leg<S>(leg: &mut WebSocketStream<S>, frame: Option<CloseFrame>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let finish = async {
+        // If the peer closed first, tungstenite has queued the echo of its Close and refuses
+        // a second one; `SinkExt::close` then only flushes that echo.
+        let _ = leg.send(Message::Close(frame)).await;
+        if SinkExt::close(leg).await.is_err() {
+            return;
+        }
+        // tungstenite ends the stream once the close handshake is complete.
+        while let Some(Ok(_)) = leg.next().await {}
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, finish).await;
+}

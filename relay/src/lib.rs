@@ -19,7 +19,8 @@
 //!
 //! A reader finds each concept by its file: `listener` (accept loop, HTTP side), `handshake`
 //! (RFC 6455 checks), `route` (routes, hash keys), `hashing` (rendezvous), `dial` (the backend
-//! leg), `session` (one client's life), `pump` (frames both ways), `keepalive`, `shutdown`.
+//! leg), `session` (one client's life), `pump` (frames both ways), `replay` (what a lost backend may
+//! have missed), `keepalive`, `shutdown`.
 
 pub mod config;
 pub mod demo;
@@ -29,6 +30,7 @@ pub mod hashing;
 pub mod keepalive;
 mod listener;
 pub mod pump;
+pub mod replay;
 pub mod route;
 mod session;
 pub mod shutdown;

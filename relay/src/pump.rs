@@ -21,6 +21,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
 
 use crate::keepalive::{KeepalivePolicy, LegLiveness, LegVerdict, far_future};
+use crate::replay::ReplayLog;
 
 /// Messages a direction moves before it lets the other direction and the timers run.
 const FAIRNESS_BUDGET: usize = 32;
@@ -64,9 +65,9 @@ pub struct Traffic {
 pub struct PumpState {
     policy: KeepalivePolicy,
     to_backend: Option<Message>,
-    /// Client messages handed to the backend leg since its last completed flush: if the leg
-    /// dies before the flush completes, these may not have reached the backend's kernel.
-    unflushed_to_backend: Vec<Message>,
+    /// Client messages the backend has not acknowledged; `None` when the session will not
+    /// re-originate (`on_backend_loss = "close"`), so nothing needs keeping.
+    replay: Option<ReplayLog>,
     to_client: Option<Message>,
     backend_needs_flush: bool,
     client_needs_flush: bool,
@@ -79,12 +80,13 @@ pub struct PumpState {
 }
 
 impl PumpState {
-    /// State for a session whose legs both finished their handshake at `now`.
-    pub fn new(policy: KeepalivePolicy, now: Instant) -> PumpState {
+    /// State for a session whose legs both finished their handshake at `now`; `replayable`
+    /// keeps a [`ReplayLog`] so a lost backend's messages can go to its replacement.
+    pub fn new(policy: KeepalivePolicy, now: Instant, replayable: bool) -> PumpState {
         PumpState {
             policy,
             to_backend: None,
-            unflushed_to_backend: Vec::new(),
+            replay: replayable.then(ReplayLog::default),
             to_client: None,
             backend_needs_flush: false,
             client_needs_flush: false,
@@ -96,17 +98,22 @@ impl PumpState {
         }
     }
 
-    /// A new backend leg replaces a lost one: the client messages the old leg may not have
-    /// delivered are queued for it, oldest first, and returned for the session to send.
-    pub fn take_replay(&mut self, now: Instant) -> Vec<Message> {
-        let mut replay = std::mem::take(&mut self.unflushed_to_backend);
-        replay.retain(|m| m.is_text() || m.is_binary());
+    /// A new backend leg replaces a lost one: returns the client messages the old leg may not
+    /// have delivered, oldest first, or `None` if that can't be known (the replay log
+    /// overflowed, or the session keeps none).
+    pub fn take_replay(&mut self, now: Instant) -> Option<Vec<Message>> {
+        let mut replay = self.replay.as_mut()?.take_for_replay()?;
         replay.extend(self.to_backend.take());
         self.backend_needs_flush = false;
         self.to_client = None;
         self.backend_live = LegLiveness::new(now);
         self.next_check = now;
-        replay
+        Some(replay)
+    }
+
+    /// The backend message read but not yet handed to the client, if any.
+    pub fn take_pending_to_client(&mut self) -> Option<Message> {
+        self.to_client.take()
     }
 
     /// Runs until one of the [`PumpEnd`] events; `stop` completing ends it with
@@ -165,7 +172,9 @@ impl PumpState {
                         break;
                     }
                 }
-                self.unflushed_to_backend.push(message.clone());
+                if let Some(replay) = &mut self.replay {
+                    replay.sent(message.clone());
+                }
                 if let Err(error) = Pin::new(&mut *backend).start_send(message) {
                     return Poll::Ready(backend_write_failed(error));
                 }
@@ -199,11 +208,14 @@ impl PumpState {
             }
         }
         if self.backend_needs_flush {
+            // The ack ping rides in the same write as the messages it acknowledges.
+            if let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
+                && let Err(error) = Pin::new(&mut *backend).start_send(ping)
+            {
+                return Poll::Ready(backend_write_failed(error));
+            }
             match Pin::new(&mut *backend).poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.backend_needs_flush = false;
-                    self.unflushed_to_backend.clear();
-                }
+                Poll::Ready(Ok(())) => self.backend_needs_flush = false,
                 Poll::Ready(Err(error)) => return Poll::Ready(backend_write_failed(error)),
                 Poll::Pending => {}
             }
@@ -247,7 +259,12 @@ impl PumpState {
                             self.to_client = Some(message);
                         }
                         Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Pong(payload) => {
+                            if let Some(replay) = &mut self.replay {
+                                replay.pong(&payload);
+                            }
+                        }
+                        Message::Ping(_) | Message::Frame(_) => {}
                     }
                 }
             }

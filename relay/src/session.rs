@@ -107,7 +107,8 @@ async fn run_to_end(start: SessionStart) {
     let started = Instant::now();
     info!(%peer, %path, backend = %upstream.backends[backend_index], "session open");
 
-    let mut state = PumpState::new(shared.keepalive, started);
+    let replayable = upstream.on_backend_loss == OnBackendLoss::Reconnect;
+    let mut state = PumpState::new(shared.keepalive, started, replayable);
     let mut draining = false;
     let outcome = loop {
         let end = if draining {
@@ -155,13 +156,12 @@ async fn run_to_end(start: SessionStart) {
             }
             PumpEnd::ClientViolation(code, reason) => {
                 info!(%peer, %code, %reason, "closing client");
-                close_both(
-                    &mut client,
-                    Some(close(code, &reason)),
-                    &mut backend,
-                    Some(close(CloseCode::Away, "client went away")),
-                )
-                .await;
+                // Replies the backend owes for the client's earlier, valid messages still
+                // reach it: close the backend first, forwarding what it sends until its
+                // close, then fail the client.
+                let pending = state.take_pending_to_client();
+                forward_until_backend_closed(&mut client, &mut backend, pending).await;
+                close_leg(&mut client, Some(close(code, &reason))).await;
                 break format!("client violation ({code}: {reason})");
             }
             PumpEnd::BackendViolation(code, reason) => {
@@ -201,7 +201,14 @@ async fn run_to_end(start: SessionStart) {
             PumpEnd::BackendClosed(_) | PumpEnd::BackendGone(_) => {
                 let lost = upstream.backends[backend_index].original.clone();
                 info!(backend = %lost, ?end, "backend lost; re-originating the client");
-                let replay = state.take_replay(Instant::now());
+                let Some(replay) = state.take_replay(Instant::now()) else {
+                    // The client sent more than the replay log holds since the backend last
+                    // acknowledged: moving it would lose messages silently.
+                    close_leg(&mut client, Some(service_restart())).await;
+                    break format!(
+                        "backend {lost} lost with more unacknowledged messages than can be replayed"
+                    );
+                };
                 let found = tokio::select! {
                     found = reconnect(&shared, &upstream, &hash_key, backend_index, &backend_request, protocol.as_ref()) => found,
                     () = shared.shutdown.drain.cancelled() => None,
@@ -276,6 +283,39 @@ async fn reconnect(
         }
     }
     None
+}
+
+/// Closes the backend leg with 1001 and forwards its remaining data messages to the client,
+/// within [`CLOSE_HANDSHAKE_TIMEOUT`].
+async fn forward_until_backend_closed(
+    client: &mut ClientSocket,
+    backend: &mut BackendSocket,
+    pending: Option<Message>,
+) {
+    let forward = async {
+        if let Some(message) = pending
+            && client.feed(message).await.is_err()
+        {
+            return;
+        }
+        if backend
+            .send(Message::Close(Some(close(
+                CloseCode::Away,
+                "client went away",
+            ))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(Ok(message)) = backend.next().await {
+            if (message.is_text() || message.is_binary()) && client.feed(message).await.is_err() {
+                return;
+            }
+        }
+        let _ = client.flush().await;
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
 }
 
 /// Backend closes that mean "this backend is going away", not "this conversation is over".

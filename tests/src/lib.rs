@@ -568,3 +568,13 @@ pub fn find_close_code(mut bytes: &[u8]) -> Option<u16> {
 pub fn flag() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(false))
 }
+
+/// A hash key (for `hash_key = "header:..."` and friends) that rendezvous hashing ranks
+/// first onto `urls[wanted]`, given the upstream's backend list in config order.
+pub fn user_ranked_first(urls: &[String], wanted: usize) -> String {
+    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    (0..10_000)
+        .map(|n| format!("user-{n}"))
+        .find(|user| ranking.rank(user.as_bytes())[0] == wanted)
+        .expect("some user ranks first on every backend")
+}

@@ -156,8 +156,10 @@ fn check(cli: &Cli) -> Result<()> {
 
 async fn run(cli: &Cli) -> Result<()> {
     let config = config_from_cli(cli)?;
+    // Handlers first: a signal that arrives while binding must drain, not kill.
+    let signals = ShutdownSignals::install()?;
     let relay = Relay::bind(config).await?;
-    wait_for_shutdown_signal().await?;
+    signals.wait().await;
     let report = relay.shutdown().await;
     if report.sessions_aborted > 0 {
         tracing::warn!(
@@ -169,6 +171,7 @@ async fn run(cli: &Cli) -> Result<()> {
 }
 
 async fn demo(listen: SocketAddr) -> Result<()> {
+    let signals = ShutdownSignals::install()?;
     let mut backends = Vec::new();
     for name in ["alpha", "bravo", "charlie"] {
         backends.push(DemoBackend::start(name, SocketAddr::from(([127, 0, 0, 1], 0))).await?);
@@ -193,28 +196,41 @@ async fn demo(listen: SocketAddr) -> Result<()> {
     println!("  npx wscat -c '{url}/chat?user=bob'");
     println!("then type: whoami");
     println!("Ctrl-C drains and stops.");
-    wait_for_shutdown_signal().await?;
+    signals.wait().await;
     relay.shutdown().await;
     drop(backends);
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP (config reload) is acknowledged but not implemented
-/// yet, so it must not kill the process as its default action would.
-async fn wait_for_shutdown_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            _ = hangup.recv() => {
-                tracing::warn!("SIGHUP: config reload is not supported yet; keeping the current config");
+/// SIGTERM and SIGINT (drain and stop) and SIGHUP (reload: acknowledged, not implemented yet,
+/// and it must not kill the process as its default action would).
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<ShutdownSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            terminate: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("install SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    async fn wait(mut self) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => break,
+                _ = self.interrupt.recv() => break,
+                _ = self.hangup.recv() => {
+                    tracing::warn!("SIGHUP: config reload is not supported yet; keeping the current config");
+                }
             }
         }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
-    Ok(())
 }

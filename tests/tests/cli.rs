@@ -1,0 +1,558 @@
+//! The `wsrelay` command as users run it (DESIGN 2): `check`, refusing unimplemented keys,
+//! quick start, signals, log formats and `demo`. Every test drives the real binary.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use wsrelay_tests::{
+    Client, RawClient, TestBackend, WAIT, connect, expect_close, find_close_code, read_until_quiet,
+    round_trip, wait_until,
+};
+
+/// The `wsrelay` binary, built once per test process. `CARGO_BIN_EXE_wsrelay` exists only for
+/// tests of the binary's own package, so this package builds and finds it itself; building
+/// every run (not only when missing) keeps the tests from exercising a stale binary.
+fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ lives in the workspace");
+        let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+            Some(dir) if dir.is_absolute() => dir,
+            Some(dir) => workspace.join(dir),
+            None => workspace.join("target"),
+        };
+        let binary = target.join("debug").join("wsrelay");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+        let built = Command::new(cargo)
+            .args(["build", "-q", "-p", "wsrelay", "--bin", "wsrelay"])
+            .current_dir(workspace)
+            .status();
+        match built {
+            Ok(status) if status.success() => {}
+            other if binary.exists() => {
+                eprintln!("cargo build of wsrelay failed ({other:?}); using the existing binary")
+            }
+            other => panic!("cannot build the wsrelay binary: {other:?}"),
+        }
+        assert!(binary.exists(), "{} was not built", binary.display());
+        binary
+    })
+}
+
+/// A directory of config files under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "wsrelay-cli-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `wsrelay ARGS` to completion (for commands that exit by themselves).
+fn run_to_end(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run wsrelay")
+}
+
+/// Lines a child wrote so far on one stream.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+fn collect_lines(stream: impl Read + Send + 'static) -> Lines {
+    let lines: Lines = Arc::default();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// A running `wsrelay` process; dropping it kills the process, so a failing test leaves no
+/// relay behind.
+struct Process {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl Process {
+    fn spawn(args: &[&str], rust_log: &str) -> Process {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wsrelay");
+        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits until the listener accepts; fails early with the logs if the process died.
+    async fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "wsrelay exited before listening: {:?}",
+                self.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "wsrelay never listened on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wsrelay did not exit in time: {:?}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_stderr(&self, what: &str, check: impl Fn(&str) -> bool) {
+        wait_until(what, || {
+            self.stderr.lock().unwrap().iter().any(|l| check(l))
+        })
+        .await;
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keeps reading a client in the background: tungstenite sends its answer to the relay's
+/// Close only while the socket is polled, and an unanswered Close makes the relay wait out its
+/// close-handshake timeout, which would slow every drain down.
+fn keep_reading(mut client: Client) {
+    tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+}
+
+/// Builds a config file; `extra_server` goes under `[server]`, `route_extra` into the route.
+fn config(extra_server: &str, route_extra: &str, backends: &[String]) -> String {
+    let list = backends
+        .iter()
+        .map(|url| format!("\"{url}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{extra_server}\n\n[[route]]\npath = \"/\"\nupstream = \"chat\"\n{route_extra}\n\n[upstream.chat]\nbackends = [{list}]\n"
+    )
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `wsrelay check` on `source` and returns (exit code, stdout, stderr).
+fn check(source: &str) -> (Option<i32>, String, String) {
+    let dir = TempDir::new();
+    let path = dir.write("wsrelay.toml", source);
+    let output = run_to_end(&["check", "--config", path.to_str().unwrap()]);
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+const GOOD: &str = r#"# a valid config; check must accept it
+[server]
+listen = "127.0.0.1:0"
+max_connections = 10
+
+# handshake_timeout is on line 7 of this file
+handshake_timeout = "10s"
+
+[[route]]
+path = "/"
+upstream = "chat"
+preserve_host = true
+
+[upstream.chat]
+backends = ["ws://127.0.0.1:9001"]
+"#;
+
+#[test]
+fn check_accepts_a_good_config_and_prints_ok() {
+    let (code, stdout, stderr) = check(GOOD);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
+#[test]
+fn check_names_the_key_and_line_of_a_bad_duration() {
+    let (code, stdout, stderr) = check(&GOOD.replace("\"10s\"", "\"ten\""));
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("line 7: handshake_timeout"),
+        "stdout: {stdout}"
+    );
+    assert!(stdout.contains("\"ten\""), "stdout: {stdout}");
+}
+
+#[test]
+fn check_names_an_unknown_key_and_its_line() {
+    let (code, stdout, stderr) = check(&GOOD.replace("preserve_host", "preserve_hots"));
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("line 12"), "stdout: {stdout}");
+    assert!(stdout.contains("preserve_hots"), "stdout: {stdout}");
+}
+
+#[test]
+fn check_names_a_route_to_a_missing_upstream_and_its_line() {
+    let (code, stdout, stderr) = check(&GOOD.replace("upstream = \"chat\"", "upstream = \"chta\""));
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("line 11: route[0].upstream"),
+        "stdout: {stdout}"
+    );
+    assert!(stdout.contains("chta"), "stdout: {stdout}");
+}
+
+#[tokio::test]
+async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_key() {
+    let dir = TempDir::new();
+    let cases = [
+        (
+            "server.admin",
+            config(
+                "admin = \"127.0.0.1:9090\"",
+                "",
+                &["ws://127.0.0.1:9".into()],
+            ),
+        ),
+        (
+            "route[0].mode",
+            config("", "mode = \"mux\"", &["ws://127.0.0.1:9".into()]),
+        ),
+    ];
+    for (key, source) in cases {
+        let path = dir.write("unsupported.toml", &source);
+        let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+        let status = relay.wait_exit().await;
+        assert!(!status.success(), "{key}: wsrelay started anyway");
+        let stderr = relay.stderr().join("\n");
+        assert!(stderr.contains("not supported yet: "), "{key}: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+}
+
+/// Starts a relay, relays through it, sends `signal`, and checks the drain of DESIGN 7: the
+/// client and its backend both get 1001 and the process exits 0.
+async fn drains_on(signal: &str, use_config: bool) {
+    let alpha = TestBackend::start("alpha").await;
+    let bravo = TestBackend::start("bravo").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = addr.to_string();
+    let dir = TempDir::new();
+    let mut args = vec!["--listen".to_owned(), listen];
+    if use_config {
+        let source = config("shutdown_grace = \"2s\"", "", &[alpha.url(), bravo.url()]);
+        let path = dir.write("grace.toml", &source);
+        args.extend(["--config".into(), path.to_str().unwrap().to_owned()]);
+    } else {
+        for backend in [&alpha, &bravo] {
+            args.extend(["--backend".into(), backend.url()]);
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut relay = Process::spawn(&args, "info");
+    relay.wait_listening(addr).await;
+
+    let mut client = connect(&format!("ws://{addr}/room")).await;
+    assert_eq!(round_trip(&mut client, "hello").await, "hello");
+    let name = round_trip(&mut client, "whoami").await;
+    let backend = if name == alpha.name { &alpha } else { &bravo };
+
+    relay.signal(signal);
+    let frame = expect_close(&mut client).await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Away);
+    keep_reading(client);
+    backend
+        .wait_for("the backend to get Close 1001", |log| {
+            log.closes
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|f| matches!(f, Some(f) if f.code == CloseCode::Away))
+        })
+        .await;
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+}
+
+#[tokio::test]
+async fn quick_start_relays_and_sigterm_closes_both_legs_1001_and_exits_0() {
+    drains_on("TERM", false).await;
+}
+
+#[tokio::test]
+async fn sigint_closes_both_legs_1001_and_exits_0_from_a_config_with_a_grace() {
+    drains_on("INT", true).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_the_close_still_gets_1001_and_the_relay_exits_0() {
+    let backend = TestBackend::start("alpha").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = TempDir::new();
+    let path = dir.write(
+        "grace.toml",
+        &config("shutdown_grace = \"2s\"", "", &[backend.url()]),
+    );
+    let mut relay = Process::spawn(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+        ],
+        "info",
+    );
+    relay.wait_listening(addr).await;
+    // A raw client never answers the relay's Close, so only the grace period ends its session.
+    let mut stuck = RawClient::connect(addr, "/").await;
+    backend
+        .wait_for("the backend leg", |log| {
+            log.open.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+        .await;
+
+    relay.signal("TERM");
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+    let bytes = read_until_quiet(&mut stuck.tcp, WAIT).await;
+    assert_eq!(find_close_code(&bytes), Some(1001));
+}
+
+/// Parses every stderr line as a JSON object.
+fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let value: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(value.is_object(), "not a JSON object: {line}");
+            value
+        })
+        .collect()
+}
+
+/// Runs a quick-start relay with JSON logs, passes one session through it and stops it;
+/// returns its stderr lines.
+async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
+    let backend = TestBackend::start("alpha").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut relay = Process::spawn(
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            &backend.url(),
+        ],
+        rust_log,
+    );
+    relay.wait_listening(addr).await;
+    let mut client = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut client, "hello").await, "hello");
+    client.close(None).await.unwrap();
+    expect_close(&mut client).await;
+    // The session's closing line is written after the client's close completes.
+    backend
+        .wait_for("the backend leg to end", |log| {
+            log.open.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && !log.closes.lock().unwrap().is_empty()
+        })
+        .await;
+    if rust_log == "info" {
+        relay
+            .wait_stderr("the session closed line", |l| l.contains("session closed"))
+            .await;
+    }
+    relay.signal("TERM");
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+    relay.stderr()
+}
+
+#[tokio::test]
+async fn json_logs_are_json_objects_and_session_lines_carry_the_connection_id() {
+    let lines = json_lines(&one_session_with_json_logs("info").await);
+    let session_id = |message: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {lines:?}"));
+        line["span"]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{message:?} has no span id: {line}"))
+    };
+    assert_eq!(session_id("session open"), session_id("session closed"));
+}
+
+#[tokio::test]
+async fn rust_log_warn_suppresses_the_info_lines() {
+    let lines = json_lines(&one_session_with_json_logs("warn").await);
+    for line in &lines {
+        let level = line["level"].as_str().unwrap_or_default();
+        assert!(
+            level == "WARN" || level == "ERROR",
+            "RUST_LOG=warn let through: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sighup_keeps_the_relay_running_and_says_reload_is_not_supported_yet() {
+    let backend = TestBackend::start("alpha").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut relay = Process::spawn(
+        &["--listen", &addr.to_string(), "--backend", &backend.url()],
+        "info",
+    );
+    relay.wait_listening(addr).await;
+    // A full round trip means the process is past startup and has its signal handlers.
+    let mut client = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut client, "before").await, "before");
+
+    relay.signal("HUP");
+    relay
+        .wait_stderr("the reload warning", |l| {
+            l.contains("reload is not supported yet")
+        })
+        .await;
+    assert!(relay.is_running(), "SIGHUP stopped wsrelay");
+    assert_eq!(round_trip(&mut client, "after").await, "after");
+    let mut second = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut second, "new").await, "new");
+
+    keep_reading(client);
+    keep_reading(second);
+    relay.signal("TERM");
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_backend() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut relay = Process::spawn(&["demo", "--listen", &addr.to_string()], "info");
+    relay.wait_listening(addr).await;
+    let url = format!("ws://{addr}");
+    let names = ["alpha", "bravo", "charlie"];
+    wait_until("the demo banner", || {
+        let stdout = relay.stdout();
+        stdout.iter().any(|l| l.contains(&url))
+            && names
+                .iter()
+                .all(|name| stdout.iter().any(|l| l.trim_start().starts_with(name)))
+    })
+    .await;
+
+    let mut first = connect(&format!("{url}/chat?user=x")).await;
+    let name = round_trip(&mut first, "whoami").await;
+    assert!(names.contains(&name.as_str()), "whoami answered {name:?}");
+    let mut again = connect(&format!("{url}/chat?user=x")).await;
+    assert_eq!(round_trip(&mut again, "whoami").await, name);
+
+    keep_reading(first);
+    keep_reading(again);
+    relay.signal("TERM");
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+}

@@ -1,0 +1,292 @@
+//! Bad input gets a clear answer and nothing else breaks (DESIGN 8): each protocol violation
+//! or oversized message closes only its own connection, with the RFC 6455 close code, and
+//! closes that connection's backend leg; a well-behaved client of the same relay and backend
+//! keeps working throughout.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use wsrelay_tests::{
+    RawClient, TestBackend, TestRelay, WAIT, connect, find_close_code, next_data, raw_exchange,
+    round_trip, status_of, wait_until,
+};
+
+const KIB: usize = 1024;
+
+/// One route over `BACKENDS` with the given `[limits]` lines.
+fn config(limits: &str) -> String {
+    format!(
+        r#"
+[limits]
+{limits}
+
+[[route]]
+path = "/"
+upstream = "main"
+
+[upstream.main]
+backends = BACKENDS
+"#
+    )
+}
+
+const SMALL_MESSAGES: &str = "max_message_size = \"64KiB\"";
+const SMALL_FRAMES: &str = "max_frame_size = \"16KiB\"";
+
+/// A frame as `RawClient::send_frame` takes it: first byte, payload, masked.
+struct Frame {
+    first_byte: u8,
+    payload: Vec<u8>,
+    masked: bool,
+}
+
+fn frame(first_byte: u8, payload: impl Into<Vec<u8>>) -> Frame {
+    Frame {
+        first_byte,
+        payload: payload.into(),
+        masked: true,
+    }
+}
+
+/// Reads until the relay's Close frame arrives and returns its code, or `None` if the
+/// connection ends without one. Returns as soon as the Close is complete instead of waiting
+/// for the relay to give up on the close handshake.
+async fn read_close_code(raw: &mut RawClient) -> Option<u16> {
+    let deadline = Instant::now() + WAIT;
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(code) = find_close_code(&bytes) {
+            return Some(code);
+        }
+        match tokio::time::timeout_at(deadline, raw.tcp.read(&mut buffer)).await {
+            Err(_) => panic!("no close from the relay in time; got {bytes:02x?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => bytes.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+fn close_codes(backend: &TestBackend) -> Vec<Option<u16>> {
+    backend
+        .log
+        .closes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|frame| frame.as_ref().map(|f| u16::from(f.code)))
+        .collect()
+}
+
+fn texts_seen(backend: &TestBackend) -> Vec<String> {
+    backend
+        .log
+        .messages
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Message::Text(text) => text.as_str().to_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Sends `frames` from a raw client next to a well-behaved bystander and checks that the
+/// raw client alone is closed with `expected`, its backend leg is closed with 1001, nothing
+/// of the offending message reached the backend, and the bystander still gets echoes.
+async fn assert_violation_closes_only_the_sender(limits: &str, frames: &[Frame], expected: u16) {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::start(&config(limits), &[&backend]).await;
+    let mut bystander = connect(&relay.url("/")).await;
+    assert_eq!(round_trip(&mut bystander, "before").await, "before");
+    let mut raw = RawClient::connect(relay.addr(), "/").await;
+    backend
+        .wait_for("both backend legs to open", |log| {
+            log.open.load(Ordering::SeqCst) == 2
+        })
+        .await;
+
+    for f in frames {
+        raw.send_frame(f.first_byte, &f.payload, f.masked).await;
+    }
+    let code = read_close_code(&mut raw).await;
+    assert_eq!(code, Some(expected));
+    // Completes the close handshake so the relay finishes at once.
+    raw.send_frame(0x88, &expected.to_be_bytes(), true).await;
+
+    backend
+        .wait_for("the offender's backend leg to close", |log| {
+            log.open.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    assert_eq!(close_codes(&backend), [Some(1001)]);
+    assert_eq!(round_trip(&mut bystander, "after").await, "after");
+    assert_eq!(texts_seen(&backend), ["before", "after"]);
+    wait_until("the offender's session to end", || {
+        relay.handle.open_sessions() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_single_frame_message_over_max_message_size_closes_the_sender_with_1009() {
+    let payload = vec![b'x'; 64 * KIB + 1];
+    assert_violation_closes_only_the_sender(SMALL_MESSAGES, &[frame(0x82, payload)], 1009).await;
+}
+
+#[tokio::test]
+async fn fragments_summing_over_max_message_size_close_the_sender_with_1009() {
+    let part = vec![b'x'; 40 * KIB];
+    assert_violation_closes_only_the_sender(
+        SMALL_MESSAGES,
+        &[frame(0x02, part.clone()), frame(0x80, part)],
+        1009,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_frame_over_max_frame_size_closes_the_sender_with_1009() {
+    let payload = vec![b'x'; 16 * KIB + 1];
+    assert_violation_closes_only_the_sender(SMALL_FRAMES, &[frame(0x82, payload)], 1009).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_message_closes_the_sender_with_1007() {
+    assert_violation_closes_only_the_sender("", &[frame(0x81, [0xC3, 0x28])], 1007).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_split_across_fragments_closes_the_sender_with_1007() {
+    // Each fragment alone could be the start or end of a valid sequence; together they are not.
+    assert_violation_closes_only_the_sender(
+        "",
+        &[frame(0x01, [b'a', 0xC3]), frame(0x80, [0x28, b'b'])],
+        1007,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unmasked_client_frame_closes_the_sender_with_1002() {
+    let unmasked = Frame {
+        first_byte: 0x81,
+        payload: b"hello".to_vec(),
+        masked: false,
+    };
+    assert_violation_closes_only_the_sender("", &[unmasked], 1002).await;
+}
+
+#[tokio::test]
+async fn a_reserved_data_opcode_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0x83, *b"x")], 1002).await;
+}
+
+#[tokio::test]
+async fn a_reserved_control_opcode_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0x8B, *b"x")], 1002).await;
+}
+
+#[tokio::test]
+async fn an_rsv1_bit_without_an_extension_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0xC1, *b"hello")], 1002).await;
+}
+
+#[tokio::test]
+async fn a_fragmented_ping_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0x09, *b"ping")], 1002).await;
+}
+
+#[tokio::test]
+async fn a_ping_with_a_126_byte_payload_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0x89, vec![b'p'; 126])], 1002).await;
+}
+
+#[tokio::test]
+async fn a_continuation_without_a_start_closes_the_sender_with_1002() {
+    assert_violation_closes_only_the_sender("", &[frame(0x80, *b"orphan")], 1002).await;
+}
+
+#[tokio::test]
+async fn a_backend_message_over_max_message_size_closes_the_client_with_1014() {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::start(&config(SMALL_MESSAGES), &[&backend]).await;
+    // Raw, because tungstenite's client turns a received 1014 (which it does not know) into
+    // 1002 before the application sees it; the wire is what this contract is about.
+    let mut raw = RawClient::connect(relay.addr(), "/").await;
+    backend
+        .wait_for("the backend leg to open", |log| {
+            log.open.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+    backend
+        .push_to_all(Message::binary(vec![0u8; 64 * KIB + 1]))
+        .await;
+
+    assert_eq!(read_close_code(&mut raw).await, Some(1014));
+    raw.send_frame(0x88, &1014u16.to_be_bytes(), true).await;
+    backend
+        .wait_for("the backend leg to close", |log| {
+            log.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    assert_eq!(close_codes(&backend), [Some(1009)]);
+
+    let mut next = connect(&relay.url("/")).await;
+    assert_eq!(
+        round_trip(&mut next, "still serving").await,
+        "still serving"
+    );
+}
+
+#[tokio::test]
+async fn garbage_instead_of_an_http_request_is_refused_and_the_relay_serves_the_next_client() {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::simple(&[&backend]).await;
+
+    let response = raw_exchange(relay.addr(), &[0xFF; 1024], Duration::from_secs(5)).await;
+    assert!(
+        response.is_empty() || status_of(&response) == 400,
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
+
+    let mut client = connect(&relay.url("/")).await;
+    assert_eq!(round_trip(&mut client, "hello").await, "hello");
+    assert_eq!(backend.connections().len(), 1);
+}
+
+#[tokio::test]
+async fn a_message_exactly_at_the_default_limit_arrives_whole_with_its_type() {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::simple(&[&backend]).await;
+    let mut client = connect(&relay.url("/")).await;
+    let limit = 1 << 20;
+
+    let binary: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+    client.send(Message::binary(binary.clone())).await.unwrap();
+    match next_data(&mut client).await {
+        Message::Binary(echo) => assert!(echo == binary, "binary echo differs"),
+        other => panic!("binary came back as another kind of {} bytes", other.len()),
+    }
+
+    // Two-byte characters: the relay's reads split some of them, and must still validate.
+    let text = "é".repeat(limit / 2);
+    assert_eq!(text.len(), limit);
+    client.send(Message::text(text.clone())).await.unwrap();
+    match next_data(&mut client).await {
+        Message::Text(echo) => assert!(echo.as_str() == text, "text echo differs"),
+        other => panic!("text came back as another kind of {} bytes", other.len()),
+    }
+
+    let seen = backend.log.messages.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].is_binary() && seen[0].len() == limit);
+    assert!(seen[1].is_text() && seen[1].len() == limit);
+}

@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
+use crate::inspect::InspectorRegistry;
+
 /// The whole relay configuration, as read from a TOML file or built from CLI flags.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -541,7 +543,18 @@ impl fmt::Display for ConfigError {
 
 impl Config {
     /// Parses and validates a TOML configuration; `origin` names it in error messages.
+    /// Inspector names are checked against the built-ins.
     pub fn from_toml(source: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with(source, origin, &InspectorRegistry::default())
+    }
+
+    /// Like [`Config::from_toml`], checking inspector names against `inspectors` (the built-ins
+    /// plus an embedding application's own).
+    pub fn from_toml_with(
+        source: &str,
+        origin: &str,
+        inspectors: &InspectorRegistry,
+    ) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(source).map_err(|error| ConfigError {
             origin: origin.to_owned(),
             problems: vec![ConfigProblem {
@@ -550,7 +563,7 @@ impl Config {
                 message: error.message().trim().to_owned(),
             }],
         })?;
-        let problems = config.problems(Some(source));
+        let problems = config.problems(Some(source), inspectors);
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -600,12 +613,26 @@ impl Config {
             )]),
         };
         config.server.listen = Spanned::new(0..0, ListenAddr(listen));
-        problems.extend(config.problems(None));
+        problems.extend(config.problems(None, &InspectorRegistry::default()));
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(ConfigError {
                 origin: origin.into(),
+                problems,
+            })
+        }
+    }
+
+    /// Checks the configuration again against `inspectors` (used when an application
+    /// registers inspectors of its own after loading the file).
+    pub fn check_inspectors(&self, inspectors: &InspectorRegistry) -> Result<(), ConfigError> {
+        let problems = self.problems(None, inspectors);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                origin: "configuration".into(),
                 problems,
             })
         }
@@ -618,7 +645,7 @@ impl Config {
 
     /// Checks what single values can't: references between sections, and keys set for
     /// features this build does not implement yet.
-    fn problems(&self, source: Option<&str>) -> Vec<ConfigProblem> {
+    fn problems(&self, source: Option<&str>, inspectors: &InspectorRegistry) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
         let mut report = |span: std::ops::Range<usize>, key: String, message: String| {
             let line = source
@@ -673,14 +700,6 @@ impl Config {
                 "must be above 0s while ping_interval is set".into(),
             );
         }
-        let rate = &self.limits.max_messages_per_second;
-        if *rate.get_ref() != 0 {
-            report(
-                rate.span(),
-                "limits.max_messages_per_second".into(),
-                not_yet("limits.max_messages_per_second (rate limiting)"),
-            );
-        }
         if self.limits.max_message_size.0 == 0 || self.limits.max_frame_size.0 == 0 {
             report(
                 0..0,
@@ -720,12 +739,17 @@ impl Config {
             if *route.mode.get_ref() == Mode::Mux {
                 report(route.mode.span(), key("mode"), not_yet("mode = \"mux\""));
             }
-            if !route.inspect.get_ref().is_empty() {
-                report(
-                    route.inspect.span(),
-                    key("inspect"),
-                    not_yet("inspect (inspector chains)"),
-                );
+            for entry in route.inspect.get_ref() {
+                let bare_rate = entry.trim() == "rate";
+                if bare_rate && *self.limits.max_messages_per_second.get_ref() == 0 {
+                    report(
+                        route.inspect.span(),
+                        key("inspect"),
+                        "\"rate\" needs a rate: write \"rate:N\" or set [limits] max_messages_per_second".into(),
+                    );
+                } else if !bare_rate && let Err(problem) = inspectors.check(entry) {
+                    report(route.inspect.span(), key("inspect"), problem);
+                }
             }
         }
         for (name, upstream) in &self.upstreams {

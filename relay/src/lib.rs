@@ -27,6 +27,7 @@ pub mod demo;
 pub mod dial;
 pub mod handshake;
 pub mod hashing;
+pub mod inspect;
 pub mod keepalive;
 mod listener;
 pub mod pump;
@@ -46,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::Config;
+use crate::inspect::{InspectorFactory, InspectorRegistry};
 use crate::keepalive::KeepalivePolicy;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
@@ -53,6 +55,9 @@ use crate::shutdown::Shutdown;
 /// Errors from starting the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// The configuration names something this relay does not know (e.g. an inspector).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// The client-facing listener could not be bound.
     #[error("listen on {addr}: {source}")]
     Bind {
@@ -88,7 +93,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(config: Config) -> Shared {
+    fn new(config: Config, inspectors: &InspectorRegistry) -> Shared {
         let limits = &config.limits;
         let ws = WebSocketConfig::default()
             .read_buffer_size(READ_CHUNK)
@@ -96,7 +101,7 @@ impl Shared {
             .max_message_size(Some(limits.max_message_size.as_usize()))
             .max_frame_size(Some(limits.max_frame_size.as_usize()));
         Shared {
-            routes: RouteTable::from_config(&config),
+            routes: RouteTable::from_config(&config, inspectors),
             keepalive: KeepalivePolicy::from_config(&config.keepalive),
             client_ws: ws,
             backend_ws: ws,
@@ -118,22 +123,55 @@ impl Shared {
 pub struct Relay;
 
 impl Relay {
-    /// Binds the client listener of `config` and starts serving.
+    /// Binds the client listener of `config` and starts serving, with the built-in inspectors.
     pub async fn bind(config: Config) -> Result<RelayHandle, RelayError> {
-        let addr = config.listen_addr();
+        Relay::builder(config).bind().await
+    }
+
+    /// Serves `config` on an already bound listener (e.g. one bound with `SO_REUSEPORT`).
+    pub fn serve(config: Config, listener: TcpListener) -> Result<RelayHandle, RelayError> {
+        Relay::builder(config).serve(listener)
+    }
+
+    /// Starts configuring a relay, e.g. to register inspectors of your own.
+    pub fn builder(config: Config) -> RelayBuilder {
+        RelayBuilder {
+            config,
+            inspectors: InspectorRegistry::default(),
+        }
+    }
+}
+
+/// A relay being configured; see [`Relay::builder`].
+pub struct RelayBuilder {
+    config: Config,
+    inspectors: InspectorRegistry,
+}
+
+impl RelayBuilder {
+    /// Registers an inspector that routes can name in their `inspect` list.
+    pub fn inspector(mut self, name: &str, factory: impl InspectorFactory) -> RelayBuilder {
+        self.inspectors.register(name, factory);
+        self
+    }
+
+    /// Binds the client listener and starts serving.
+    pub async fn bind(self) -> Result<RelayHandle, RelayError> {
+        let addr = self.config.listen_addr();
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| RelayError::Bind { addr, source })?;
-        Self::serve(config, listener)
+        self.serve(listener)
     }
 
     /// Serves on an already bound listener (e.g. one bound with `SO_REUSEPORT`).
-    pub fn serve(config: Config, listener: TcpListener) -> Result<RelayHandle, RelayError> {
+    pub fn serve(self, listener: TcpListener) -> Result<RelayHandle, RelayError> {
+        self.config.check_inspectors(&self.inspectors)?;
         let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
-            addr: config.listen_addr(),
+            addr: self.config.listen_addr(),
             source,
         })?;
-        let shared = Arc::new(Shared::new(config));
+        let shared = Arc::new(Shared::new(self.config, &self.inspectors));
         let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {

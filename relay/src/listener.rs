@@ -211,6 +211,8 @@ async fn answer(
         conn_id,
         peer,
         path: path.to_owned(),
+        route_path: route.path.as_str().into(),
+        route_inspectors: route.inspectors.clone(),
         upstream,
         hash_key,
         backend_index,

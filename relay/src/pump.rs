@@ -10,6 +10,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::{Sink, Stream};
@@ -20,6 +21,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
 
+use crate::inspect::{Direction, InspectorChain, Verdict};
 use crate::keepalive::{KeepalivePolicy, LegLiveness, LegVerdict, far_future};
 use crate::replay::ReplayLog;
 
@@ -45,6 +47,9 @@ pub enum PumpEnd {
     Idle,
     /// The relay is draining.
     Drain,
+    /// An inspector closed the connection over a message travelling this way: its sender gets
+    /// the code, the other leg 1001.
+    Inspector(Direction, CloseCode, String),
 }
 
 /// Counters of what crossed, per direction.
@@ -75,6 +80,10 @@ pub struct PumpState {
     backend_live: LegLiveness,
     last_message: Instant,
     next_check: Instant,
+    /// The route's inspectors for this connection, if it has any.
+    inspectors: Option<InspectorChain>,
+    /// The backend serving the connection, as inspectors see it.
+    backend_name: Arc<str>,
     /// What crossed so far.
     pub traffic: Traffic,
 }
@@ -82,7 +91,13 @@ pub struct PumpState {
 impl PumpState {
     /// State for a session whose legs both finished their handshake at `now`; `replayable`
     /// keeps a [`ReplayLog`] so a lost backend's messages can go to its replacement.
-    pub fn new(policy: KeepalivePolicy, now: Instant, replayable: bool) -> PumpState {
+    pub fn new(
+        policy: KeepalivePolicy,
+        now: Instant,
+        replayable: bool,
+        inspectors: Option<InspectorChain>,
+        backend_name: Arc<str>,
+    ) -> PumpState {
         PumpState {
             policy,
             to_backend: None,
@@ -94,8 +109,15 @@ impl PumpState {
             backend_live: LegLiveness::new(now),
             last_message: now,
             next_check: now,
+            inspectors,
+            backend_name,
             traffic: Traffic::default(),
         }
+    }
+
+    /// Names the backend now serving the connection (after a re-origination).
+    pub fn set_backend_name(&mut self, name: Arc<str>) {
+        self.backend_name = name;
     }
 
     /// A new backend leg replaces a lost one: returns the client messages the old leg may not
@@ -190,19 +212,39 @@ impl PumpState {
                     return Poll::Ready(PumpEnd::ClientGone("connection closed".into()));
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(client_read_failed(error)),
-                Poll::Ready(Some(Ok(message))) => {
+                Poll::Ready(Some(Ok(mut message))) => {
                     self.client_live.heard(now);
-                    match message {
-                        Message::Text(_) | Message::Binary(_) => {
-                            moved += 1;
-                            self.last_message = now;
-                            self.traffic.client_messages += 1;
-                            self.traffic.client_bytes += message.len() as u64;
-                            self.to_backend = Some(message);
+                    if message.is_text() || message.is_binary() {
+                        moved += 1;
+                        self.last_message = now;
+                        self.traffic.client_messages += 1;
+                        self.traffic.client_bytes += message.len() as u64;
+                        if let Some(inspectors) = &mut self.inspectors {
+                            let direction = Direction::ClientToBackend;
+                            match inspectors.on_message(&self.backend_name, direction, &mut message)
+                            {
+                                Verdict::Forward => {}
+                                Verdict::Drop => continue,
+                                Verdict::Close(code, reason) => {
+                                    return Poll::Ready(PumpEnd::Inspector(
+                                        direction, code, reason,
+                                    ));
+                                }
+                            }
                         }
-                        Message::Close(frame) => return Poll::Ready(PumpEnd::ClientClosed(frame)),
-                        // Pings are answered by tungstenite; pongs only prove liveness.
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        self.to_backend = Some(message);
+                        continue;
+                    }
+                    if let Some(inspectors) = &mut self.inspectors {
+                        inspectors.on_control(
+                            &self.backend_name,
+                            Direction::ClientToBackend,
+                            &message,
+                        );
+                    }
+                    // Pings are answered by tungstenite; pongs only prove liveness.
+                    if let Message::Close(frame) = message {
+                        return Poll::Ready(PumpEnd::ClientClosed(frame));
                     }
                 }
             }
@@ -248,23 +290,44 @@ impl PumpState {
                     return Poll::Ready(PumpEnd::BackendGone("connection closed".into()));
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(backend_read_failed(error)),
-                Poll::Ready(Some(Ok(message))) => {
+                Poll::Ready(Some(Ok(mut message))) => {
                     self.backend_live.heard(now);
-                    match message {
-                        Message::Text(_) | Message::Binary(_) => {
-                            moved += 1;
-                            self.last_message = now;
-                            self.traffic.backend_messages += 1;
-                            self.traffic.backend_bytes += message.len() as u64;
-                            self.to_client = Some(message);
+                    if message.is_text() || message.is_binary() {
+                        moved += 1;
+                        self.last_message = now;
+                        self.traffic.backend_messages += 1;
+                        self.traffic.backend_bytes += message.len() as u64;
+                        if let Some(inspectors) = &mut self.inspectors {
+                            let direction = Direction::BackendToClient;
+                            match inspectors.on_message(&self.backend_name, direction, &mut message)
+                            {
+                                Verdict::Forward => {}
+                                Verdict::Drop => continue,
+                                Verdict::Close(code, reason) => {
+                                    return Poll::Ready(PumpEnd::Inspector(
+                                        direction, code, reason,
+                                    ));
+                                }
+                            }
                         }
+                        self.to_client = Some(message);
+                        continue;
+                    }
+                    if let Some(inspectors) = &mut self.inspectors {
+                        inspectors.on_control(
+                            &self.backend_name,
+                            Direction::BackendToClient,
+                            &message,
+                        );
+                    }
+                    match message {
                         Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
                         Message::Pong(payload) => {
                             if let Some(replay) = &mut self.replay {
                                 replay.pong(&payload);
                             }
                         }
-                        Message::Ping(_) | Message::Frame(_) => {}
+                        _ => {}
                     }
                 }
             }

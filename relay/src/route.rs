@@ -10,6 +10,7 @@ use http::header::COOKIE;
 
 use crate::config::{BackendUrl, Config, HashKey, Mode, OnBackendLoss};
 use crate::hashing::Ranking;
+use crate::inspect::{ChainTemplate, InspectorRegistry};
 
 /// A group of backends that routes send clients to.
 pub struct Upstream {
@@ -37,6 +38,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// How clients reach the backends.
     pub mode: Mode,
+    /// The route's inspector chain; `None` costs the pump nothing.
+    pub inspectors: Option<ChainTemplate>,
 }
 
 /// All routes, longest path first.
@@ -45,8 +48,9 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from a validated configuration.
-    pub fn from_config(config: &Config) -> RouteTable {
+    /// Builds the table from a validated configuration; inspector names resolve in `registry`.
+    pub fn from_config(config: &Config, registry: &InspectorRegistry) -> RouteTable {
+        let rate_limit = *config.limits.max_messages_per_second.get_ref();
         let upstreams: Vec<(String, Arc<Upstream>)> = config
             .upstreams
             .iter()
@@ -73,12 +77,25 @@ impl RouteTable {
                     .find(|(name, _)| name == route.upstream.get_ref())?
                     .1
                     .clone();
+                let mut entries: Vec<String> = route
+                    .inspect
+                    .get_ref()
+                    .iter()
+                    .map(|entry| match entry.trim() {
+                        "rate" => format!("rate:{rate_limit}"),
+                        other => other.to_owned(),
+                    })
+                    .collect();
+                if rate_limit > 0 && !entries.iter().any(|e| e.starts_with("rate")) {
+                    entries.push(format!("rate:{rate_limit}"));
+                }
                 Some(Route {
                     path: route.path.get_ref().clone(),
                     upstream,
                     hash_key: route.hash_key.clone(),
                     preserve_host: route.preserve_host,
                     mode: *route.mode.get_ref(),
+                    inspectors: registry.chain_template(&entries),
                 })
             })
             .collect();

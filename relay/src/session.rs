@@ -22,6 +22,7 @@ use tungstenite::protocol::{CloseFrame, Role};
 use crate::Shared;
 use crate::config::OnBackendLoss;
 use crate::dial::{BackendRequest, BackendSocket, dial};
+use crate::inspect::{ChainTemplate, ConnectionInfo, Direction};
 use crate::pump::{PumpEnd, PumpState};
 use crate::route::Upstream;
 use crate::shutdown::close_delay;
@@ -37,6 +38,10 @@ pub(crate) struct SessionStart {
     pub conn_id: u64,
     pub peer: SocketAddr,
     pub path: String,
+    /// The route's path prefix.
+    pub route_path: Arc<str>,
+    /// The route's inspectors, if any.
+    pub route_inspectors: Option<ChainTemplate>,
     pub upstream: Arc<Upstream>,
     /// The client's hash key, to rank backends again after a loss.
     pub hash_key: Vec<u8>,
@@ -74,6 +79,8 @@ async fn run_to_end(start: SessionStart) {
         conn_id,
         peer,
         path,
+        route_path,
+        route_inspectors,
         upstream,
         hash_key,
         mut backend_index,
@@ -108,7 +115,23 @@ async fn run_to_end(start: SessionStart) {
     info!(%peer, %path, backend = %upstream.backends[backend_index], "session open");
 
     let replayable = upstream.on_backend_loss == OnBackendLoss::Reconnect;
-    let mut state = PumpState::new(shared.keepalive, started, replayable);
+    let inspectors = route_inspectors.map(|template| {
+        template.instantiate(ConnectionInfo {
+            conn_id,
+            route: route_path.clone(),
+            path: path.clone(),
+            client_addr: peer,
+        })
+    });
+    let backend_name =
+        |index: usize| -> Arc<str> { upstream.backends[index].original.as_str().into() };
+    let mut state = PumpState::new(
+        shared.keepalive,
+        started,
+        replayable,
+        inspectors,
+        backend_name(backend_index),
+    );
     let mut draining = false;
     let outcome = loop {
         let end = if draining {
@@ -178,6 +201,20 @@ async fn run_to_end(start: SessionStart) {
                 .await;
                 break format!("backend violation ({code}: {reason})");
             }
+            PumpEnd::Inspector(direction, code, reason) => {
+                info!(%code, %reason, from = direction.as_str(), "inspector closed the connection");
+                let going_away = Some(close(CloseCode::Away, "going away"));
+                let verdict = Some(close(code, &reason));
+                match direction {
+                    Direction::ClientToBackend => {
+                        close_both(&mut client, verdict, &mut backend, going_away).await;
+                    }
+                    Direction::BackendToClient => {
+                        close_both(&mut client, going_away, &mut backend, verdict).await;
+                    }
+                }
+                break format!("inspector ({code}: {reason})");
+            }
             PumpEnd::Idle => {
                 let idle = close(CloseCode::Normal, "idle timeout");
                 close_both(&mut client, Some(idle.clone()), &mut backend, Some(idle)).await;
@@ -232,6 +269,7 @@ async fn run_to_end(start: SessionStart) {
                 info!(from = %lost, to = %upstream.backends[index], replayed, "client re-originated");
                 backend_index = index;
                 backend = replacement;
+                state.set_backend_name(backend_name(index));
             }
         }
     };

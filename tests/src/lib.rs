@@ -310,6 +310,16 @@ impl TestRelay {
     /// Starts a relay from a TOML snippet. The snippet may omit `[server] listen` (port 0 is
     /// used) and may write `BACKENDS` where the backend list goes.
     pub async fn start(toml: &str, backends: &[&TestBackend]) -> TestRelay {
+        Self::start_with(toml, backends, |builder| builder).await
+    }
+
+    /// Like [`TestRelay::start`], letting the test configure the builder (e.g. register
+    /// inspectors of its own).
+    pub async fn start_with(
+        toml: &str,
+        backends: &[&TestBackend],
+        configure: impl FnOnce(wsrelay::RelayBuilder) -> wsrelay::RelayBuilder,
+    ) -> TestRelay {
         init_logs();
         let list = backends
             .iter()
@@ -324,9 +334,10 @@ impl TestRelay {
                 format!("[server]\nlisten = \"127.0.0.1:0\"\n{source}")
             };
         }
-        let config = Config::from_toml(&source, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        // Inspector names are checked when the builder binds, so custom ones may be used here.
+        let config: Config = toml::from_str(&source).unwrap_or_else(|e| panic!("{e}"));
         TestRelay {
-            handle: Relay::bind(config).await.unwrap(),
+            handle: configure(Relay::builder(config)).bind().await.unwrap(),
         }
     }
 

@@ -670,18 +670,17 @@ impl Config {
                 not_yet("server.tls_key (TLS listener)"),
             );
         }
-        if let Some(admin) = &server.admin {
+        if let Some(admin) = &server.admin
+            && !admin.get_ref().0.ip().is_loopback()
+            && server.admin_token.is_none()
+        {
             report(
                 admin.span(),
                 "server.admin".into(),
-                not_yet("server.admin (admin listener)"),
-            );
-        }
-        if let Some(token) = &server.admin_token {
-            report(
-                token.span(),
-                "server.admin_token".into(),
-                not_yet("server.admin_token"),
+                format!(
+                    "the admin listener on non-loopback {} needs server.admin_token",
+                    admin.get_ref().0
+                ),
             );
         }
         if *server.max_connections.get_ref() == 0 {

@@ -63,6 +63,12 @@ impl LegLiveness {
         self.last_heard = now;
     }
 
+    /// Time since the ping in flight was sent, when its pong arrives at `now`.
+    pub fn ping_rtt(&self, now: Instant) -> Option<Duration> {
+        self.ping_sent
+            .map(|sent| now.saturating_duration_since(sent))
+    }
+
     /// Decides what to do with this leg at `now`.
     pub fn check(&mut self, now: Instant, policy: &KeepalivePolicy) -> LegVerdict {
         if let Some(sent) = self.ping_sent {

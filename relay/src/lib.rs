@@ -22,6 +22,8 @@
 //! leg), `session` (one client's life), `pump` (frames both ways), `replay` (what a lost backend may
 //! have missed), `keepalive`, `shutdown`.
 
+mod admin;
+pub mod backends;
 pub mod config;
 pub mod demo;
 pub mod dial;
@@ -30,11 +32,14 @@ pub mod hashing;
 pub mod inspect;
 pub mod keepalive;
 mod listener;
+pub mod metrics;
 pub mod pump;
 pub mod replay;
 pub mod route;
 mod session;
+pub mod sessions;
 pub mod shutdown;
+pub mod tap;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,11 +51,15 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tungstenite::protocol::WebSocketConfig;
 
+use crate::backends::BackendBook;
 use crate::config::Config;
 use crate::inspect::{InspectorFactory, InspectorRegistry};
 use crate::keepalive::KeepalivePolicy;
+use crate::metrics::Metrics;
 use crate::route::RouteTable;
+use crate::sessions::SessionRegistry;
 use crate::shutdown::Shutdown;
+use crate::tap::TapHub;
 
 /// Errors from starting the relay.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +99,14 @@ pub(crate) struct Shared {
     pub shutdown: Shutdown,
     /// Every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Established sessions, for the admin API.
+    pub sessions: Arc<SessionRegistry>,
+    /// Where taps listen.
+    pub tap: Arc<TapHub>,
+    /// Run-time state of each backend (health, drain).
+    pub backends: BackendBook,
 }
 
 impl Shared {
@@ -110,6 +127,10 @@ impl Shared {
             open_sessions: AtomicUsize::new(0),
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
+            metrics: Metrics::default(),
+            sessions: Arc::default(),
+            tap: Arc::default(),
+            backends: BackendBook::from_config(&config),
             config,
         }
     }
@@ -171,11 +192,33 @@ impl RelayBuilder {
             addr: self.config.listen_addr(),
             source,
         })?;
+        let admin = match &self.config.server.admin {
+            Some(addr) => {
+                let addr = addr.get_ref().0;
+                let bind = || -> std::io::Result<TcpListener> {
+                    let listener = std::net::TcpListener::bind(addr)?;
+                    listener.set_nonblocking(true)?;
+                    TcpListener::from_std(listener)
+                };
+                Some(bind().map_err(|source| RelayError::Bind { addr, source })?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::new(self.config, &self.inspectors));
+        let admin_addr = match admin {
+            Some(admin) => {
+                let addr = admin.local_addr().ok();
+                tracing::info!(admin = ?addr, "admin listening");
+                tokio::spawn(admin::serve(shared.clone(), admin));
+                addr
+            }
+            None => None,
+        };
         let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {
             local_addr,
+            admin_addr,
             shared,
             accept,
         })
@@ -185,6 +228,7 @@ impl RelayBuilder {
 /// A running relay. Dropping it leaves the relay running; call [`RelayHandle::shutdown`].
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -202,6 +246,11 @@ impl RelayHandle {
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, if `[server] admin` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Established sessions right now.
@@ -234,6 +283,8 @@ impl RelayHandle {
             shared.shutdown.abort.cancel();
             shared.tasks.wait().await;
         }
+        // The admin listener answered /readyz (503) during the drain; now it stops too.
+        shared.shutdown.abort.cancel();
         tracing::info!("drained");
         ShutdownReport {
             sessions_at_drain,

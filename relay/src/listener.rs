@@ -69,7 +69,11 @@ async fn serve_connection(
     let service = service_fn(move |request| {
         let shared = service_shared.clone();
         let slot = slot.clone();
-        async move { Ok::<_, Infallible>(answer(&shared, peer, &slot, request).await) }
+        async move {
+            let response = answer(&shared, peer, &slot, request).await;
+            count_handshake(&shared, &response);
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -151,15 +155,24 @@ async fn answer(
     let mut dialed = None;
     for &index in &ranked {
         let backend = &upstream.backends[index];
-        match dial(
+        if !shared.backends.accepts_new(&backend.original) {
+            continue;
+        }
+        let result = dial(
             backend,
             &backend_request,
             shared.backend_ws,
             upstream.connect_timeout,
         )
         .instrument(span.clone())
-        .await
-        {
+        .await;
+        let reached = !matches!(result, Err(DialError::Unreachable { .. }));
+        if shared.backends.record_dial(&backend.original, reached) {
+            shared
+                .metrics
+                .set_backend_healthy(&backend.original, reached);
+        }
+        match result {
             Ok(leg) => {
                 dialed = Some((index, leg));
                 break;
@@ -176,6 +189,7 @@ async fn answer(
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
+                response.extensions_mut().insert(BackendRefusal);
                 return response;
             }
             Err(unreachable) => {
@@ -224,6 +238,23 @@ async fn answer(
     };
     shared.tasks.spawn(session::run(start).instrument(span));
     response
+}
+
+/// Marks a response that is a backend's own refusal, for the handshake metrics.
+#[derive(Debug, Clone, Copy)]
+struct BackendRefusal;
+
+fn count_handshake(shared: &Shared, response: &Response<Full<Bytes>>) {
+    let status = response.status();
+    let outcome = match status {
+        StatusCode::SWITCHING_PROTOCOLS => "upgraded",
+        StatusCode::OK | StatusCode::METHOD_NOT_ALLOWED => return,
+        _ if response.extensions().get::<BackendRefusal>().is_some() => "backend_refused",
+        StatusCode::BAD_GATEWAY => "no_backend",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "refused",
+    };
+    shared.metrics.handshake(outcome, status.as_u16());
 }
 
 fn text_response(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -36,6 +36,24 @@ struct Cli {
 enum Command {
     /// Validate a config file; print each problem with its line; exit 1 if any.
     Check,
+    /// Print a relay's frames live, one line each (like tcpdump for WebSocket messages).
+    Tap {
+        /// The relay's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Tap every connection of the route with this path prefix.
+        #[arg(long, conflicts_with = "conn", required_unless_present = "conn")]
+        route: Option<String>,
+        /// Tap one connection by id.
+        #[arg(long)]
+        conn: Option<u64>,
+        /// Print the raw JSON records.
+        #[arg(long)]
+        json: bool,
+        /// Admin bearer token (or the WSRELAY_ADMIN_TOKEN environment variable).
+        #[arg(long, env = "WSRELAY_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
     /// Run the relay in front of three built-in demo backends.
     Demo {
         /// Client listener address for the demo relay.
@@ -56,6 +74,15 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo(*listen))),
+        Some(Command::Tap {
+            admin,
+            route,
+            conn,
+            json,
+            token,
+        }) => runtime().and_then(|rt| {
+            rt.block_on(tap(admin, route.as_deref(), *conn, *json, token.as_deref()))
+        }),
         None => runtime().and_then(|rt| rt.block_on(run(&cli))),
     };
     match outcome {
@@ -233,4 +260,95 @@ impl ShutdownSignals {
         }
         tracing::info!("shutdown signal received");
     }
+}
+
+/// `wsrelay tap`: opens the admin tap WebSocket and prints each record.
+async fn tap(
+    admin: &str,
+    route: Option<&str>,
+    conn: Option<u64>,
+    raw_json: bool,
+    token: Option<&str>,
+) -> Result<()> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let filter = match (route, conn) {
+        (_, Some(id)) => format!("conn={id}"),
+        (Some(route), None) => format!("route={}", encode_query(route)),
+        (None, None) => bail!("give --route /path or --conn ID"),
+    };
+    let url = format!("ws://{admin}/api/tap?{filter}");
+    let mut request = url.as_str().into_client_request()?;
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("open the tap at {url}"))?;
+    eprintln!("tapping {filter} on {admin} (Ctrl-C to stop)");
+    let signals = ShutdownSignals::install()?;
+    let stop = signals.wait();
+    tokio::pin!(stop);
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            () = &mut stop => return Ok(()),
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
+        let text = match message? {
+            tokio_tungstenite::tungstenite::Message::Text(text) => text,
+            tokio_tungstenite::tungstenite::Message::Close(_) => return Ok(()),
+            _ => continue,
+        };
+        if raw_json {
+            println!("{}", text.as_str());
+        } else {
+            println!("{}", tap_line(text.as_str()));
+        }
+    }
+}
+
+/// One readable line for a tap record: time, connection, direction, opcode, length, preview.
+fn tap_line(record: &str) -> String {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(record) else {
+        return record.to_owned();
+    };
+    if let Some(lost) = value.get("dropped") {
+        return format!("-- tap fell behind: {lost} records lost --");
+    }
+    let millis = value["time_ms"].as_u64().unwrap_or(0);
+    let seconds = millis / 1000;
+    let arrow = match value["direction"].as_str() {
+        Some("in") => "client -> backend",
+        _ => "backend -> client",
+    };
+    format!(
+        "{:02}:{:02}:{:02}.{:03} #{:<6} {arrow} {:<6} {:>7} B  {}",
+        (seconds / 3600) % 24,
+        (seconds / 60) % 60,
+        seconds % 60,
+        millis % 1000,
+        value["conn"].as_u64().unwrap_or(0),
+        value["opcode"].as_str().unwrap_or("?"),
+        value["len"].as_u64().unwrap_or(0),
+        value["preview"].as_str().unwrap_or(""),
+    )
+}
+
+/// Percent-encodes what a query value can't carry as is.
+fn encode_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }

@@ -21,9 +21,14 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::inspect::{Direction, InspectorChain, Verdict};
 use crate::keepalive::{KeepalivePolicy, LegLiveness, LegVerdict, far_future};
+use crate::metrics::TrafficCounters;
 use crate::replay::ReplayLog;
+use crate::sessions::SessionEntry;
+use crate::tap::TapHub;
 
 /// Messages a direction moves before it lets the other direction and the timers run.
 const FAIRNESS_BUDGET: usize = 32;
@@ -84,8 +89,44 @@ pub struct PumpState {
     inspectors: Option<InspectorChain>,
     /// The backend serving the connection, as inspectors see it.
     backend_name: Arc<str>,
+    /// Where the session is watched from: registry entry, taps, metrics.
+    observer: Observer,
     /// What crossed so far.
     pub traffic: Traffic,
+}
+
+/// The payload of keepalive pings; ack pings of the replay log are 8 bytes, so never equal.
+const KEEPALIVE_PAYLOAD: &[u8] = b"wsrelay";
+
+/// Everything outside the session that watches it: the admin API's registry entry, taps, and
+/// metrics. The pump reports to it; it never waits on it.
+pub struct Observer {
+    /// Connection id.
+    pub conn_id: u64,
+    /// Route path prefix.
+    pub route: Arc<str>,
+    /// The session's registry entry.
+    pub entry: Arc<SessionEntry>,
+    /// Where taps listen.
+    pub tap: Arc<TapHub>,
+    /// Shared traffic counters.
+    pub counters: TrafficCounters,
+    /// Keepalive RTT of the client leg.
+    pub client_rtt: Histogram,
+    /// Keepalive RTT of the backend leg.
+    pub backend_rtt: Histogram,
+    /// What was last added to `counters`.
+    pub published: Traffic,
+}
+
+impl Observer {
+    #[inline]
+    fn saw(&self, backend: &Arc<str>, direction: Direction, message: &Message) {
+        if self.tap.active() {
+            self.tap
+                .publish(self.conn_id, &self.route, backend, direction, message);
+        }
+    }
 }
 
 impl PumpState {
@@ -97,6 +138,7 @@ impl PumpState {
         replayable: bool,
         inspectors: Option<InspectorChain>,
         backend_name: Arc<str>,
+        observer: Observer,
     ) -> PumpState {
         PumpState {
             policy,
@@ -111,8 +153,18 @@ impl PumpState {
             next_check: now,
             inspectors,
             backend_name,
+            observer,
             traffic: Traffic::default(),
         }
+    }
+
+    /// Adds what crossed since the last call to the shared metrics.
+    pub fn publish_metrics(&mut self) {
+        let observer = &mut self.observer;
+        observer
+            .counters
+            .publish(&mut observer.published, self.traffic);
+        observer.entry.store_traffic(&self.traffic);
     }
 
     /// Names the backend now serving the connection (after a re-origination).
@@ -138,13 +190,12 @@ impl PumpState {
         self.to_client.take()
     }
 
-    /// Runs until one of the [`PumpEnd`] events; `stop` completing ends it with
-    /// [`PumpEnd::Drain`].
+    /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.
     pub async fn run<C, B>(
         &mut self,
         client: &mut WebSocketStream<C>,
         backend: &mut WebSocketStream<B>,
-        stop: impl Future<Output = ()>,
+        stop: impl Future<Output = PumpEnd>,
     ) -> PumpEnd
     where
         C: AsyncRead + AsyncWrite + Unpin,
@@ -153,8 +204,8 @@ impl PumpState {
         let timer = tokio::time::sleep_until(self.next_check);
         tokio::pin!(timer, stop);
         poll_fn(|cx| {
-            if stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(PumpEnd::Drain);
+            if let Poll::Ready(end) = stop.as_mut().poll(cx) {
+                return Poll::Ready(end);
             }
             self.poll_once(cx, client, backend, timer.as_mut())
         })
@@ -214,6 +265,8 @@ impl PumpState {
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(client_read_failed(error)),
                 Poll::Ready(Some(Ok(mut message))) => {
                     self.client_live.heard(now);
+                    self.observer
+                        .saw(&self.backend_name, Direction::ClientToBackend, &message);
                     if message.is_text() || message.is_binary() {
                         moved += 1;
                         self.last_message = now;
@@ -242,9 +295,15 @@ impl PumpState {
                             &message,
                         );
                     }
-                    // Pings are answered by tungstenite; pongs only prove liveness.
-                    if let Message::Close(frame) = message {
-                        return Poll::Ready(PumpEnd::ClientClosed(frame));
+                    // Pings are answered by tungstenite; pongs prove liveness and time it.
+                    match message {
+                        Message::Close(frame) => return Poll::Ready(PumpEnd::ClientClosed(frame)),
+                        Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
+                            if let Some(rtt) = self.client_live.ping_rtt(now) {
+                                self.observer.client_rtt.observe(rtt.as_secs_f64());
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -292,6 +351,8 @@ impl PumpState {
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(backend_read_failed(error)),
                 Poll::Ready(Some(Ok(mut message))) => {
                     self.backend_live.heard(now);
+                    self.observer
+                        .saw(&self.backend_name, Direction::BackendToClient, &message);
                     if message.is_text() || message.is_binary() {
                         moved += 1;
                         self.last_message = now;
@@ -322,6 +383,11 @@ impl PumpState {
                     }
                     match message {
                         Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
+                        Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
+                            if let Some(rtt) = self.backend_live.ping_rtt(now) {
+                                self.observer.backend_rtt.observe(rtt.as_secs_f64());
+                            }
+                        }
                         Message::Pong(payload) => {
                             if let Some(replay) = &mut self.replay {
                                 replay.pong(&payload);
@@ -339,6 +405,7 @@ impl PumpState {
                 Poll::Pending => {}
             }
         }
+        self.observer.entry.store_traffic(&self.traffic);
         Poll::Pending
     }
 
@@ -400,6 +467,7 @@ impl PumpState {
             }
         }
         self.next_check = next;
+        self.publish_metrics();
         None
     }
 }
@@ -409,7 +477,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // A static payload: any frame from the peer, not only the matching pong, proves it alive.
-    Pin::new(leg).start_send(Message::Ping(bytes::Bytes::from_static(b"wsrelay")))
+    Pin::new(leg).start_send(Message::Ping(bytes::Bytes::from_static(KEEPALIVE_PAYLOAD)))
 }
 
 /// The close code a peer gets for a read error, or `None` when the peer is simply gone.

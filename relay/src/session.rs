@@ -20,11 +20,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
 
 use crate::Shared;
+use crate::backends::BackendState;
 use crate::config::OnBackendLoss;
 use crate::dial::{BackendRequest, BackendSocket, dial};
 use crate::inspect::{ChainTemplate, ConnectionInfo, Direction};
-use crate::pump::{PumpEnd, PumpState};
+use crate::pump::{Observer, PumpEnd, PumpState};
 use crate::route::Upstream;
+use crate::sessions::SessionEntry;
 use crate::shutdown::close_delay;
 
 /// Time allowed for a close handshake once the relay has decided to close a leg.
@@ -125,28 +127,74 @@ async fn run_to_end(start: SessionStart) {
     });
     let backend_name =
         |index: usize| -> Arc<str> { upstream.backends[index].original.as_str().into() };
+    let entry = Arc::new(SessionEntry::new(
+        conn_id,
+        peer,
+        route_path.clone(),
+        path.clone(),
+        "per-client",
+        backend_name(backend_index),
+    ));
+    let _registered = shared.sessions.register(entry.clone());
+    let metrics = &shared.metrics;
+    let rtt = |leg: &str| {
+        metrics
+            .ping_rtt
+            .get_or_create_owned(&vec![("leg", leg.to_owned())])
+    };
+    let observer = Observer {
+        conn_id,
+        route: route_path.clone(),
+        entry: entry.clone(),
+        tap: shared.tap.clone(),
+        counters: metrics.traffic_counters(),
+        client_rtt: rtt("client"),
+        backend_rtt: rtt("backend"),
+        published: Default::default(),
+    };
+    let gauge = |index: usize| {
+        metrics.connections.get_or_create_owned(&vec![
+            ("route", route_path.to_string()),
+            ("backend", upstream.backends[index].original.clone()),
+        ])
+    };
+    let mut connections_gauge = gauge(backend_index);
+    connections_gauge.inc();
     let mut state = PumpState::new(
         shared.keepalive,
         started,
         replayable,
         inspectors,
         backend_name(backend_index),
+        observer,
     );
     let mut draining = false;
-    let outcome = loop {
+    let (closed_by, client_code, outcome) = loop {
         let end = if draining {
             let delay = close_delay(
                 conn_id,
                 shared.open_sessions.load(Ordering::Relaxed),
                 shared.shutdown_grace(),
             );
-            let stop = tokio::time::sleep(delay);
-            tokio::pin!(stop);
+            let stop = async move {
+                tokio::time::sleep(delay).await;
+                PumpEnd::Drain
+            };
             state.run(&mut client, &mut backend, stop).await
         } else {
-            state
-                .run(&mut client, &mut backend, shared.shutdown.drain.cancelled())
-                .await
+            let backend_state = shared
+                .backends
+                .get(&upstream.backends[backend_index].original);
+            let grace = shared.shutdown_grace();
+            let stop = async {
+                tokio::select! {
+                    () = shared.shutdown.drain.cancelled() => PumpEnd::Drain,
+                    () = admin_drained(backend_state, grace) => {
+                        PumpEnd::BackendGone("backend drained by the admin".into())
+                    }
+                }
+            };
+            state.run(&mut client, &mut backend, stop).await
         };
         match end {
             PumpEnd::Drain if !draining => {
@@ -162,12 +210,13 @@ async fn run_to_end(start: SessionStart) {
                     Some(going_away),
                 )
                 .await;
-                break "drained".to_owned();
+                break ("relay", Some(1001), "drained".to_owned());
             }
             PumpEnd::ClientClosed(frame) => {
                 let code = describe(&frame);
+                let client_code = frame.as_ref().map(|f| u16::from(f.code));
                 close_both(&mut client, None, &mut backend, frame).await;
-                break format!("client closed ({code})");
+                break ("client", client_code, format!("client closed ({code})"));
             }
             PumpEnd::ClientGone(reason) => {
                 close_leg(
@@ -175,7 +224,7 @@ async fn run_to_end(start: SessionStart) {
                     Some(close(CloseCode::Away, "client went away")),
                 )
                 .await;
-                break format!("client gone: {reason}");
+                break ("client", None, format!("client gone: {reason}"));
             }
             PumpEnd::ClientViolation(code, reason) => {
                 info!(%peer, %code, %reason, "closing client");
@@ -185,7 +234,11 @@ async fn run_to_end(start: SessionStart) {
                 let pending = state.take_pending_to_client();
                 forward_until_backend_closed(&mut client, &mut backend, pending).await;
                 close_leg(&mut client, Some(close(code, &reason))).await;
-                break format!("client violation ({code}: {reason})");
+                break (
+                    "relay",
+                    Some(u16::from(code)),
+                    format!("client violation ({code}: {reason})"),
+                );
             }
             PumpEnd::BackendViolation(code, reason) => {
                 warn!(backend = %upstream.backends[backend_index], %code, %reason, "closing backend");
@@ -199,12 +252,20 @@ async fn run_to_end(start: SessionStart) {
                     Some(close(code, &reason)),
                 )
                 .await;
-                break format!("backend violation ({code}: {reason})");
+                break (
+                    "relay",
+                    Some(1014),
+                    format!("backend violation ({code}: {reason})"),
+                );
             }
             PumpEnd::Inspector(direction, code, reason) => {
                 info!(%code, %reason, from = direction.as_str(), "inspector closed the connection");
                 let going_away = Some(close(CloseCode::Away, "going away"));
                 let verdict = Some(close(code, &reason));
+                let client_code = match direction {
+                    Direction::ClientToBackend => u16::from(code),
+                    Direction::BackendToClient => 1001,
+                };
                 match direction {
                     Direction::ClientToBackend => {
                         close_both(&mut client, verdict, &mut backend, going_away).await;
@@ -213,27 +274,38 @@ async fn run_to_end(start: SessionStart) {
                         close_both(&mut client, going_away, &mut backend, verdict).await;
                     }
                 }
-                break format!("inspector ({code}: {reason})");
+                break (
+                    "relay",
+                    Some(client_code),
+                    format!("inspector ({code}: {reason})"),
+                );
             }
             PumpEnd::Idle => {
                 let idle = close(CloseCode::Normal, "idle timeout");
                 close_both(&mut client, Some(idle.clone()), &mut backend, Some(idle)).await;
-                break "idle timeout".to_owned();
+                break ("relay", Some(1000), "idle timeout".to_owned());
             }
             PumpEnd::BackendClosed(frame)
                 if !is_backend_loss(&frame) || upstream.on_backend_loss == OnBackendLoss::Close =>
             {
                 let code = describe(&frame);
+                let client_code = if upstream.on_backend_loss == OnBackendLoss::Close
+                    && is_backend_loss(&frame)
+                {
+                    Some(1012)
+                } else {
+                    frame.as_ref().map(|f| u16::from(f.code))
+                };
                 if upstream.on_backend_loss == OnBackendLoss::Close && is_backend_loss(&frame) {
                     close_both(&mut client, Some(service_restart()), &mut backend, None).await;
                 } else {
                     close_both(&mut client, frame, &mut backend, None).await;
                 }
-                break format!("backend closed ({code})");
+                break ("backend", client_code, format!("backend closed ({code})"));
             }
             PumpEnd::BackendGone(reason) if upstream.on_backend_loss == OnBackendLoss::Close => {
                 close_leg(&mut client, Some(service_restart())).await;
-                break format!("backend gone: {reason}");
+                break ("backend", Some(1012), format!("backend gone: {reason}"));
             }
             PumpEnd::BackendClosed(_) | PumpEnd::BackendGone(_) => {
                 let lost = upstream.backends[backend_index].original.clone();
@@ -242,8 +314,12 @@ async fn run_to_end(start: SessionStart) {
                     // The client sent more than the replay log holds since the backend last
                     // acknowledged: moving it would lose messages silently.
                     close_leg(&mut client, Some(service_restart())).await;
-                    break format!(
-                        "backend {lost} lost with more unacknowledged messages than can be replayed"
+                    break (
+                        "relay",
+                        Some(1012),
+                        format!(
+                            "backend {lost} lost with more unacknowledged messages than can be replayed"
+                        ),
                     );
                 };
                 let found = tokio::select! {
@@ -252,7 +328,11 @@ async fn run_to_end(start: SessionStart) {
                 };
                 let Some((index, mut replacement)) = found else {
                     close_leg(&mut client, Some(service_restart())).await;
-                    break format!("backend {lost} lost, no other backend took the client");
+                    break (
+                        "relay",
+                        Some(1012),
+                        format!("backend {lost} lost, no other backend took the client"),
+                    );
                 };
                 let replayed = replay.len();
                 let mut replay_ok = true;
@@ -264,15 +344,27 @@ async fn run_to_end(start: SessionStart) {
                 }
                 if !replay_ok || replacement.flush().await.is_err() {
                     close_leg(&mut client, Some(service_restart())).await;
-                    break "replacement backend failed during replay".to_owned();
+                    break (
+                        "relay",
+                        Some(1012),
+                        "replacement backend failed during replay".to_owned(),
+                    );
                 }
                 info!(from = %lost, to = %upstream.backends[index], replayed, "client re-originated");
                 backend_index = index;
                 backend = replacement;
                 state.set_backend_name(backend_name(index));
+                entry.set_backend(backend_name(index));
+                connections_gauge.dec();
+                connections_gauge = gauge(index);
+                connections_gauge.inc();
+                metrics.reoriginations.inc();
             }
         }
     };
+    connections_gauge.dec();
+    metrics.close(closed_by, client_code);
+    state.publish_metrics();
     let traffic = state.traffic;
     info!(
         %peer,
@@ -286,6 +378,17 @@ async fn run_to_end(start: SessionStart) {
     );
 }
 
+/// Completes `grace` after the admin drains `backend`; never, if it isn't drained.
+async fn admin_drained(backend: Option<&BackendState>, grace: Duration) {
+    match backend {
+        Some(state) => {
+            state.drained().cancelled().await;
+            tokio::time::sleep(grace).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Finds the next backend in the client's rank, skipping the one just lost.
 async fn reconnect(
     shared: &Shared,
@@ -296,7 +399,11 @@ async fn reconnect(
     protocol: Option<&HeaderValue>,
 ) -> Option<(usize, BackendSocket)> {
     for index in upstream.ranking.rank(hash_key) {
-        if index == lost {
+        if index == lost
+            || !shared
+                .backends
+                .accepts_new(&upstream.backends[index].original)
+        {
             continue;
         }
         let backend = &upstream.backends[index];

@@ -306,12 +306,8 @@ async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_k
     let dir = TempDir::new();
     let cases = [
         (
-            "server.admin",
-            config(
-                "admin = \"127.0.0.1:9090\"",
-                "",
-                &["ws://127.0.0.1:9".into()],
-            ),
+            "server.tls_cert",
+            config("tls_cert = \"cert.pem\"", "", &["ws://127.0.0.1:9".into()]),
         ),
         (
             "route[0].mode",
@@ -555,4 +551,54 @@ async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_backend() {
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+}
+
+#[tokio::test]
+async fn tap_prints_one_readable_line_per_frame_of_the_route() {
+    let backend = TestBackend::start("alpha").await;
+    let dir = TempDir::new();
+    let port = free_port();
+    let admin_port = free_port();
+    let source = config(
+        &format!("admin = \"127.0.0.1:{admin_port}\""),
+        "",
+        &[backend.url()],
+    );
+    let path = dir.write("tap.toml", &source);
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = Process::spawn(
+        &["--config", path.to_str().unwrap(), "--listen", &listen],
+        "info",
+    );
+    relay.wait_listening(listen.parse().unwrap()).await;
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut tap = Process::spawn(&["tap", "--admin", &admin, "--route", "/"], "info");
+    tap.wait_stderr("the tap to open", |line| line.contains("tapping route=/"))
+        .await;
+    // The tap subscribes just after it prints; retry until a frame shows up in it.
+    let mut client = connect(&format!("ws://{listen}/room")).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert_eq!(round_trip(&mut client, "hello tap").await, "hello tap");
+        let lines = tap.stdout();
+        let inbound = lines
+            .iter()
+            .find(|l| l.contains("client -> backend") && l.contains("hello tap"));
+        let outbound = lines
+            .iter()
+            .find(|l| l.contains("backend -> client") && l.contains("hello tap"));
+        if let (Some(inbound), Some(_)) = (inbound, outbound) {
+            assert!(inbound.contains("text"), "{inbound}");
+            assert!(inbound.contains(" 9 B"), "{inbound}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "tap printed {lines:?}");
+        assert!(tap.is_running(), "tap exited: {:?}", tap.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tap.signal("TERM");
+    assert!(tap.wait_exit().await.success());
+    keep_reading(client);
+    relay.signal("TERM");
+    assert!(relay.wait_exit().await.success());
 }

@@ -1,0 +1,314 @@
+//! The admin listener (`[server] admin`): health, readiness, Prometheus metrics, the
+//! connections and backends API, backend drains, and the live tap. Bound to loopback unless a
+//! bearer token (`admin_token`) protects it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+use tungstenite::Message;
+use tungstenite::protocol::Role;
+
+use crate::Shared;
+use crate::handshake;
+use crate::route::query_value;
+use crate::tap::TapFilter;
+
+/// Serves the admin API until the relay stops accepting.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let stop = shared.shutdown.abort.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service_shared = shared.clone();
+            let service = service_fn(move |request| {
+                let shared = service_shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, peer, request).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let connection = builder
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::select! {
+                served = connection => if let Err(error) = served {
+                    debug!(%peer, %error, "admin connection failed");
+                },
+                () = shared.shutdown.abort.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Some(token) = &shared.config.server.admin_token {
+        let expected = format!("Bearer {}", token.get_ref());
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if given != Some(expected.as_bytes()) {
+            let mut response = text(StatusCode::UNAUTHORIZED, "admin token required\n");
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    match (request.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readiness(shared),
+        (&Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, "");
+            *response.body_mut() = Full::new(Bytes::from(shared.metrics.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::GET, "/api/connections") => json(StatusCode::OK, &shared.sessions.snapshot()),
+        (&Method::GET, "/api/backends") => json(StatusCode::OK, &backends(shared)),
+        (&Method::POST, "/api/backends/drain") => drain_backend(shared, &query),
+        (&Method::POST, "/api/reload") => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "not supported yet: configuration reload\n",
+        ),
+        (&Method::GET, "/api/tap") => tap(shared, peer, request, &query),
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/api/connections" | "/api/backends" | "/api/tap",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        (_, "/api/backends/drain" | "/api/reload") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "no such admin path\n"),
+    }
+}
+
+fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.shutdown.drain.is_cancelled() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !shared.backends.any_ready() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+/// One row of `GET /api/backends`.
+#[derive(Debug, Serialize)]
+struct BackendRow {
+    url: String,
+    upstream: String,
+    healthy: bool,
+    draining: bool,
+    connections: usize,
+    links: usize,
+}
+
+fn backends(shared: &Shared) -> Vec<BackendRow> {
+    shared
+        .backends
+        .iter()
+        .map(|(url, state)| BackendRow {
+            url: url.clone(),
+            upstream: state.upstream.clone(),
+            healthy: state.healthy(),
+            draining: state.draining(),
+            connections: shared.sessions.count_on(url),
+            links: 0,
+        })
+        .collect()
+}
+
+fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
+    let Some(url) = query_value(query, "url").map(percent_decode) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "give the backend as ?url=ws://...\n",
+        );
+    };
+    if shared.backends.drain(&url) {
+        info!(backend = %url, grace = ?shared.shutdown_grace(), "backend draining: no new clients; existing ones move after the grace period");
+        text(StatusCode::OK, "draining\n")
+    } else {
+        text(StatusCode::NOT_FOUND, "no such backend\n")
+    }
+}
+
+fn tap(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    let filter = match (query_value(query, "conn"), query_value(query, "route")) {
+        (Some(id), _) => match id.parse() {
+            Ok(id) => TapFilter::Connection(id),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "conn must be a connection id\n"),
+        },
+        (None, Some(route)) => TapFilter::Route(percent_decode(route)),
+        (None, None) => return text(StatusCode::BAD_REQUEST, "give ?conn=ID or ?route=/path\n"),
+    };
+    let upgrade = match handshake::check_upgrade(&request) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return text(refusal.status, &(refusal.reason + "\n")),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let subscription = shared.tap.subscribe();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        info!(%peer, ?filter, "tap opened");
+        stream_tap(&shared, socket, subscription, filter).await;
+        info!(%peer, "tap closed");
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        handshake::accept_value(&upgrade),
+    );
+    response
+}
+
+async fn stream_tap<S>(
+    shared: &Shared,
+    mut socket: WebSocketStream<S>,
+    mut subscription: crate::tap::TapSubscription,
+    filter: TapFilter,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        tokio::select! {
+            record = subscription.receiver.recv() => match record {
+                Ok(record) if filter.matches(&record) => {
+                    let line = serde_json::to_string(&*record).expect("records serialize");
+                    if socket.send(Message::text(line)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(lost)) => {
+                    shared.metrics.tap_dropped.inc_by(lost);
+                    let notice = format!("{{\"dropped\":{lost}}}");
+                    if socket.send(Message::text(notice)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            },
+            incoming = socket.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            () = shared.shutdown.drain.cancelled() => {
+                let _ = socket.close(None).await;
+                return;
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).expect("admin rows serialize");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Decodes `%XX` escapes (query values such as `ws%3A%2F%2Fhost%3A1`); invalid escapes stay.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[index], bytes.get(index + 1), bytes.get(index + 2)) {
+            (b'%', Some(&high), Some(&low)) if hex(high).is_some() && hex(low).is_some() => {
+                out.push((hex(high).unwrap() * 16 + hex(low).unwrap()) as u8);
+                index += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                index += 1;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(
+            percent_decode("ws%3A%2F%2F127.0.0.1%3A9001"),
+            "ws://127.0.0.1:9001"
+        );
+        assert_eq!(percent_decode("%2Fchat"), "/chat");
+        assert_eq!(percent_decode("50%"), "50%");
+    }
+}

@@ -72,7 +72,8 @@ async fn route(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if let Some(token) = &shared.config.server.admin_token {
+    let routing = shared.routing();
+    if let Some(token) = &routing.config.server.admin_token {
         let expected = format!("Bearer {}", token.get_ref());
         let given = request
             .headers()
@@ -103,10 +104,17 @@ async fn route(
         (&Method::GET, "/api/connections") => json(StatusCode::OK, &shared.sessions.snapshot()),
         (&Method::GET, "/api/backends") => json(StatusCode::OK, &backends(shared)),
         (&Method::POST, "/api/backends/drain") => drain_backend(shared, &query),
-        (&Method::POST, "/api/reload") => text(
-            StatusCode::NOT_IMPLEMENTED,
-            "not supported yet: configuration reload\n",
-        ),
+        (&Method::POST, "/api/reload") => match shared.reload_from_file() {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(error) => {
+                warn!(%error, "reload refused; keeping the running configuration");
+                let status = match error {
+                    crate::ReloadError::NoFile => StatusCode::CONFLICT,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                text(status, &format!("{error}\n"))
+            }
+        },
         (&Method::GET, "/api/tap") => tap(shared, peer, request, &query),
         (
             _,
@@ -122,7 +130,7 @@ async fn route(
 fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
     if shared.shutdown.drain.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if !shared.backends.any_ready() {
+    } else if !shared.routing().backends.any_ready() {
         text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
     } else {
         text(StatusCode::OK, "ready\n")
@@ -142,6 +150,7 @@ struct BackendRow {
 
 fn backends(shared: &Shared) -> Vec<BackendRow> {
     shared
+        .routing()
         .backends
         .iter()
         .map(|(url, state)| BackendRow {
@@ -162,7 +171,7 @@ fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
             "give the backend as ?url=ws://...\n",
         );
     };
-    if shared.backends.drain(&url) {
+    if shared.routing().backends.drain(&url) {
         info!(backend = %url, grace = ?shared.shutdown_grace(), "backend draining: no new clients; existing ones move after the grace period");
         text(StatusCode::OK, "draining\n")
     } else {

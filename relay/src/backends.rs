@@ -2,6 +2,7 @@
 //! and the admin's drain flag. Rankings skip draining backends; `/api/backends` shows both.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
@@ -37,31 +38,41 @@ impl BackendState {
 /// Every configured backend by URL.
 #[derive(Debug, Default)]
 pub struct BackendBook {
-    backends: BTreeMap<String, BackendState>,
+    backends: BTreeMap<String, Arc<BackendState>>,
 }
 
 impl BackendBook {
-    /// One entry per backend URL of the configuration, healthy until proven otherwise.
-    pub fn from_config(config: &Config) -> BackendBook {
+    /// One entry per backend URL of the configuration, healthy until proven otherwise; a
+    /// backend `previous` knew keeps its state (health, drain) across a reload.
+    pub fn from_config(config: &Config, previous: Option<&BackendBook>) -> BackendBook {
         let mut backends = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
             for backend in upstream.backends.get_ref() {
-                backends.insert(
-                    backend.url.original.clone(),
-                    BackendState {
-                        upstream: name.clone(),
-                        healthy: AtomicBool::new(true),
-                        drained: CancellationToken::new(),
-                    },
-                );
+                let url = &backend.url.original;
+                let state = previous
+                    .and_then(|book| book.get_arc(url))
+                    .filter(|state| state.upstream == *name)
+                    .unwrap_or_else(|| {
+                        Arc::new(BackendState {
+                            upstream: name.clone(),
+                            healthy: AtomicBool::new(true),
+                            drained: CancellationToken::new(),
+                        })
+                    });
+                backends.insert(url.clone(), state);
             }
         }
         BackendBook { backends }
     }
 
+    /// The shared state of `url`, for a session to keep across reloads.
+    pub fn get_arc(&self, url: &str) -> Option<Arc<BackendState>> {
+        self.backends.get(url).cloned()
+    }
+
     /// The state of `url`, if it is configured.
     pub fn get(&self, url: &str) -> Option<&BackendState> {
-        self.backends.get(url)
+        self.backends.get(url).map(|state| &**state)
     }
 
     /// Records a dial's result; returns true if the health changed.
@@ -88,7 +99,7 @@ impl BackendBook {
 
     /// Every backend, by URL.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &BackendState)> {
-        self.backends.iter()
+        self.backends.iter().map(|(url, state)| (url, &**state))
     }
 
     /// True if any backend is healthy and not draining.

@@ -36,27 +36,27 @@ pub mod metrics;
 pub mod pump;
 pub mod replay;
 pub mod route;
+mod routing;
 mod session;
 pub mod sessions;
 pub mod shutdown;
 pub mod tap;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tungstenite::protocol::WebSocketConfig;
 
-use crate::backends::BackendBook;
 use crate::config::Config;
 use crate::inspect::{InspectorFactory, InspectorRegistry};
-use crate::keepalive::KeepalivePolicy;
 use crate::metrics::Metrics;
-use crate::route::RouteTable;
+use crate::routing::Routing;
 use crate::sessions::SessionRegistry;
 use crate::shutdown::Shutdown;
 use crate::tap::TapHub;
@@ -77,21 +77,16 @@ pub enum RelayError {
     },
 }
 
-/// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
-/// idle, so it is small; messages larger than it get a buffer of their own size as they arrive.
-const READ_CHUNK: usize = 4 * 1024;
-/// Frames are gathered up to this size before a write syscall; the pump flushes after each
-/// burst anyway.
-const WRITE_BATCH: usize = 16 * 1024;
-
-/// State every task of one relay shares, read-only apart from its counters.
+/// State every task of one relay shares. The configuration-derived part is one [`Routing`]
+/// generation, swapped whole by a reload; the rest lives as long as the process.
 pub(crate) struct Shared {
-    pub config: Config,
-    pub routes: RouteTable,
-    pub keepalive: KeepalivePolicy,
-    pub client_ws: WebSocketConfig,
-    pub backend_ws: WebSocketConfig,
-    /// One permit per connection, handshaking or established (`max_connections`).
+    routing: ArcSwap<Routing>,
+    /// Inspector names a reloaded configuration may use.
+    inspectors: InspectorRegistry,
+    /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
+    config_path: Option<PathBuf>,
+    /// One permit per connection, handshaking or established (`max_connections`; fixed at
+    /// start).
     pub connection_slots: Arc<Semaphore>,
     pub next_conn_id: AtomicU64,
     /// Established sessions right now.
@@ -105,24 +100,16 @@ pub(crate) struct Shared {
     pub sessions: Arc<SessionRegistry>,
     /// Where taps listen.
     pub tap: Arc<TapHub>,
-    /// Run-time state of each backend (health, drain).
-    pub backends: BackendBook,
 }
 
 impl Shared {
-    fn new(config: Config, inspectors: &InspectorRegistry) -> Shared {
-        let limits = &config.limits;
-        let ws = WebSocketConfig::default()
-            .read_buffer_size(READ_CHUNK)
-            .write_buffer_size(WRITE_BATCH)
-            .max_message_size(Some(limits.max_message_size.as_usize()))
-            .max_frame_size(Some(limits.max_frame_size.as_usize()));
+    fn new(config: Config, inspectors: InspectorRegistry, config_path: Option<PathBuf>) -> Shared {
+        let max_connections = *config.server.max_connections.get_ref();
         Shared {
-            routes: RouteTable::from_config(&config, inspectors),
-            keepalive: KeepalivePolicy::from_config(&config.keepalive),
-            client_ws: ws,
-            backend_ws: ws,
-            connection_slots: Arc::new(Semaphore::new(*config.server.max_connections.get_ref())),
+            routing: ArcSwap::from_pointee(Routing::new(config, &inspectors, None)),
+            inspectors,
+            config_path,
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
             next_conn_id: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
             shutdown: Shutdown::default(),
@@ -130,14 +117,102 @@ impl Shared {
             metrics: Metrics::default(),
             sessions: Arc::default(),
             tap: Arc::default(),
-            backends: BackendBook::from_config(&config),
-            config,
         }
     }
 
-    pub fn shutdown_grace(&self) -> Duration {
-        self.config.server.shutdown_grace.0
+    /// The current configuration generation.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
     }
+
+    /// The current `shutdown_grace`.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.routing.load().config.server.shutdown_grace.0
+    }
+
+    /// Applies a new configuration to new connections at once; sessions on backends it removes
+    /// are moved (or closed 1012) after `shutdown_grace`.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, config::ConfigError> {
+        config.check_inspectors(&self.inspectors)?;
+        let old = self.routing();
+        let mut restart_needed = Vec::new();
+        let (before, after) = (&old.config.server, &config.server);
+        if before.listen.get_ref() != after.listen.get_ref() {
+            restart_needed.push("server.listen".to_owned());
+        }
+        if before.admin.as_ref().map(|a| *a.get_ref()) != after.admin.as_ref().map(|a| *a.get_ref())
+        {
+            restart_needed.push("server.admin".to_owned());
+        }
+        if before.max_connections.get_ref() != after.max_connections.get_ref() {
+            restart_needed.push("server.max_connections".to_owned());
+        }
+        let new = Arc::new(Routing::new(config, &self.inspectors, Some(&old)));
+        let removed: Vec<String> = old.backends_missing_from(&new).into_iter().collect();
+        let added: Vec<String> = new.backends_missing_from(&old).into_iter().collect();
+        for url in &removed {
+            old.backends.drain(url);
+        }
+        let routes = new.routes.len();
+        self.routing.store(new);
+        tracing::info!(
+            ?added,
+            ?removed,
+            routes,
+            ?restart_needed,
+            "configuration reloaded"
+        );
+        Ok(ReloadReport {
+            added,
+            removed,
+            routes,
+            restart_needed,
+        })
+    }
+
+    /// Reloads from the file the relay was started with.
+    pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let source = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config =
+            Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
+        Ok(self.reload(config)?)
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    /// Backend URLs new in this configuration.
+    pub added: Vec<String>,
+    /// Backend URLs gone; their sessions move after `shutdown_grace`.
+    pub removed: Vec<String>,
+    /// Routes now configured.
+    pub routes: usize,
+    /// Changed keys that only take effect after a restart (the old values stay in force).
+    pub restart_needed: Vec<String>,
+}
+
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The relay was started from flags, not a file.
+    #[error("nothing to reload: the relay was not started with --config")]
+    NoFile,
+    /// The file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// Entry point: binds a relay and runs it in the background of the current tokio runtime.
@@ -159,6 +234,7 @@ impl Relay {
         RelayBuilder {
             config,
             inspectors: InspectorRegistry::default(),
+            config_path: None,
         }
     }
 }
@@ -167,12 +243,20 @@ impl Relay {
 pub struct RelayBuilder {
     config: Config,
     inspectors: InspectorRegistry,
+    config_path: Option<PathBuf>,
 }
 
 impl RelayBuilder {
     /// Registers an inspector that routes can name in their `inspect` list.
     pub fn inspector(mut self, name: &str, factory: impl InspectorFactory) -> RelayBuilder {
         self.inspectors.register(name, factory);
+        self
+    }
+
+    /// The file the configuration came from, so SIGHUP and `POST /api/reload` can read it
+    /// again.
+    pub fn config_path(mut self, path: impl Into<PathBuf>) -> RelayBuilder {
+        self.config_path = Some(path.into());
         self
     }
 
@@ -204,7 +288,7 @@ impl RelayBuilder {
             }
             None => None,
         };
-        let shared = Arc::new(Shared::new(self.config, &self.inspectors));
+        let shared = Arc::new(Shared::new(self.config, self.inspectors, self.config_path));
         let admin_addr = match admin {
             Some(admin) => {
                 let addr = admin.local_addr().ok();
@@ -251,6 +335,17 @@ impl RelayHandle {
     /// The admin listener's address, if `[server] admin` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Applies a new configuration (see DESIGN 7): new routes and backends serve new
+    /// connections at once; sessions on removed backends move after `shutdown_grace`.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, config::ConfigError> {
+        self.shared.reload(config)
+    }
+
+    /// Reloads the file given to [`RelayBuilder::config_path`].
+    pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+        self.shared.reload_from_file()
     }
 
     /// Established sessions right now.

@@ -63,7 +63,7 @@ async fn serve_connection(
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let timeout = shared.config.server.handshake_timeout.0;
+    let timeout = shared.routing().config.server.handshake_timeout.0;
     let slot: Slot = Arc::new(Mutex::new(permit));
     let service_shared = shared.clone();
     let service = service_fn(move |request| {
@@ -125,14 +125,15 @@ async fn answer(
         Ok(upgrade) => upgrade,
         Err(refusal) => return refusal_response(refusal),
     };
+    let routing = shared.routing();
     let path = request.uri().path();
-    let Some(route) = shared.routes.find(path) else {
+    let Some(route) = routing.routes.find(path) else {
         return refusal_response(Refusal::new(
             StatusCode::NOT_FOUND,
             format!("no route serves {path}"),
         ));
     };
-    if let Err(refusal) = handshake::check_origin(headers, &shared.config.limits.allowed_origins) {
+    if let Err(refusal) = handshake::check_origin(headers, &routing.config.limits.allowed_origins) {
         return refusal_response(refusal);
     }
 
@@ -155,19 +156,19 @@ async fn answer(
     let mut dialed = None;
     for &index in &ranked {
         let backend = &upstream.backends[index];
-        if !shared.backends.accepts_new(&backend.original) {
+        if !routing.backends.accepts_new(&backend.original) {
             continue;
         }
         let result = dial(
             backend,
             &backend_request,
-            shared.backend_ws,
+            routing.backend_ws,
             upstream.connect_timeout,
         )
         .instrument(span.clone())
         .await;
         let reached = !matches!(result, Err(DialError::Unreachable { .. }));
-        if shared.backends.record_dial(&backend.original, reached) {
+        if routing.backends.record_dial(&backend.original, reached) {
             shared
                 .metrics
                 .set_backend_healthy(&backend.original, reached);
@@ -222,6 +223,7 @@ async fn answer(
     }
     let start = SessionStart {
         shared: shared.clone(),
+        routing: routing.clone(),
         conn_id,
         peer,
         path: path.to_owned(),

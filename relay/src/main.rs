@@ -185,8 +185,12 @@ async fn run(cli: &Cli) -> Result<()> {
     let config = config_from_cli(cli)?;
     // Handlers first: a signal that arrives while binding must drain, not kill.
     let signals = ShutdownSignals::install()?;
-    let relay = Relay::bind(config).await?;
-    signals.wait().await;
+    let mut builder = Relay::builder(config);
+    if let Some(path) = &cli.config {
+        builder = builder.config_path(path);
+    }
+    let relay = builder.bind().await?;
+    signals.wait(Some(&relay)).await;
     let report = relay.shutdown().await;
     if report.sessions_aborted > 0 {
         tracing::warn!(
@@ -223,14 +227,14 @@ async fn demo(listen: SocketAddr) -> Result<()> {
     println!("  npx wscat -c '{url}/chat?user=bob'");
     println!("then type: whoami");
     println!("Ctrl-C drains and stops.");
-    signals.wait().await;
+    signals.wait(None).await;
     relay.shutdown().await;
     drop(backends);
     Ok(())
 }
 
-/// SIGTERM and SIGINT (drain and stop) and SIGHUP (reload: acknowledged, not implemented yet,
-/// and it must not kill the process as its default action would).
+/// SIGTERM and SIGINT (drain and stop) and SIGHUP (reload the config file; without one, it is
+/// logged and ignored rather than killing the process as its default action would).
 struct ShutdownSignals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -247,15 +251,19 @@ impl ShutdownSignals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT.
-    async fn wait(mut self) {
+    /// Waits for SIGTERM or SIGINT; reloads `relay`'s config file on SIGHUP.
+    async fn wait(mut self, relay: Option<&RelayHandle>) {
         loop {
             tokio::select! {
                 _ = self.terminate.recv() => break,
                 _ = self.interrupt.recv() => break,
-                _ = self.hangup.recv() => {
-                    tracing::warn!("SIGHUP: config reload is not supported yet; keeping the current config");
-                }
+                _ = self.hangup.recv() => match relay.map(RelayHandle::reload_from_file) {
+                    Some(Ok(report)) => tracing::info!(?report, "SIGHUP: configuration reloaded"),
+                    Some(Err(error)) => {
+                        tracing::error!("SIGHUP: reload refused, keeping the running configuration: {error}");
+                    }
+                    None => tracing::warn!("SIGHUP: nothing to reload here"),
+                },
             }
         }
         tracing::info!("shutdown signal received");
@@ -290,7 +298,7 @@ async fn tap(
         .with_context(|| format!("open the tap at {url}"))?;
     eprintln!("tapping {filter} on {admin} (Ctrl-C to stop)");
     let signals = ShutdownSignals::install()?;
-    let stop = signals.wait();
+    let stop = signals.wait(None);
     tokio::pin!(stop);
     loop {
         let message = tokio::select! {

@@ -103,6 +103,24 @@ impl RouteTable {
         RouteTable { routes }
     }
 
+    /// Routes configured.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when no route is configured.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The upstream named `name`, as some route uses it.
+    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.routes
+            .iter()
+            .find(|route| route.upstream.name == name)
+            .map(|route| route.upstream.clone())
+    }
+
     /// The route whose path is the longest prefix of `path`, matching whole segments
     /// (`/chat` serves `/chat` and `/chat/room`, not `/chatter`).
     pub fn find(&self, path: &str) -> Option<&Route> {

@@ -26,6 +26,7 @@ use crate::dial::{BackendRequest, BackendSocket, dial};
 use crate::inspect::{ChainTemplate, ConnectionInfo, Direction};
 use crate::pump::{Observer, PumpEnd, PumpState};
 use crate::route::Upstream;
+use crate::routing::Routing;
 use crate::sessions::SessionEntry;
 use crate::shutdown::close_delay;
 
@@ -37,6 +38,8 @@ type ClientSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// Everything the listener hands over when it answers `101`.
 pub(crate) struct SessionStart {
     pub shared: Arc<Shared>,
+    /// The configuration generation the session started under.
+    pub routing: Arc<Routing>,
     pub conn_id: u64,
     pub peer: SocketAddr,
     pub path: String,
@@ -78,12 +81,13 @@ pub(crate) async fn run(start: SessionStart) {
 async fn run_to_end(start: SessionStart) {
     let SessionStart {
         shared,
+        routing,
         conn_id,
         peer,
         path,
         route_path,
         route_inspectors,
-        upstream,
+        mut upstream,
         hash_key,
         mut backend_index,
         backend,
@@ -108,7 +112,7 @@ async fn run_to_end(start: SessionStart) {
     let mut client = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Server,
-        Some(shared.client_ws),
+        Some(routing.client_ws),
     )
     .await;
     shared.open_sessions.fetch_add(1, Ordering::Relaxed);
@@ -125,15 +129,16 @@ async fn run_to_end(start: SessionStart) {
             client_addr: peer,
         })
     });
-    let backend_name =
-        |index: usize| -> Arc<str> { upstream.backends[index].original.as_str().into() };
+    let backend_name = |upstream: &Upstream, index: usize| -> Arc<str> {
+        upstream.backends[index].original.as_str().into()
+    };
     let entry = Arc::new(SessionEntry::new(
         conn_id,
         peer,
         route_path.clone(),
         path.clone(),
         "per-client",
-        backend_name(backend_index),
+        backend_name(&upstream, backend_index),
     ));
     let _registered = shared.sessions.register(entry.clone());
     let metrics = &shared.metrics;
@@ -152,20 +157,20 @@ async fn run_to_end(start: SessionStart) {
         backend_rtt: rtt("backend"),
         published: Default::default(),
     };
-    let gauge = |index: usize| {
+    let gauge = |upstream: &Upstream, index: usize| {
         metrics.connections.get_or_create_owned(&vec![
             ("route", route_path.to_string()),
             ("backend", upstream.backends[index].original.clone()),
         ])
     };
-    let mut connections_gauge = gauge(backend_index);
+    let mut connections_gauge = gauge(&upstream, backend_index);
     connections_gauge.inc();
     let mut state = PumpState::new(
-        shared.keepalive,
+        routing.keepalive,
         started,
         replayable,
         inspectors,
-        backend_name(backend_index),
+        backend_name(&upstream, backend_index),
         observer,
     );
     let mut draining = false;
@@ -183,8 +188,9 @@ async fn run_to_end(start: SessionStart) {
             state.run(&mut client, &mut backend, stop).await
         } else {
             let backend_state = shared
+                .routing()
                 .backends
-                .get(&upstream.backends[backend_index].original);
+                .get_arc(&upstream.backends[backend_index].original);
             let grace = shared.shutdown_grace();
             let stop = async {
                 tokio::select! {
@@ -323,10 +329,10 @@ async fn run_to_end(start: SessionStart) {
                     );
                 };
                 let found = tokio::select! {
-                    found = reconnect(&shared, &upstream, &hash_key, backend_index, &backend_request, protocol.as_ref()) => found,
+                    found = reconnect(&shared, &upstream.name, &hash_key, &lost, &backend_request, protocol.as_ref()) => found,
                     () = shared.shutdown.drain.cancelled() => None,
                 };
-                let Some((index, mut replacement)) = found else {
+                let Some((new_upstream, index, mut replacement)) = found else {
                     close_leg(&mut client, Some(service_restart())).await;
                     break (
                         "relay",
@@ -351,12 +357,13 @@ async fn run_to_end(start: SessionStart) {
                     );
                 }
                 info!(from = %lost, to = %upstream.backends[index], replayed, "client re-originated");
+                upstream = new_upstream;
                 backend_index = index;
                 backend = replacement;
-                state.set_backend_name(backend_name(index));
-                entry.set_backend(backend_name(index));
+                state.set_backend_name(backend_name(&upstream, index));
+                entry.set_backend(backend_name(&upstream, index));
                 connections_gauge.dec();
-                connections_gauge = gauge(index);
+                connections_gauge = gauge(&upstream, index);
                 connections_gauge.inc();
                 metrics.reoriginations.inc();
             }
@@ -378,8 +385,9 @@ async fn run_to_end(start: SessionStart) {
     );
 }
 
-/// Completes `grace` after the admin drains `backend`; never, if it isn't drained.
-async fn admin_drained(backend: Option<&BackendState>, grace: Duration) {
+/// Completes `grace` after `backend` is drained (by the admin, or by a reload that removed
+/// it); never, if it isn't.
+async fn admin_drained(backend: Option<Arc<BackendState>>, grace: Duration) {
     match backend {
         Some(state) => {
             state.drained().cancelled().await;
@@ -389,33 +397,34 @@ async fn admin_drained(backend: Option<&BackendState>, grace: Duration) {
     }
 }
 
-/// Finds the next backend in the client's rank, skipping the one just lost.
+/// Finds the next backend in the client's rank, in the current configuration (a reload may
+/// have changed the upstream), skipping the one just lost and any being drained.
 async fn reconnect(
     shared: &Shared,
-    upstream: &Upstream,
+    upstream_name: &str,
     hash_key: &[u8],
-    lost: usize,
+    lost: &str,
     request: &BackendRequest,
     protocol: Option<&HeaderValue>,
-) -> Option<(usize, BackendSocket)> {
+) -> Option<(Arc<Upstream>, usize, BackendSocket)> {
+    let routing = shared.routing();
+    let upstream = routing.routes.upstream(upstream_name)?;
     for index in upstream.ranking.rank(hash_key) {
-        if index == lost
-            || !shared
-                .backends
-                .accepts_new(&upstream.backends[index].original)
-        {
+        let backend = &upstream.backends[index];
+        if backend.original == lost || !routing.backends.accepts_new(&backend.original) {
             continue;
         }
-        let backend = &upstream.backends[index];
         match dial(
             backend,
             request,
-            shared.backend_ws,
+            routing.backend_ws,
             upstream.connect_timeout,
         )
         .await
         {
-            Ok(leg) if leg.protocol.as_ref() == protocol => return Some((index, leg.socket)),
+            Ok(leg) if leg.protocol.as_ref() == protocol => {
+                return Some((upstream.clone(), index, leg.socket));
+            }
             Ok(mut leg) => {
                 warn!(%backend, "replacement backend picked another subprotocol; skipping it");
                 close_leg(

@@ -304,9 +304,10 @@ async fn the_admin_token_is_enforced() {
     assert_eq!(admin(addr, "GET", "/metrics", Some("wrong")).await.0, 401);
     assert_eq!(admin(addr, "GET", "/metrics", Some("s3cret")).await.0, 200);
     assert_eq!(admin(addr, "GET", "/nope", Some("s3cret")).await.0, 404);
+    // Started without a file, there is nothing to reload.
     assert_eq!(
         admin(addr, "POST", "/api/reload", Some("s3cret")).await.0,
-        501
+        409
     );
     // The tap needs the token too.
     let refused =
@@ -335,4 +336,51 @@ backends = ["ws://127.0.0.1:9"]
     assert!(error.contains("needs server.admin_token"), "{error}");
     let with_token = source.replace("admin = ", "admin_token = \"t\"\nadmin = ");
     assert!(wsrelay::config::Config::from_toml(&with_token, "t.toml").is_ok());
+}
+
+#[tokio::test]
+async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let path =
+        std::env::temp_dir().join(format!("wsrelay-admin-reload-{}.toml", std::process::id()));
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    let one = format!(
+        "[[route]]\npath = \"/\"\nupstream = \"one\"\n\n[upstream.one]\nbackends = [\"{}\"]\n",
+        a.url()
+    );
+    let two = format!(
+        "[[route]]\npath = \"/two\"\nupstream = \"two\"\n\n[upstream.two]\nbackends = [\"{}\"]\n",
+        b.url()
+    );
+    std::fs::write(&path, format!("{server}{one}")).unwrap();
+    let relay = TestRelay::start_with(&format!("{server}{one}"), &[], |builder| {
+        builder.config_path(&path)
+    })
+    .await;
+    let addr = admin_addr(&relay);
+    let whoami = |path: &'static str| {
+        let url = relay.url(path);
+        async move {
+            let mut client = connect(&url).await;
+            round_trip(&mut client, "whoami").await
+        }
+    };
+    assert_eq!(whoami("/two/x").await, "a");
+
+    std::fs::write(&path, format!("{server}{two}\n{one}")).unwrap();
+    let (status, body) = admin(addr, "POST", "/api/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["added"][0], b.url());
+    assert_eq!(report["routes"], 2);
+    assert_eq!(whoami("/two/x").await, "b");
+    assert_eq!(whoami("/x").await, "a");
+
+    std::fs::write(&path, "[[route]]\npath = 7\n").unwrap();
+    let (status, body) = admin(addr, "POST", "/api/reload", None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("line 2"), "{body}");
+    assert_eq!(whoami("/two/x").await, "b");
+    let _ = std::fs::remove_file(&path);
 }

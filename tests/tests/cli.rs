@@ -494,7 +494,7 @@ async fn rust_log_warn_suppresses_the_info_lines() {
 }
 
 #[tokio::test]
-async fn sighup_keeps_the_relay_running_and_says_reload_is_not_supported_yet() {
+async fn sighup_without_a_config_file_keeps_the_relay_running() {
     let backend = TestBackend::start("alpha").await;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut relay = Process::spawn(
@@ -508,20 +508,62 @@ async fn sighup_keeps_the_relay_running_and_says_reload_is_not_supported_yet() {
 
     relay.signal("HUP");
     relay
-        .wait_stderr("the reload warning", |l| {
-            l.contains("reload is not supported yet")
-        })
+        .wait_stderr("the reload warning", |l| l.contains("nothing to reload"))
         .await;
     assert!(relay.is_running(), "SIGHUP stopped wsrelay");
     assert_eq!(round_trip(&mut client, "after").await, "after");
-    let mut second = connect(&format!("ws://{addr}/")).await;
-    assert_eq!(round_trip(&mut second, "new").await, "new");
-
     keep_reading(client);
-    keep_reading(second);
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config() {
+    let alpha = TestBackend::start("alpha").await;
+    let bravo = TestBackend::start("bravo").await;
+    let dir = TempDir::new();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let with = |backend: &TestBackend| {
+        config("shutdown_grace = \"1s\"", "", &[backend.url()])
+            .replace("127.0.0.1:0", &addr.to_string())
+    };
+    let path = dir.write("relay.toml", &with(&alpha));
+    let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+    relay.wait_listening(addr).await;
+    let mut settled = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut settled, "whoami").await, "alpha");
+
+    // Replace alpha by bravo: new clients go to bravo at once...
+    dir.write("relay.toml", &with(&bravo));
+    relay.signal("HUP");
+    relay
+        .wait_stderr("the reload", |l| l.contains("configuration reloaded"))
+        .await;
+    let mut newcomer = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut newcomer, "whoami").await, "bravo");
+    // ...and the client on the removed backend moves there after the grace, same socket.
+    let deadline = Instant::now() + WAIT;
+    while round_trip(&mut settled, "whoami").await != "bravo" {
+        assert!(Instant::now() < deadline, "the settled client never moved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A broken file is refused, and the running configuration stays.
+    dir.write("relay.toml", "[server\nlisten = ");
+    relay.signal("HUP");
+    relay
+        .wait_stderr("the refusal", |l| l.contains("reload refused"))
+        .await;
+    assert!(relay.is_running());
+    let mut after = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut after, "whoami").await, "bravo");
+
+    for client in [settled, newcomer, after] {
+        keep_reading(client);
+    }
+    relay.signal("TERM");
+    assert!(relay.wait_exit().await.success());
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +15,11 @@ pub struct BackendState {
     /// The upstream it belongs to.
     pub upstream: String,
     healthy: AtomicBool,
+    /// With active health checks, an unhealthy backend leaves the ranking (they bring it back);
+    /// without them, health is only reported.
+    gates_ranking: AtomicBool,
+    failures: AtomicU32,
+    successes: AtomicU32,
     drained: CancellationToken,
 }
 
@@ -22,6 +27,23 @@ impl BackendState {
     /// False after a failed dial, until one succeeds.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records a dial or probe result; returns the new health if it changed. With
+    /// `thresholds` (`unhealthy_after`, `healthy_after`) health flips after that many results
+    /// in a row; without, it follows the last result.
+    pub fn record(&self, succeeded: bool, thresholds: Option<(u32, u32)>) -> Option<bool> {
+        let (unhealthy_after, healthy_after) = thresholds.unwrap_or((1, 1));
+        let flip_to = if succeeded {
+            self.failures.store(0, Ordering::Relaxed);
+            let run = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+            (run >= healthy_after).then_some(true)
+        } else {
+            self.successes.store(0, Ordering::Relaxed);
+            let run = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            (run >= unhealthy_after).then_some(false)
+        }?;
+        (self.healthy.swap(flip_to, Ordering::Relaxed) != flip_to).then_some(flip_to)
     }
 
     /// True once the admin drained it.
@@ -56,9 +78,12 @@ impl BackendBook {
                         Arc::new(BackendState {
                             upstream: name.clone(),
                             healthy: AtomicBool::new(true),
-                            drained: CancellationToken::new(),
+                            ..BackendState::default()
                         })
                     });
+                state
+                    .gates_ranking
+                    .store(upstream.health_check.is_some(), Ordering::Relaxed);
                 backends.insert(url.clone(), state);
             }
         }
@@ -75,15 +100,12 @@ impl BackendBook {
         self.backends.get(url).map(|state| &**state)
     }
 
-    /// Records a dial's result; returns true if the health changed.
-    pub fn record_dial(&self, url: &str, succeeded: bool) -> bool {
-        self.get(url)
-            .is_some_and(|state| state.healthy.swap(succeeded, Ordering::Relaxed) != succeeded)
-    }
-
-    /// True when new clients may be sent to `url`.
+    /// True when new clients may be sent to `url`: it is not draining, and not unhealthy by
+    /// active health checks.
     pub fn accepts_new(&self, url: &str) -> bool {
-        self.get(url).is_none_or(|state| !state.draining())
+        self.get(url).is_none_or(|state| {
+            !state.draining() && (state.healthy() || !state.gates_ranking.load(Ordering::Relaxed))
+        })
     }
 
     /// Starts draining `url`; false if no such backend is configured.
@@ -107,5 +129,36 @@ impl BackendBook {
         self.backends
             .values()
             .any(|state| state.healthy() && !state.draining())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_flips_after_runs_of_results() {
+        let state = BackendState {
+            healthy: AtomicBool::new(true),
+            ..BackendState::default()
+        };
+        let thresholds = Some((2, 3));
+        assert_eq!(state.record(false, thresholds), None);
+        assert_eq!(state.record(false, thresholds), Some(false));
+        assert_eq!(state.record(false, thresholds), None);
+        assert_eq!(state.record(true, thresholds), None);
+        assert_eq!(state.record(true, thresholds), None);
+        assert_eq!(
+            state.record(false, thresholds),
+            None,
+            "a failure restarts the run"
+        );
+        for _ in 0..2 {
+            assert_eq!(state.record(true, thresholds), None);
+        }
+        assert_eq!(state.record(true, thresholds), Some(true));
+        // Without thresholds, the last result decides.
+        assert_eq!(state.record(false, None), Some(false));
+        assert_eq!(state.record(true, None), Some(true));
     }
 }

@@ -784,11 +784,21 @@ impl Config {
                 );
             }
             if let Some(check) = &upstream.health_check {
-                report(
-                    check.span(),
-                    key("health_check"),
-                    not_yet("health_check (active health checks)"),
-                );
+                let values = check.get_ref();
+                if values.interval.is_zero() || values.timeout.is_zero() {
+                    report(
+                        check.span(),
+                        key("health_check"),
+                        "interval and timeout must be above 0s".into(),
+                    );
+                }
+                if values.unhealthy_after == 0 || values.healthy_after == 0 {
+                    report(
+                        check.span(),
+                        key("health_check"),
+                        "unhealthy_after and healthy_after must be at least 1".into(),
+                    );
+                }
             }
         }
         problems.sort_by_key(|problem| problem.line);

@@ -109,6 +109,21 @@ impl BackendRequest {
         }
     }
 
+    /// The request of an active health check: `/` with `User-Agent: wsrelay-health-check`.
+    pub fn health_probe() -> BackendRequest {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("wsrelay-health-check"),
+        );
+        BackendRequest {
+            path_and_query: "/".into(),
+            client_host: None,
+            headers,
+            preserve_host: false,
+        }
+    }
+
     /// The HTTP request for one backend, with a fresh `Sec-WebSocket-Key`.
     fn for_backend(&self, backend: &BackendUrl) -> Result<Request<()>, String> {
         let uri = format!(

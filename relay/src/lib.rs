@@ -29,6 +29,7 @@ pub mod demo;
 pub mod dial;
 pub mod handshake;
 pub mod hashing;
+mod health;
 pub mod inspect;
 pub mod keepalive;
 mod listener;
@@ -132,7 +133,7 @@ impl Shared {
 
     /// Applies a new configuration to new connections at once; sessions on backends it removes
     /// are moved (or closed 1012) after `shutdown_grace`.
-    pub fn reload(&self, config: Config) -> Result<ReloadReport, config::ConfigError> {
+    pub fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, config::ConfigError> {
         config.check_inspectors(&self.inspectors)?;
         let old = self.routing();
         let mut restart_needed = Vec::new();
@@ -154,7 +155,9 @@ impl Shared {
             old.backends.drain(url);
         }
         let routes = new.routes.len();
-        self.routing.store(new);
+        self.routing.store(new.clone());
+        old.retired.cancel();
+        health::spawn_checks(self, &new);
         tracing::info!(
             ?added,
             ?removed,
@@ -171,7 +174,7 @@ impl Shared {
     }
 
     /// Reloads from the file the relay was started with.
-    pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+    pub fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let source = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
             path: path.clone(),
@@ -298,6 +301,7 @@ impl RelayBuilder {
             }
             None => None,
         };
+        health::spawn_checks(&shared, &shared.routing());
         let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {

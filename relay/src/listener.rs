@@ -154,11 +154,13 @@ async fn answer(
     let ranked = upstream.ranking.rank(&hash_key);
     let mut failures = Vec::new();
     let mut dialed = None;
+    let mut candidates = 0;
     for &index in &ranked {
         let backend = &upstream.backends[index];
         if !routing.backends.accepts_new(&backend.original) {
             continue;
         }
+        candidates += 1;
         let result = dial(
             backend,
             &backend_request,
@@ -167,11 +169,18 @@ async fn answer(
         )
         .instrument(span.clone())
         .await;
-        let reached = !matches!(result, Err(DialError::Unreachable { .. }));
-        if routing.backends.record_dial(&backend.original, reached) {
+        // Passive health counts like a probe: an answer below 500 means the backend is up.
+        let reached = match &result {
+            Ok(_) => true,
+            Err(DialError::Refused { status, .. }) => status.as_u16() < 500,
+            Err(DialError::Unreachable { .. }) => false,
+        };
+        if let Some(state) = routing.backends.get(&backend.original)
+            && let Some(healthy) = state.record(reached, upstream.health_thresholds())
+        {
             shared
                 .metrics
-                .set_backend_healthy(&backend.original, reached);
+                .set_backend_healthy(&backend.original, healthy);
         }
         match result {
             Ok(leg) => {
@@ -200,6 +209,20 @@ async fn answer(
                 failures.push(unreachable.to_string());
             }
         }
+    }
+    if candidates == 0 {
+        span.in_scope(|| warn!(%peer, upstream = %upstream.name, "no healthy backend"));
+        let mut response = refusal_response(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no backend of upstream {:?} is healthy; retry later",
+                upstream.name
+            ),
+        ));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
     }
     let Some((backend_index, leg)) = dialed else {
         span.in_scope(|| warn!(%peer, upstream = %upstream.name, "no backend reachable"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use http::header::COOKIE;
 
-use crate::config::{BackendUrl, Config, HashKey, Mode, OnBackendLoss};
+use crate::config::{BackendUrl, Config, HashKey, HealthCheckConfig, Mode, OnBackendLoss};
 use crate::hashing::Ranking;
 use crate::inspect::{ChainTemplate, InspectorRegistry};
 
@@ -24,6 +24,17 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// What a client experiences when its backend goes away.
     pub on_backend_loss: OnBackendLoss,
+    /// Active health checking, if configured.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+impl Upstream {
+    /// `(unhealthy_after, healthy_after)` when active checks are on.
+    pub fn health_thresholds(&self) -> Option<(u32, u32)> {
+        self.health_check
+            .as_ref()
+            .map(|check| (check.unhealthy_after.max(1), check.healthy_after.max(1)))
+    }
 }
 
 /// One `[[route]]`, ready to serve.
@@ -64,6 +75,7 @@ impl RouteTable {
                     ),
                     connect_timeout: upstream.connect_timeout.0,
                     on_backend_loss: upstream.on_backend_loss,
+                    health_check: upstream.health_check.as_ref().map(|c| c.get_ref().clone()),
                 };
                 (name.clone(), Arc::new(upstream))
             })
@@ -111,6 +123,17 @@ impl RouteTable {
     /// True when no route is configured.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Every upstream some route uses, once each.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        let mut seen: Vec<Arc<Upstream>> = Vec::new();
+        for route in &self.routes {
+            if !seen.iter().any(|u| u.name == route.upstream.name) {
+                seen.push(route.upstream.clone());
+            }
+        }
+        seen
     }
 
     /// The upstream named `name`, as some route uses it.

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::backends::BackendBook;
@@ -37,6 +38,8 @@ pub struct Routing {
     pub client_ws: WebSocketConfig,
     /// tungstenite settings of backend legs.
     pub backend_ws: WebSocketConfig,
+    /// Cancelled when a reload replaces this generation; its health checkers stop.
+    pub retired: CancellationToken,
 }
 
 impl Routing {
@@ -58,6 +61,7 @@ impl Routing {
             keepalive: KeepalivePolicy::from_config(&config.keepalive),
             client_ws: ws,
             backend_ws: ws,
+            retired: CancellationToken::new(),
             config,
         }
     }

@@ -1,0 +1,121 @@
+//! Active health checks (DESIGN 7): an unhealthy backend leaves the ranking, so only its own
+//! clients move; it comes back after `healthy_after` good probes; with none healthy, clients
+//! get 503 with Retry-After.
+
+use http::StatusCode;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use wsrelay::hashing::Ranking;
+use wsrelay_tests::*;
+
+fn config() -> String {
+    r#"
+[server]
+admin = "127.0.0.1:0"
+
+[[route]]
+path = "/"
+upstream = "main"
+hash_key = "header:X-User"
+
+[upstream.main]
+backends = BACKENDS
+health_check = { interval = "100ms", timeout = "1s", unhealthy_after = 2, healthy_after = 2 }
+"#
+    .to_owned()
+}
+
+async fn whoami(relay: &TestRelay, user: &str) -> Result<String, StatusCode> {
+    let mut request = relay.url("/").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-user", user.parse().unwrap());
+    match connect_request(request).await {
+        Ok(mut client) => Ok(round_trip(&mut client, "whoami").await),
+        Err(WsError::Http(response)) => Err(response.status()),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+fn refusing() -> BackendBehavior {
+    BackendBehavior {
+        refuse: Some(StatusCode::SERVICE_UNAVAILABLE),
+        ..BackendBehavior::default()
+    }
+}
+
+#[tokio::test]
+async fn an_unhealthy_backend_leaves_the_ranking_and_comes_back() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let c = TestBackend::start("c").await;
+    let urls = [a.url(), b.url(), c.url()];
+    let relay = TestRelay::start(&config(), &[&a, &b, &c]).await;
+    let on_a = user_ranked_first(&urls, 0);
+    let on_c = user_ranked_first(&urls, 2);
+    assert_eq!(whoami(&relay, &on_a).await, Ok("a".into()));
+
+    // "a" starts answering 503: after two failed probes it is out of every ranking, so its
+    // users go to their second choice instead of getting a's 503...
+    a.set_behavior(refusing());
+    let ranking = Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    let second = ["a", "b", "c"][ranking.rank(on_a.as_bytes())[1]];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while whoami(&relay, &on_a).await != Ok(second.to_owned()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never left the ranking"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // ...while users of other backends stay where they were.
+    assert_eq!(whoami(&relay, &on_c).await, Ok("c".into()));
+
+    // Healthy again: after two good probes a serves its users again.
+    a.set_behavior(BackendBehavior::default());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while whoami(&relay, &on_a).await != Ok("a".into()) {
+        assert!(tokio::time::Instant::now() < deadline, "a never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Probes say who they are.
+    assert!(a.connections().iter().any(|seen| {
+        seen.headers
+            .get("user-agent")
+            .is_some_and(|v| v == "wsrelay-health-check")
+    }));
+}
+
+#[tokio::test]
+async fn with_no_healthy_backend_clients_get_503_with_retry_after() {
+    let a = TestBackend::with_behavior("a", refusing()).await;
+    let relay = TestRelay::start(&config(), &[&a]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = relay.url("/").into_client_request().unwrap();
+        match connect_request(request).await {
+            Err(WsError::Http(response)) if response.headers().contains_key("retry-after") => {
+                assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+                break;
+            }
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE)
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked unhealthy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Readiness follows.
+    let admin = relay.handle.admin_addr().unwrap();
+    let response = raw_exchange(
+        admin,
+        b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    assert_eq!(status_of(&response), 503);
+}

@@ -656,19 +656,18 @@ impl Config {
         let not_yet = |what: &str| format!("not supported yet: {what}");
 
         let server = &self.server;
-        if let Some(cert) = &server.tls_cert {
-            report(
+        match (&server.tls_cert, &server.tls_key) {
+            (Some(cert), None) => report(
                 cert.span(),
                 "server.tls_cert".into(),
-                not_yet("server.tls_cert (TLS listener)"),
-            );
-        }
-        if let Some(key) = &server.tls_key {
-            report(
+                "needs server.tls_key too".into(),
+            ),
+            (None, Some(key)) => report(
                 key.span(),
                 "server.tls_key".into(),
-                not_yet("server.tls_key (TLS listener)"),
-            );
+                "needs server.tls_cert too".into(),
+            ),
+            _ => {}
         }
         if let Some(admin) = &server.admin
             && !admin.get_ref().0.ip().is_loopback()

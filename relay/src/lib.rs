@@ -42,6 +42,7 @@ mod session;
 pub mod sessions;
 pub mod shutdown;
 pub mod tap;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ pub enum RelayError {
     /// The configuration names something this relay does not know (e.g. an inspector).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The TLS certificate or key could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The client-facing listener could not be bound.
     #[error("listen on {addr}: {source}")]
     Bind {
@@ -101,10 +105,17 @@ pub(crate) struct Shared {
     pub sessions: Arc<SessionRegistry>,
     /// Where taps listen.
     pub tap: Arc<TapHub>,
+    /// TLS for the client listener, if configured (fixed at start).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Shared {
-    fn new(config: Config, inspectors: InspectorRegistry, config_path: Option<PathBuf>) -> Shared {
+    fn new(
+        config: Config,
+        inspectors: InspectorRegistry,
+        config_path: Option<PathBuf>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
         Shared {
             routing: ArcSwap::from_pointee(Routing::new(config, &inspectors, None)),
@@ -118,6 +129,7 @@ impl Shared {
             metrics: Metrics::default(),
             sessions: Arc::default(),
             tap: Arc::default(),
+            tls,
         }
     }
 
@@ -147,6 +159,15 @@ impl Shared {
         }
         if before.max_connections.get_ref() != after.max_connections.get_ref() {
             restart_needed.push("server.max_connections".to_owned());
+        }
+        let tls_files = |server: &config::ServerConfig| {
+            (
+                server.tls_cert.as_ref().map(|p| p.get_ref().clone()),
+                server.tls_key.as_ref().map(|p| p.get_ref().clone()),
+            )
+        };
+        if tls_files(before) != tls_files(after) {
+            restart_needed.push("server.tls_cert/tls_key".to_owned());
         }
         let new = Arc::new(Routing::new(config, &self.inspectors, Some(&old)));
         let removed: Vec<String> = old.backends_missing_from(&new).into_iter().collect();
@@ -291,7 +312,27 @@ impl RelayBuilder {
             }
             None => None,
         };
-        let shared = Arc::new(Shared::new(self.config, self.inspectors, self.config_path));
+        let tls = match (&self.config.server.tls_cert, &self.config.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                let near_config = |path: &std::path::Path| match &self.config_path {
+                    Some(config) if path.is_relative() => config
+                        .parent()
+                        .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
+                    _ => path.to_owned(),
+                };
+                Some(tls::acceptor(
+                    &near_config(cert.get_ref()),
+                    &near_config(key.get_ref()),
+                )?)
+            }
+            _ => None,
+        };
+        let shared = Arc::new(Shared::new(
+            self.config,
+            self.inspectors,
+            self.config_path,
+            tls,
+        ));
         let admin_addr = match admin {
             Some(admin) => {
                 let addr = admin.local_addr().ok();

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -64,13 +65,56 @@ async fn serve_connection(
     permit: Option<OwnedSemaphorePermit>,
 ) {
     let timeout = shared.routing().config.server.handshake_timeout.0;
+    let Some(tls) = shared.tls.clone() else {
+        return serve_http(shared, tcp, peer, permit, "http").await;
+    };
+    // The TLS handshake is part of the client handshake and shares its deadline.
+    let started = tokio::time::Instant::now();
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(timeout, tls.accept(tcp)) => accepted,
+        () = shared.shutdown.drain.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let left = timeout.saturating_sub(started.elapsed());
+            serve_http_within(shared, stream, peer, permit, "https", left).await;
+        }
+        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    io: I,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    scheme: &'static str,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = shared.routing().config.server.handshake_timeout.0;
+    serve_http_within(shared, io, peer, permit, scheme, timeout).await;
+}
+
+/// Serves HTTP/1.1 on a client connection until it upgrades or `timeout` passes.
+async fn serve_http_within<I>(
+    shared: Arc<Shared>,
+    io: I,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    scheme: &'static str,
+    timeout: std::time::Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let slot: Slot = Arc::new(Mutex::new(permit));
     let service_shared = shared.clone();
     let service = service_fn(move |request| {
         let shared = service_shared.clone();
         let slot = slot.clone();
         async move {
-            let response = answer(&shared, peer, &slot, request).await;
+            let response = answer(&shared, peer, scheme, &slot, request).await;
             count_handshake(&shared, &response);
             Ok::<_, Infallible>(response)
         }
@@ -81,7 +125,7 @@ async fn serve_connection(
         .header_read_timeout(timeout)
         .max_buf_size(MAX_REQUEST_HEAD);
     let connection = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::select! {
         served = tokio::time::timeout(timeout, connection) => match served {
@@ -97,6 +141,7 @@ async fn serve_connection(
 async fn answer(
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    scheme: &'static str,
     slot: &Slot,
     mut request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -148,7 +193,7 @@ async fn answer(
         peer,
         conn_id,
         route.preserve_host,
-        "http",
+        scheme,
     );
     let upstream = route.upstream.clone();
     let ranked = upstream.ranking.rank(&hash_key);

@@ -305,10 +305,7 @@ fn check_names_a_route_to_a_missing_upstream_and_its_line() {
 async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_key() {
     let dir = TempDir::new();
     let cases = [
-        (
-            "server.tls_cert",
-            config("tls_cert = \"cert.pem\"", "", &["ws://127.0.0.1:9".into()]),
-        ),
+        ("backends", config("", "", &["wss://127.0.0.1:9".into()])),
         (
             "route[0].mode",
             config("", "mode = \"mux\"", &["ws://127.0.0.1:9".into()]),

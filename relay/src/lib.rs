@@ -32,6 +32,7 @@ pub mod hashing;
 mod health;
 pub mod inspect;
 pub mod keepalive;
+pub mod leg;
 mod listener;
 pub mod metrics;
 pub mod pump;

@@ -13,10 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
@@ -25,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::inspect::{Direction, InspectorChain, Verdict};
 use crate::keepalive::{KeepalivePolicy, LegLiveness, LegVerdict, far_future};
+use crate::leg::Leg;
 use crate::metrics::TrafficCounters;
 use crate::replay::ReplayLog;
 use crate::sessions::SessionEntry;
@@ -193,13 +191,13 @@ impl PumpState {
     /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.
     pub async fn run<C, B>(
         &mut self,
-        client: &mut WebSocketStream<C>,
-        backend: &mut WebSocketStream<B>,
+        client: &mut C,
+        backend: &mut B,
         stop: impl Future<Output = PumpEnd>,
     ) -> PumpEnd
     where
-        C: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
+        C: Leg,
+        B: Leg,
     {
         let timer = tokio::time::sleep_until(self.next_check);
         tokio::pin!(timer, stop);
@@ -215,13 +213,13 @@ impl PumpState {
     fn poll_once<C, B>(
         &mut self,
         cx: &mut Context<'_>,
-        client: &mut WebSocketStream<C>,
-        backend: &mut WebSocketStream<B>,
+        client: &mut C,
+        backend: &mut B,
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<PumpEnd>
     where
-        C: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
+        C: Leg,
+        B: Leg,
     {
         let now = Instant::now();
         if now >= self.next_check {
@@ -310,7 +308,8 @@ impl PumpState {
         }
         if self.backend_needs_flush {
             // The ack ping rides in the same write as the messages it acknowledges.
-            if let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
+            if backend.pings()
+                && let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
                 && let Err(error) = Pin::new(&mut *backend).start_send(ping)
             {
                 return Poll::Ready(backend_write_failed(error));
@@ -405,6 +404,10 @@ impl PumpState {
                 Poll::Pending => {}
             }
         }
+        // A leg that reports consumption (a mux stream's credit) acknowledges that way.
+        if let (Some(replay), Some(unconfirmed)) = (&mut self.replay, backend.unconfirmed_bytes()) {
+            replay.confirm_all_but(unconfirmed);
+        }
         self.observer.entry.store_traffic(&self.traffic);
         Poll::Pending
     }
@@ -413,12 +416,12 @@ impl PumpState {
     fn check_timers<C, B>(
         &mut self,
         now: Instant,
-        client: &mut WebSocketStream<C>,
-        backend: &mut WebSocketStream<B>,
+        client: &mut C,
+        backend: &mut B,
     ) -> Option<PumpEnd>
     where
-        C: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
+        C: Leg,
+        B: Leg,
     {
         let mut next = far_future(now);
         if let Some(idle) = self.policy.idle_timeout {
@@ -436,7 +439,12 @@ impl PumpState {
         if self.to_client.is_some() {
             self.backend_live.heard(now);
         }
-        match self.client_live.check(now, &self.policy) {
+        let client_verdict = if client.pings() {
+            self.client_live.check(now, &self.policy)
+        } else {
+            LegVerdict::Wait(far_future(now))
+        };
+        match client_verdict {
             LegVerdict::Dead => {
                 return Some(PumpEnd::ClientGone(
                     "no answer to ping within pong_timeout".into(),
@@ -451,7 +459,12 @@ impl PumpState {
                 self.client_needs_flush = true;
             }
         }
-        match self.backend_live.check(now, &self.policy) {
+        let backend_verdict = if backend.pings() {
+            self.backend_live.check(now, &self.policy)
+        } else {
+            LegVerdict::Wait(far_future(now))
+        };
+        match backend_verdict {
             LegVerdict::Dead => {
                 return Some(PumpEnd::BackendGone(
                     "no answer to ping within pong_timeout".into(),
@@ -472,10 +485,7 @@ impl PumpState {
     }
 }
 
-fn send_ping<S>(leg: &mut WebSocketStream<S>) -> Result<(), WsError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+fn send_ping<L: Leg>(leg: &mut L) -> Result<(), WsError> {
     // A static payload: any frame from the peer, not only the matching pong, proves it alive.
     Pin::new(leg).start_send(Message::Ping(bytes::Bytes::from_static(KEEPALIVE_PAYLOAD)))
 }

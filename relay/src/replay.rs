@@ -94,6 +94,22 @@ impl ReplayLog {
         true
     }
 
+    /// Handles a leg that reports how many sent payload bytes its peer has not yet consumed
+    /// (a mux stream's flow-control credit): every message older than those bytes is
+    /// acknowledged.
+    pub fn confirm_all_but(&mut self, unconfirmed_bytes: u64) {
+        let unconfirmed = usize::try_from(unconfirmed_bytes).unwrap_or(usize::MAX);
+        if self.overflowed && unconfirmed == 0 {
+            self.overflowed = false;
+        }
+        while self.unacked_bytes > unconfirmed {
+            let Some((_, message)) = self.unacked.pop_front() else {
+                break;
+            };
+            self.unacked_bytes -= message.len();
+        }
+    }
+
     /// Takes the messages to replay on a replacement backend, oldest first, or `None` if the
     /// log overflowed and cannot say what the lost backend missed. Resets the log for the
     /// replacement.
@@ -184,6 +200,17 @@ mod tests {
         // After the reset the log works again.
         log.sent(text(1));
         assert_eq!(log.take_for_replay().unwrap(), vec![text(1)]);
+    }
+
+    #[test]
+    fn credit_confirms_the_oldest_messages() {
+        let mut log = ReplayLog::default();
+        for n in 10..15 {
+            log.sent(text(n));
+        }
+        // Four of the five two-byte messages consumed: only the newest stays.
+        log.confirm_all_but(2);
+        assert_eq!(log.take_for_replay().unwrap(), vec![text(14)]);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! In mux mode one WebSocket link carries many client WebSockets as *streams*. Each binary
 //! WebSocket message on a link holds one or more frames ([`Frame`]), encoded with bincode 2.
-//! This crate is the sans-IO part: the frame types, their encoder and bounded decoder
-//! ([`encode_into`], [`decode_all`]) and version negotiation ([`negotiate`]). It does no I/O.
+//! The crate has a sans-IO core: the frame types, their encoder and bounded decoder
+//! ([`encode_into`], [`decode_all`]) and version negotiation ([`negotiate`]), which do no I/O;
+//! and the async [`link`] engine that runs the protocol over a tokio-tungstenite WebSocket
+//! ([`Link::establish`], [`LinkHandle`], [`MuxStream`]).
 //!
 //! The byte-level wire format is specified in the crate's `README.md`.
 //!
@@ -27,11 +29,16 @@
 #![warn(missing_docs)]
 
 pub mod frame;
+pub mod link;
 pub mod version;
 
 pub use frame::{
     DecodeError, Frame, FrameDecoder, FrameType, Hello, LINK_STREAM, Limits, MESSAGE_SLACK,
     WIRE_CONFIG, decode_all, decode_frame, encode, encode_into, max_message_len,
+};
+pub use link::{
+    IncomingStream, Link, LinkConfig, LinkDriver, LinkError, LinkHandle, LinkRole, MuxStream,
+    OpenError, OpenRequest,
 };
 pub use version::{
     LinkParams, MIN_PROTOCOL_VERSION, NegotiateError, PROTOCOL_VERSION, Side, negotiate,

@@ -149,8 +149,8 @@ struct BackendRow {
 }
 
 fn backends(shared: &Shared) -> Vec<BackendRow> {
-    shared
-        .routing()
+    let routing = shared.routing();
+    routing
         .backends
         .iter()
         .map(|(url, state)| BackendRow {
@@ -159,7 +159,7 @@ fn backends(shared: &Shared) -> Vec<BackendRow> {
             healthy: state.healthy(),
             draining: state.draining(),
             connections: shared.sessions.count_on(url),
-            links: 0,
+            links: routing.mux.load(&routing, url).0,
         })
         .collect()
 }

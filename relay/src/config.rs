@@ -653,7 +653,6 @@ impl Config {
                 .map(|s| line_of(s, span.start));
             problems.push(ConfigProblem { line, key, message });
         };
-        let not_yet = |what: &str| format!("not supported yet: {what}");
 
         let server = &self.server;
         match (&server.tls_cert, &server.tls_key) {
@@ -734,9 +733,6 @@ impl Config {
                     format!("no [upstream.{}] is defined", route.upstream.get_ref()),
                 );
             }
-            if *route.mode.get_ref() == Mode::Mux {
-                report(route.mode.span(), key("mode"), not_yet("mode = \"mux\""));
-            }
             for entry in route.inspect.get_ref() {
                 let bare_rate = entry.trim() == "rate";
                 if bare_rate && *self.limits.max_messages_per_second.get_ref() == 0 {
@@ -775,12 +771,10 @@ impl Config {
             if upstream.connect_timeout.is_zero() {
                 report(0..0, key("connect_timeout"), "must be above 0s".into());
             }
-            if let Some(links) = &upstream.mux_links {
-                report(
-                    links.span(),
-                    key("mux_links"),
-                    not_yet("mux_links (mux mode)"),
-                );
+            if let Some(links) = &upstream.mux_links
+                && *links.get_ref() == 0
+            {
+                report(links.span(), key("mux_links"), "must be at least 1".into());
             }
             if let Some(check) = &upstream.health_check {
                 let values = check.get_ref();
@@ -904,22 +898,26 @@ on_backend_loss = "reconnect"
 
     #[test]
     fn unimplemented_keys_are_refused_not_ignored() {
-        let source = FULL
-            .replace("mode = \"per-client\"", "mode = \"mux\"")
-            .replace(
-                "connect_timeout = \"5s\"",
-                "connect_timeout = \"5s\"\nmux_links = 2",
-            );
+        let source = FULL.replace("ws://127.0.0.1:9001", "wss://127.0.0.1:9001");
         let error = Config::from_toml(&source, "t.toml").unwrap_err();
         let text = error.to_string();
         assert!(
-            text.contains("line 22: route[0].mode: not supported yet"),
+            text.contains("not supported yet: wss:// backends"),
             "{text}"
         );
+        let zero_links = FULL.replace(
+            "connect_timeout = \"5s\"",
+            "connect_timeout = \"5s\"\nmux_links = 0",
+        );
+        let text = Config::from_toml(&zero_links, "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(
-            text.contains("upstream.chat.mux_links: not supported yet"),
+            text.contains("upstream.chat.mux_links: must be at least 1"),
             "{text}"
         );
+        let mux = FULL.replace("mode = \"per-client\"", "mode = \"mux\"");
+        assert!(Config::from_toml(&mux, "t.toml").is_ok());
     }
 
     #[test]

@@ -2,10 +2,15 @@
 //! legs are real sockets; in mux mode a leg is a stream on a shared link. The pump and the
 //! session work with any [`Leg`].
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::{Error as WsError, Message};
+use wsrelay_protocol::MuxStream;
 
 /// What the pump needs of a leg beyond reading and writing messages.
 pub trait Leg:
@@ -19,6 +24,10 @@ pub trait Leg:
     /// leg can tell (a mux stream, from its flow-control credit); `None` for a socket, whose
     /// acknowledgements come from ping/pong instead.
     fn unconfirmed_bytes(&self) -> Option<u64>;
+
+    /// True when closing waits for the peer's Close in return (a socket's close handshake); a
+    /// mux stream's Close is one frame on its link.
+    fn awaits_close_reply(&self) -> bool;
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocketStream<S> {
@@ -28,5 +37,129 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocketStream<S> {
 
     fn unconfirmed_bytes(&self) -> Option<u64> {
         None
+    }
+
+    fn awaits_close_reply(&self) -> bool {
+        true
+    }
+}
+
+/// A mux stream as a leg, with the credit window it started with (to tell what is unconfirmed).
+pub struct StreamLeg {
+    stream: MuxStream,
+    window: u64,
+}
+
+impl StreamLeg {
+    /// Wraps `stream`, opened with `window` bytes of send credit.
+    pub fn new(stream: MuxStream, window: u64) -> StreamLeg {
+        StreamLeg { stream, window }
+    }
+
+    /// The subprotocol the stream's peer selected.
+    pub fn protocol(&self) -> Option<&str> {
+        self.stream.protocol()
+    }
+}
+
+impl Leg for StreamLeg {
+    fn pings(&self) -> bool {
+        false
+    }
+
+    fn unconfirmed_bytes(&self) -> Option<u64> {
+        Some(self.window.saturating_sub(self.stream.send_credit()))
+    }
+
+    fn awaits_close_reply(&self) -> bool {
+        false
+    }
+}
+
+impl Stream for StreamLeg {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+impl Sink<Message> for StreamLeg {
+    type Error = WsError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        Pin::new(&mut self.stream).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+        Pin::new(&mut self.stream).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        Pin::new(&mut self.stream).poll_close(cx)
+    }
+}
+
+/// The backend side of a session: its own socket (per-client mode) or a stream on a shared link
+/// (mux mode).
+pub enum BackendLeg {
+    /// One WebSocket per client.
+    Socket(WebSocketStream<TcpStream>),
+    /// A stream on a mux link.
+    Stream(StreamLeg),
+}
+
+macro_rules! each_leg {
+    ($self:expr, $leg:ident => $body:expr) => {
+        match $self {
+            BackendLeg::Socket($leg) => $body,
+            BackendLeg::Stream($leg) => $body,
+        }
+    };
+}
+
+impl Leg for BackendLeg {
+    fn pings(&self) -> bool {
+        each_leg!(self, leg => leg.pings())
+    }
+
+    fn unconfirmed_bytes(&self) -> Option<u64> {
+        each_leg!(self, leg => leg.unconfirmed_bytes())
+    }
+
+    fn awaits_close_reply(&self) -> bool {
+        each_leg!(self, leg => leg.awaits_close_reply())
+    }
+}
+
+impl Stream for BackendLeg {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        each_leg!(self.get_mut(), leg => Pin::new(leg).poll_next(cx))
+    }
+}
+
+impl Sink<Message> for BackendLeg {
+    type Error = WsError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        each_leg!(self.get_mut(), leg => Pin::new(leg).poll_ready(cx))
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+        each_leg!(self.get_mut(), leg => Pin::new(leg).start_send(item))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        each_leg!(self.get_mut(), leg => Pin::new(leg).poll_flush(cx))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        each_leg!(self.get_mut(), leg => Pin::new(leg).poll_close(cx))
     }
 }

@@ -35,6 +35,7 @@ pub mod keepalive;
 pub mod leg;
 mod listener;
 pub mod metrics;
+pub mod mux;
 pub mod pump;
 pub mod replay;
 pub mod route;
@@ -180,6 +181,7 @@ impl Shared {
         self.routing.store(new.clone());
         old.retired.cancel();
         health::spawn_checks(self, &new);
+        mux::MuxPool::start(self, &new);
         tracing::info!(
             ?added,
             ?removed,
@@ -344,6 +346,7 @@ impl RelayBuilder {
             None => None,
         };
         health::spawn_checks(&shared, &shared.routing());
+        mux::MuxPool::start(&shared, &shared.routing());
         let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {

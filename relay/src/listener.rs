@@ -21,9 +21,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Shared;
+use crate::config::Mode;
 use crate::dial::{BackendRequest, DialError, dial};
 use crate::handshake::{self, Refusal};
+use crate::leg::BackendLeg;
+use crate::mux::{Opened, open_stream};
+use crate::route::Upstream;
 use crate::route::client_hash_key;
+use crate::routing::Routing;
 use crate::session::{self, SessionStart};
 
 /// Largest request head hyper buffers; beyond it the client gets 431.
@@ -197,10 +202,71 @@ async fn answer(
     );
     let upstream = route.upstream.clone();
     let ranked = upstream.ranking.rank(&hash_key);
-    let mut failures = Vec::new();
-    let mut dialed = None;
+    let connected = match route.mode {
+        Mode::PerClient => {
+            connect_socket(shared, &routing, &upstream, &ranked, &backend_request, peer)
+                .instrument(span.clone())
+                .await
+        }
+        Mode::Mux => {
+            connect_stream(&routing, &upstream, &ranked, &backend_request, peer)
+                .instrument(span.clone())
+                .await
+        }
+    };
+    let (backend_index, leg, protocol) = match connected {
+        Ok(connected) => connected,
+        Err(response) => return response,
+    };
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let answer_headers = response.headers_mut();
+    answer_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    answer_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    answer_headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        handshake::accept_value(&upgrade),
+    );
+    if let Some(protocol) = &protocol {
+        answer_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+    let start = SessionStart {
+        shared: shared.clone(),
+        routing: routing.clone(),
+        conn_id,
+        peer,
+        path: path.to_owned(),
+        route_path: route.path.as_str().into(),
+        route_inspectors: route.inspectors.clone(),
+        upstream,
+        hash_key,
+        backend_index,
+        backend: leg,
+        mode: route.mode,
+        protocol,
+        backend_request,
+        upgrade: hyper::upgrade::on(&mut request),
+        slot: slot.lock().expect("slot lock").take(),
+    };
+    shared.tasks.spawn(session::run(start).instrument(span));
+    response
+}
+
+/// A backend leg ready for a session: the backend's index, the leg, the subprotocol it picked.
+type Connected = (usize, BackendLeg, Option<HeaderValue>);
+
+/// Per-client mode: dials the client's ranking in order until a backend takes the handshake.
+async fn connect_socket(
+    shared: &Shared,
+    routing: &Routing,
+    upstream: &Upstream,
+    ranked: &[usize],
+    backend_request: &BackendRequest,
+    peer: SocketAddr,
+) -> Result<Connected, Response<Full<Bytes>>> {
     let mut candidates = 0;
-    for &index in &ranked {
+    for &index in ranked {
         let backend = &upstream.backends[index];
         if !routing.backends.accepts_new(&backend.original) {
             continue;
@@ -208,11 +274,10 @@ async fn answer(
         candidates += 1;
         let result = dial(
             backend,
-            &backend_request,
+            backend_request,
             routing.backend_ws,
             upstream.connect_timeout,
         )
-        .instrument(span.clone())
         .await;
         // Passive health counts like a probe: an answer below 500 means the backend is up.
         let reached = match &result {
@@ -228,35 +293,75 @@ async fn answer(
                 .set_backend_healthy(&backend.original, healthy);
         }
         match result {
-            Ok(leg) => {
-                dialed = Some((index, leg));
-                break;
-            }
+            Ok(leg) => return Ok((index, BackendLeg::Socket(leg.socket), leg.protocol)),
             Err(DialError::Refused {
                 url,
                 status,
                 headers,
                 body,
             }) => {
-                span.in_scope(
-                    || info!(%peer, backend = %url, %status, "backend refused the client"),
-                );
+                info!(%peer, backend = %url, %status, "backend refused the client");
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
                 response.extensions_mut().insert(BackendRefusal);
-                return response;
+                return Err(response);
             }
             Err(unreachable) => {
-                span.in_scope(
-                    || warn!(%peer, error = %unreachable, "backend unreachable; trying the next"),
-                );
-                failures.push(unreachable.to_string());
+                warn!(%peer, error = %unreachable, "backend unreachable; trying the next");
             }
         }
     }
-    if candidates == 0 {
-        span.in_scope(|| warn!(%peer, upstream = %upstream.name, "no healthy backend"));
+    Err(no_backend(upstream, candidates == 0))
+}
+
+/// Mux mode: opens a stream on the client's ranking in order until a backend accepts it.
+async fn connect_stream(
+    routing: &Routing,
+    upstream: &Upstream,
+    ranked: &[usize],
+    backend_request: &BackendRequest,
+    peer: SocketAddr,
+) -> Result<Connected, Response<Full<Bytes>>> {
+    match open_stream(
+        routing,
+        upstream,
+        ranked,
+        backend_request,
+        peer,
+        false,
+        None,
+    )
+    .await
+    {
+        Opened::Stream(stream, index) => {
+            let protocol = stream
+                .protocol()
+                .and_then(|p| HeaderValue::from_str(p).ok());
+            Ok((index, BackendLeg::Stream(stream), protocol))
+        }
+        Opened::Rejected {
+            index,
+            status,
+            reason,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            info!(%peer, backend = %upstream.backends[index], %status, "backend refused the client");
+            let mut response = text_response(status, "");
+            *response.body_mut() = Full::new(Bytes::from(reason + "\n"));
+            response.extensions_mut().insert(BackendRefusal);
+            Err(response)
+        }
+        Opened::NoCandidate => Err(no_backend(upstream, true)),
+        Opened::Unreachable => Err(no_backend(upstream, false)),
+    }
+}
+
+/// 503 with `Retry-After` when no backend may take clients (unhealthy, draining); 502 when
+/// the ones that may could not be reached.
+fn no_backend(upstream: &Upstream, none_healthy: bool) -> Response<Full<Bytes>> {
+    if none_healthy {
+        warn!(upstream = %upstream.name, "no healthy backend");
         let mut response = refusal_response(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -267,47 +372,14 @@ async fn answer(
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return response;
-    }
-    let Some((backend_index, leg)) = dialed else {
-        span.in_scope(|| warn!(%peer, upstream = %upstream.name, "no backend reachable"));
-        return refusal_response(Refusal::new(
+        response
+    } else {
+        warn!(upstream = %upstream.name, "no backend reachable");
+        refusal_response(Refusal::new(
             StatusCode::BAD_GATEWAY,
             format!("no backend of upstream {:?} is reachable", upstream.name),
-        ));
-    };
-
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let answer_headers = response.headers_mut();
-    answer_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    answer_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    answer_headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        handshake::accept_value(&upgrade),
-    );
-    if let Some(protocol) = &leg.protocol {
-        answer_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+        ))
     }
-    let start = SessionStart {
-        shared: shared.clone(),
-        routing: routing.clone(),
-        conn_id,
-        peer,
-        path: path.to_owned(),
-        route_path: route.path.as_str().into(),
-        route_inspectors: route.inspectors.clone(),
-        upstream,
-        hash_key,
-        backend_index,
-        backend: leg.socket,
-        protocol: leg.protocol,
-        backend_request,
-        upgrade: hyper::upgrade::on(&mut request),
-        slot: slot.lock().expect("slot lock").take(),
-    };
-    shared.tasks.spawn(session::run(start).instrument(span));
-    response
 }
 
 /// Marks a response that is a backend's own refusal, for the handshake metrics.

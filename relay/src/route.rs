@@ -26,6 +26,8 @@ pub struct Upstream {
     pub on_backend_loss: OnBackendLoss,
     /// Active health checking, if configured.
     pub health_check: Option<HealthCheckConfig>,
+    /// Links per backend when a mux route uses this upstream.
+    pub mux_links: usize,
 }
 
 impl Upstream {
@@ -76,6 +78,10 @@ impl RouteTable {
                     connect_timeout: upstream.connect_timeout.0,
                     on_backend_loss: upstream.on_backend_loss,
                     health_check: upstream.health_check.as_ref().map(|c| c.get_ref().clone()),
+                    mux_links: upstream
+                        .mux_links
+                        .as_ref()
+                        .map_or(2, |n| *n.get_ref() as usize),
                 };
                 (name.clone(), Arc::new(upstream))
             })
@@ -123,6 +129,14 @@ impl RouteTable {
     /// True when no route is configured.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Every route's upstream with the route's mode (an upstream may appear once per mode).
+    pub fn upstream_modes(&self) -> Vec<(Arc<Upstream>, Mode)> {
+        self.routes
+            .iter()
+            .map(|route| (route.upstream.clone(), route.mode))
+            .collect()
     }
 
     /// Every upstream some route uses, once each.

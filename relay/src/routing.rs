@@ -15,6 +15,7 @@ use crate::backends::BackendBook;
 use crate::config::Config;
 use crate::inspect::InspectorRegistry;
 use crate::keepalive::KeepalivePolicy;
+use crate::mux::MuxPool;
 use crate::route::RouteTable;
 
 /// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
@@ -38,8 +39,11 @@ pub struct Routing {
     pub client_ws: WebSocketConfig,
     /// tungstenite settings of backend legs.
     pub backend_ws: WebSocketConfig,
-    /// Cancelled when a reload replaces this generation; its health checkers stop.
+    /// Cancelled when a reload replaces this generation; its health checkers stop and its mux
+    /// links go away once their streams end.
     pub retired: CancellationToken,
+    /// The links of mux upstreams.
+    pub mux: MuxPool,
 }
 
 impl Routing {
@@ -55,8 +59,10 @@ impl Routing {
             .write_buffer_size(WRITE_BATCH)
             .max_message_size(Some(limits.max_message_size.as_usize()))
             .max_frame_size(Some(limits.max_frame_size.as_usize()));
+        let routes = RouteTable::from_config(&config, inspectors);
         Routing {
-            routes: RouteTable::from_config(&config, inspectors),
+            mux: MuxPool::new(&routes.upstream_modes()),
+            routes,
             backends: BackendBook::from_config(&config, previous.map(|p| &p.backends)),
             keepalive: KeepalivePolicy::from_config(&config.keepalive),
             client_ws: ws,

@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -21,9 +20,12 @@ use tungstenite::protocol::{CloseFrame, Role};
 
 use crate::Shared;
 use crate::backends::BackendState;
+use crate::config::Mode;
 use crate::config::OnBackendLoss;
-use crate::dial::{BackendRequest, BackendSocket, dial};
+use crate::dial::{BackendRequest, dial};
 use crate::inspect::{ChainTemplate, ConnectionInfo, Direction};
+use crate::leg::{BackendLeg, Leg};
+use crate::mux::{Opened, open_stream};
 use crate::pump::{Observer, PumpEnd, PumpState};
 use crate::route::Upstream;
 use crate::routing::Routing;
@@ -51,7 +53,9 @@ pub(crate) struct SessionStart {
     /// The client's hash key, to rank backends again after a loss.
     pub hash_key: Vec<u8>,
     pub backend_index: usize,
-    pub backend: BackendSocket,
+    pub backend: BackendLeg,
+    /// Per-client or mux: how replacement backends are reached.
+    pub mode: Mode,
     /// The subprotocol the client was given; a replacement backend must pick the same.
     pub protocol: Option<HeaderValue>,
     pub backend_request: BackendRequest,
@@ -91,6 +95,7 @@ async fn run_to_end(start: SessionStart) {
         hash_key,
         mut backend_index,
         backend,
+        mode,
         protocol,
         backend_request,
         upgrade,
@@ -137,7 +142,10 @@ async fn run_to_end(start: SessionStart) {
         peer,
         route_path.clone(),
         path.clone(),
-        "per-client",
+        match mode {
+            Mode::PerClient => "per-client",
+            Mode::Mux => "mux",
+        },
         backend_name(&upstream, backend_index),
     ));
     let _registered = shared.sessions.register(entry.clone());
@@ -165,6 +173,18 @@ async fn run_to_end(start: SessionStart) {
     };
     let mut connections_gauge = gauge(&upstream, backend_index);
     connections_gauge.inc();
+    let streams_gauge = |upstream: &Upstream, index: usize| {
+        (mode == Mode::Mux).then(|| {
+            metrics.mux_streams.get_or_create_owned(&vec![(
+                "backend",
+                upstream.backends[index].original.clone(),
+            )])
+        })
+    };
+    let mut mux_streams = streams_gauge(&upstream, backend_index);
+    mux_streams.iter().for_each(|g| {
+        g.inc();
+    });
     let mut state = PumpState::new(
         routing.keepalive,
         started,
@@ -329,7 +349,7 @@ async fn run_to_end(start: SessionStart) {
                     );
                 };
                 let found = tokio::select! {
-                    found = reconnect(&shared, &upstream.name, &hash_key, &lost, &backend_request, protocol.as_ref()) => found,
+                    found = reconnect(&shared, mode, &upstream.name, &hash_key, &lost, &backend_request, peer, protocol.as_ref()) => found,
                     () = shared.shutdown.drain.cancelled() => None,
                 };
                 let Some((new_upstream, index, mut replacement)) = found else {
@@ -365,11 +385,21 @@ async fn run_to_end(start: SessionStart) {
                 connections_gauge.dec();
                 connections_gauge = gauge(&upstream, index);
                 connections_gauge.inc();
+                mux_streams.iter().for_each(|g| {
+                    g.dec();
+                });
+                mux_streams = streams_gauge(&upstream, index);
+                mux_streams.iter().for_each(|g| {
+                    g.inc();
+                });
                 metrics.reoriginations.inc();
             }
         }
     };
     connections_gauge.dec();
+    mux_streams.iter().for_each(|g| {
+        g.dec();
+    });
     metrics.close(closed_by, client_code);
     state.publish_metrics();
     let traffic = state.traffic;
@@ -398,18 +428,52 @@ async fn admin_drained(backend: Option<Arc<BackendState>>, grace: Duration) {
 }
 
 /// Finds the next backend in the client's rank, in the current configuration (a reload may
-/// have changed the upstream), skipping the one just lost and any being drained.
+/// have changed the upstream), skipping the one just lost and any being drained. In mux mode
+/// the backend gets an `Open` flagged as resumed.
+#[allow(clippy::too_many_arguments)]
 async fn reconnect(
     shared: &Shared,
+    mode: Mode,
     upstream_name: &str,
     hash_key: &[u8],
     lost: &str,
     request: &BackendRequest,
+    peer: SocketAddr,
     protocol: Option<&HeaderValue>,
-) -> Option<(Arc<Upstream>, usize, BackendSocket)> {
+) -> Option<(Arc<Upstream>, usize, BackendLeg)> {
     let routing = shared.routing();
     let upstream = routing.routes.upstream(upstream_name)?;
-    for index in upstream.ranking.rank(hash_key) {
+    let ranked = upstream.ranking.rank(hash_key);
+    if mode == Mode::Mux {
+        return match open_stream(
+            &routing,
+            &upstream,
+            &ranked,
+            request,
+            peer,
+            true,
+            Some(lost),
+        )
+        .await
+        {
+            Opened::Stream(stream, index)
+                if stream.protocol().map(str::as_bytes) == protocol.map(HeaderValue::as_bytes) =>
+            {
+                Some((upstream.clone(), index, BackendLeg::Stream(stream)))
+            }
+            Opened::Stream(mut stream, _) => {
+                warn!("replacement backend picked another subprotocol; giving up");
+                close_leg(
+                    &mut stream,
+                    Some(close(CloseCode::Protocol, "subprotocol mismatch")),
+                )
+                .await;
+                None
+            }
+            _ => None,
+        };
+    }
+    for index in ranked {
         let backend = &upstream.backends[index];
         if backend.original == lost || !routing.backends.accepts_new(&backend.original) {
             continue;
@@ -423,7 +487,7 @@ async fn reconnect(
         .await
         {
             Ok(leg) if leg.protocol.as_ref() == protocol => {
-                return Some((upstream.clone(), index, leg.socket));
+                return Some((upstream.clone(), index, BackendLeg::Socket(leg.socket)));
             }
             Ok(mut leg) => {
                 warn!(%backend, "replacement backend picked another subprotocol; skipping it");
@@ -443,7 +507,7 @@ async fn reconnect(
 /// within [`CLOSE_HANDSHAKE_TIMEOUT`].
 async fn forward_until_backend_closed(
     client: &mut ClientSocket,
-    backend: &mut BackendSocket,
+    backend: &mut BackendLeg,
     pending: Option<Message>,
 ) {
     let forward = async {
@@ -506,7 +570,7 @@ fn describe(frame: &Option<CloseFrame>) -> String {
 async fn close_both(
     client: &mut ClientSocket,
     client_frame: Option<CloseFrame>,
-    backend: &mut BackendSocket,
+    backend: &mut BackendLeg,
     backend_frame: Option<CloseFrame>,
 ) {
     tokio::join!(
@@ -518,15 +582,12 @@ async fn close_both(
 /// Sends our Close (or completes the peer's), then reads until the peer ends the connection,
 /// within [`CLOSE_HANDSHAKE_TIMEOUT`]. Data that arrives meanwhile is dropped: the other leg
 /// is closing too.
-async fn close_leg<S>(leg: &mut WebSocketStream<S>, frame: Option<CloseFrame>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+async fn close_leg<L: Leg>(leg: &mut L, frame: Option<CloseFrame>) {
     let finish = async {
         // If the peer closed first, tungstenite has queued the echo of its Close and refuses
         // a second one; `SinkExt::close` then only flushes that echo.
         let _ = leg.send(Message::Close(frame)).await;
-        if SinkExt::close(leg).await.is_err() {
+        if SinkExt::close(leg).await.is_err() || !leg.awaits_close_reply() {
             return;
         }
         // tungstenite ends the stream once the close handshake is complete.

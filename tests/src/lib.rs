@@ -4,6 +4,8 @@
 // tungstenite's handshake callback fixes its (large) error type.
 #![allow(clippy::result_large_err)]
 
+pub mod mux;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,307 @@
+//! Mux mode end to end (DESIGN 5): clients carried as streams over a few shared links.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use wsrelay_tests::mux::MuxBackend;
+use wsrelay_tests::*;
+
+fn config(backends: &[&MuxBackend], policy: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.url()))
+        .collect();
+    format!(
+        r#"
+[server]
+admin = "127.0.0.1:0"
+
+[keepalive]
+ping_interval = "0s"
+
+[[route]]
+path = "/"
+upstream = "mux"
+mode = "mux"
+hash_key = "header:X-User"
+
+[upstream.mux]
+backends = [{}]
+mux_links = 2
+connect_timeout = "2s"
+on_backend_loss = "{policy}"
+"#,
+        list.join(", ")
+    )
+}
+
+async fn wait_links(backends: &[&MuxBackend], per_backend: usize) {
+    wait_until("mux links", || {
+        backends
+            .iter()
+            .all(|b| b.log.links_open.load(Ordering::SeqCst) == per_backend)
+    })
+    .await;
+}
+
+async fn connect_as(relay: &TestRelay, path: &str, user: &str) -> Client {
+    let mut request = relay.url(path).into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-user", user.parse().unwrap());
+    connect_request(request).await.unwrap()
+}
+
+#[tokio::test]
+async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_order() {
+    let a = MuxBackend::start("a").await;
+    let b = MuxBackend::start("b").await;
+    let relay = TestRelay::start(&config(&[&a, &b], "reconnect"), &[]).await;
+    wait_links(&[&a, &b], 2).await;
+    let urls = [a.url(), b.url()];
+    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+
+    let mut tasks = Vec::new();
+    for n in 0..2_000 {
+        let url = relay.url(&format!("/chat/{n}?x=1"));
+        let user = format!("user-{n}");
+        let expected = ["a", "b"][ranking.rank(user.as_bytes())[0]];
+        tasks.push(tokio::spawn(async move {
+            let mut request = url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("x-user", user.parse().unwrap());
+            let mut client = connect_request(request).await.unwrap();
+            for i in 0..5 {
+                client
+                    .send(Message::text(format!("{n}:{i}")))
+                    .await
+                    .unwrap();
+            }
+            for i in 0..5 {
+                assert_eq!(
+                    next_data(&mut client).await,
+                    Message::text(format!("{n}:{i}"))
+                );
+            }
+            assert_eq!(round_trip(&mut client, "whoami").await, expected);
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    // The backends saw 2,000 streams, and only the four link sockets.
+    assert_eq!(a.streams().len() + b.streams().len(), 2_000);
+    assert_eq!(a.log.links_accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(b.log.links_accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        a.log.messages.load(Ordering::SeqCst) + b.log.messages.load(Ordering::SeqCst),
+        2_000 * 6
+    );
+    // The Open carried the path, query, forwarded headers and client address.
+    let seen = &a.streams()[0];
+    assert!(seen.path.starts_with("/chat/"), "{seen:?}");
+    assert_eq!(seen.query, "x=1");
+    assert!(seen.header("x-user").unwrap().starts_with("user-"));
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert!(seen.header("x-relay-conn-id").is_some());
+    assert!(seen.client_addr.starts_with("127.0.0.1:"));
+    assert!(!seen.resumed);
+
+    for mut client in clients {
+        client.close(None).await.unwrap();
+    }
+    wait_until("streams to close", || {
+        a.log.streams_open.load(Ordering::SeqCst) + b.log.streams_open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    wait_until("sessions to end", || relay.handle.open_sessions() == 0).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stops_only_its_own_stream() {
+    let a = MuxBackend::start("a").await;
+    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
+    wait_links(&[&a], 2).await;
+    // One stuck client: it sends a lot and never reads the echoes.
+    let mut stuck = connect_as(&relay, "/stuck", "stuck").await;
+    let payload = "s".repeat(64 * 1024);
+    let mut sent = 0;
+    while let Ok(Ok(())) = tokio::time::timeout(
+        Duration::from_millis(300),
+        stuck.send(Message::text(payload.clone())),
+    )
+    .await
+    {
+        sent += 1;
+        assert!(sent < 100_000, "never stalled");
+    }
+    // Everyone else, including streams on the very same links, keeps going.
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let relay_url = relay.url("/busy");
+        tasks.push(tokio::spawn(async move {
+            let mut request = relay_url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("x-user", format!("busy-{n}").parse().unwrap());
+            let mut client = connect_request(request).await.unwrap();
+            for i in 0..20 {
+                let text = format!("{n}/{i}");
+                assert_eq!(round_trip(&mut client, &text).await, text);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // The stuck client gets all its echoes once it reads.
+    for _ in 0..sent {
+        assert_eq!(next_data(&mut stuck).await.len(), payload.len());
+    }
+}
+
+#[tokio::test]
+async fn a_lost_link_moves_its_streams_to_the_next_backend_flagged_resumed() {
+    let a = MuxBackend::start("a").await;
+    let b = MuxBackend::start("b").await;
+    let relay = TestRelay::start(&config(&[&a, &b], "reconnect"), &[]).await;
+    wait_links(&[&a, &b], 2).await;
+    let urls = [a.url(), b.url()];
+    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    let users: Vec<String> = (0..)
+        .map(|n| format!("user-{n}"))
+        .filter(|user| ranking.rank(user.as_bytes())[0] == 0)
+        .take(20)
+        .collect();
+    let mut clients = Vec::new();
+    for user in users {
+        let mut client = connect_as(&relay, "/room", &user).await;
+        assert_eq!(round_trip(&mut client, "whoami").await, "a");
+        clients.push(client);
+    }
+    a.kill_links();
+    for client in &mut clients {
+        // Same socket, now on b (the first answers may still be a's replays being echoed).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if round_trip(client, "whoami").await == "b" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never moved");
+        }
+    }
+    assert!(
+        b.streams().iter().any(|s| s.resumed),
+        "no resumed Open reached b"
+    );
+    // a's links come back (re-dialed with backoff) for new clients.
+    wait_links(&[&a], 2).await;
+}
+
+#[tokio::test]
+async fn with_on_backend_loss_close_a_lost_link_closes_its_clients_1012() {
+    let a = MuxBackend::start("a").await;
+    let relay = TestRelay::start(&config(&[&a], "close"), &[]).await;
+    wait_links(&[&a], 2).await;
+    let mut client = connect_as(&relay, "/room", "u").await;
+    assert_eq!(round_trip(&mut client, "whoami").await, "a");
+    a.kill_links();
+    let frame = expect_close(&mut client).await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Restart);
+}
+
+#[tokio::test]
+async fn a_backend_reject_reaches_the_client_as_its_status() {
+    let a = MuxBackend::start("a").await;
+    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
+    wait_links(&[&a], 2).await;
+    a.reject_with(Some(403));
+    assert_eq!(refused_status(&relay.url("/private")).await, 403);
+    a.reject_with(None);
+    let mut client = connect(&relay.url("/public")).await;
+    assert_eq!(round_trip(&mut client, "hi").await, "hi");
+}
+
+#[tokio::test]
+async fn malformed_frames_from_a_backend_close_that_link_1002_and_the_relay_keeps_serving() {
+    // A "backend" that completes the WebSocket handshake, then sends garbage as its Hello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad_url = format!("ws://{}", listener.local_addr().unwrap());
+    let (codes_tx, mut codes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let codes_tx = codes_tx.clone();
+            tokio::spawn(async move {
+                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                let _ = socket
+                    .send(Message::binary(vec![0xEE, 0xFF, 0x00, 0x13]))
+                    .await;
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Close(frame) = message {
+                        let _ = codes_tx.send(frame.map(|f| u16::from(f.code)));
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let good = MuxBackend::start("good").await;
+    let toml = config(&[&good], "reconnect").replace(
+        &format!("backends = [\"{}\"]", good.url()),
+        &format!("backends = [\"{bad_url}\", \"{}\"]", good.url()),
+    );
+    let relay = TestRelay::start(&toml, &[]).await;
+    let code = tokio::time::timeout(WAIT, codes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, Some(1002));
+    wait_links(&[&good], 2).await;
+    // Clients whatever their rank are served by the good backend.
+    for n in 0..10 {
+        let mut client = connect_as(&relay, "/x", &format!("user-{n}")).await;
+        assert_eq!(round_trip(&mut client, "whoami").await, "good");
+    }
+}
+
+#[tokio::test]
+async fn link_and_stream_metrics_follow_the_clients() {
+    let a = MuxBackend::start("a").await;
+    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
+    wait_links(&[&a], 2).await;
+    let admin = relay.handle.admin_addr().unwrap();
+    let scrape = || async move {
+        let response = raw_exchange(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            WAIT,
+        )
+        .await;
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    let links = format!("wsrelay_mux_links{{backend=\"{}\"}} 2", a.url());
+    let streams = |n: usize| format!("wsrelay_mux_streams{{backend=\"{}\"}} {n}", a.url());
+    let mut clients = Vec::new();
+    for n in 0..3 {
+        let mut client = connect_as(&relay, "/m", &format!("u{n}")).await;
+        assert_eq!(round_trip(&mut client, "hi").await, "hi");
+        clients.push(client);
+    }
+    let metrics = scrape().await;
+    assert!(metrics.contains(&links), "{metrics}");
+    assert!(metrics.contains(&streams(3)), "{metrics}");
+    for mut client in clients {
+        client.close(None).await.unwrap();
+    }
+    wait_until("sessions to end", || relay.handle.open_sessions() == 0).await;
+    let metrics = scrape().await;
+    assert!(metrics.contains(&streams(0)), "{metrics}");
+}

@@ -104,25 +104,28 @@ impl Sink<Message> for StreamLeg {
     }
 }
 
-/// The backend side of a session: its own socket (per-client mode) or a stream on a shared link
-/// (mux mode).
-pub enum BackendLeg {
-    /// One WebSocket per client.
-    Socket(WebSocketStream<TcpStream>),
+/// One side of a session: its own socket, or a stream on a mux link.
+pub enum AnyLeg<S> {
+    /// A WebSocket of its own.
+    Socket(WebSocketStream<S>),
     /// A stream on a mux link.
     Stream(StreamLeg),
 }
 
+/// The backend side of a session: one WebSocket per client (per-client mode) or a stream on a
+/// shared link (mux mode).
+pub type BackendLeg = AnyLeg<TcpStream>;
+
 macro_rules! each_leg {
     ($self:expr, $leg:ident => $body:expr) => {
         match $self {
-            BackendLeg::Socket($leg) => $body,
-            BackendLeg::Stream($leg) => $body,
+            AnyLeg::Socket($leg) => $body,
+            AnyLeg::Stream($leg) => $body,
         }
     };
 }
 
-impl Leg for BackendLeg {
+impl<S: AsyncRead + AsyncWrite + Unpin> Leg for AnyLeg<S> {
     fn pings(&self) -> bool {
         each_leg!(self, leg => leg.pings())
     }
@@ -136,7 +139,7 @@ impl Leg for BackendLeg {
     }
 }
 
-impl Stream for BackendLeg {
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for AnyLeg<S> {
     type Item = Result<Message, WsError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -144,7 +147,7 @@ impl Stream for BackendLeg {
     }
 }
 
-impl Sink<Message> for BackendLeg {
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for AnyLeg<S> {
     type Error = WsError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {

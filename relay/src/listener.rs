@@ -25,11 +25,13 @@ use crate::config::Mode;
 use crate::dial::{BackendRequest, DialError, dial};
 use crate::handshake::{self, Refusal};
 use crate::leg::BackendLeg;
+use crate::mux::{LINK_SUBPROTOCOL, serve_mux_client};
 use crate::mux::{Opened, open_stream};
+use crate::route::Route;
 use crate::route::Upstream;
 use crate::route::client_hash_key;
 use crate::routing::Routing;
-use crate::session::{self, SessionStart};
+use crate::session::{self, ClientStart, PendingSession};
 
 /// Largest request head hyper buffers; beyond it the client gets 431.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -187,51 +189,102 @@ async fn answer(
         return refusal_response(refusal);
     }
 
+    let mux_client = route.mode == Mode::Mux
+        && handshake::header_has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, LINK_SUBPROTOCOL);
+    if mux_client {
+        // A mux client: the relay is the other end of its link, and routes each stream.
+        let mut response =
+            switching_protocols(&upgrade, Some(HeaderValue::from_static(LINK_SUBPROTOCOL)));
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let permit = slot.lock().expect("slot lock").take();
+        let task = serve_mux_client(shared.clone(), on_upgrade, peer, scheme, permit);
+        shared.tasks.spawn(task);
+        response.extensions_mut().insert(MuxClientLink);
+        return response;
+    }
+    let (span, start) = match prepare_session(
+        shared,
+        &routing,
+        route,
+        request.uri(),
+        headers,
+        peer,
+        scheme,
+    )
+    .await
+    {
+        Ok(prepared) => prepared,
+        Err(response) => return response,
+    };
+    let response = switching_protocols(&upgrade, start.protocol.clone());
+    let client = ClientStart::Upgrade(hyper::upgrade::on(&mut request));
+    let slot = slot.lock().expect("slot lock").take();
+    shared
+        .tasks
+        .spawn(session::run(start.with_client(client, slot)).instrument(span));
+    response
+}
+
+/// A `101` answer to a client's upgrade.
+fn switching_protocols(
+    upgrade: &handshake::UpgradeRequest,
+    protocol: Option<HeaderValue>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        handshake::accept_value(upgrade),
+    );
+    if let Some(protocol) = protocol {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
+}
+
+/// Marks the `101` of a mux client's link, which is not a session of its own.
+#[derive(Debug, Clone, Copy)]
+struct MuxClientLink;
+
+/// Routes one client (an HTTP upgrade, or a stream a mux client opened) to its backend: hash
+/// key, ranking, the backend leg (socket or stream). Returns the session to start once the
+/// client side is known, in the span of its connection id, or the refusal for the client.
+pub(crate) async fn prepare_session(
+    shared: &Arc<Shared>,
+    routing: &Arc<Routing>,
+    route: &Route,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Result<(tracing::Span, PendingSession), Response<Full<Bytes>>> {
     let conn_id = shared
         .next_conn_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let span = info_span!("conn", id = conn_id);
-    let hash_key = client_hash_key(&route.hash_key, headers, path, request.uri().query(), peer);
-    let backend_request = BackendRequest::from_client(
-        request.uri(),
-        headers,
-        peer,
-        conn_id,
-        route.preserve_host,
-        scheme,
-    );
+    let path = uri.path();
+    let hash_key = client_hash_key(&route.hash_key, headers, path, uri.query(), peer);
+    let backend_request =
+        BackendRequest::from_client(uri, headers, peer, conn_id, route.preserve_host, scheme);
     let upstream = route.upstream.clone();
     let ranked = upstream.ranking.rank(&hash_key);
     let connected = match route.mode {
         Mode::PerClient => {
-            connect_socket(shared, &routing, &upstream, &ranked, &backend_request, peer)
+            connect_socket(shared, routing, &upstream, &ranked, &backend_request, peer)
                 .instrument(span.clone())
                 .await
         }
         Mode::Mux => {
-            connect_stream(&routing, &upstream, &ranked, &backend_request, peer)
+            connect_stream(routing, &upstream, &ranked, &backend_request, peer)
                 .instrument(span.clone())
                 .await
         }
     };
-    let (backend_index, leg, protocol) = match connected {
-        Ok(connected) => connected,
-        Err(response) => return response,
-    };
-
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let answer_headers = response.headers_mut();
-    answer_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    answer_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    answer_headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        handshake::accept_value(&upgrade),
-    );
-    if let Some(protocol) = &protocol {
-        answer_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
-    }
-    let start = SessionStart {
+    let (backend_index, backend, protocol) = connected?;
+    let pending = PendingSession {
         shared: shared.clone(),
         routing: routing.clone(),
         conn_id,
@@ -242,15 +295,12 @@ async fn answer(
         upstream,
         hash_key,
         backend_index,
-        backend: leg,
+        backend,
         mode: route.mode,
         protocol,
         backend_request,
-        upgrade: hyper::upgrade::on(&mut request),
-        slot: slot.lock().expect("slot lock").take(),
     };
-    shared.tasks.spawn(session::run(start).instrument(span));
-    response
+    Ok((span, pending))
 }
 
 /// A backend leg ready for a session: the backend's index, the leg, the subprotocol it picked.
@@ -388,6 +438,10 @@ struct BackendRefusal;
 
 fn count_handshake(shared: &Shared, response: &Response<Full<Bytes>>) {
     let status = response.status();
+    if response.extensions().get::<MuxClientLink>().is_some() {
+        shared.metrics.handshake("mux_client", status.as_u16());
+        return;
+    }
     let outcome = match status {
         StatusCode::SWITCHING_PROTOCOLS => "upgraded",
         StatusCode::OK | StatusCode::METHOD_NOT_ALLOWED => return,

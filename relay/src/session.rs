@@ -24,7 +24,7 @@ use crate::config::Mode;
 use crate::config::OnBackendLoss;
 use crate::dial::{BackendRequest, dial};
 use crate::inspect::{ChainTemplate, ConnectionInfo, Direction};
-use crate::leg::{BackendLeg, Leg};
+use crate::leg::{AnyLeg, BackendLeg, Leg, StreamLeg};
 use crate::mux::{Opened, open_stream};
 use crate::pump::{Observer, PumpEnd, PumpState};
 use crate::route::Upstream;
@@ -35,10 +35,19 @@ use crate::shutdown::close_delay;
 /// Time allowed for a close handshake once the relay has decided to close a leg.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
-type ClientSocket = WebSocketStream<TokioIo<Upgraded>>;
+/// The client side of a session: its own upgraded socket, or a stream of a mux client's link.
+type ClientLeg = AnyLeg<TokioIo<Upgraded>>;
 
-/// Everything the listener hands over when it answers `101`.
-pub(crate) struct SessionStart {
+/// How the client side of a session arrives.
+pub(crate) enum ClientStart {
+    /// A WebSocket of its own, once hyper hands over the upgraded connection.
+    Upgrade(OnUpgrade),
+    /// A stream a mux client opened (already accepted).
+    Stream(StreamLeg),
+}
+
+/// A client routed to its backend, waiting for its client side (see `listener::prepare_session`).
+pub(crate) struct PendingSession {
     pub shared: Arc<Shared>,
     /// The configuration generation the session started under.
     pub routing: Arc<Routing>,
@@ -59,9 +68,30 @@ pub(crate) struct SessionStart {
     /// The subprotocol the client was given; a replacement backend must pick the same.
     pub protocol: Option<HeaderValue>,
     pub backend_request: BackendRequest,
-    pub upgrade: OnUpgrade,
-    /// The client's connection slot, held for the session's life.
-    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+impl PendingSession {
+    /// The session, complete with its client side and connection slot.
+    pub fn with_client(
+        self,
+        client: ClientStart,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> SessionStart {
+        SessionStart {
+            pending: self,
+            client,
+            slot,
+        }
+    }
+}
+
+/// Everything a session starts from.
+pub(crate) struct SessionStart {
+    pending: PendingSession,
+    client: ClientStart,
+    /// The client's connection slot, held for the session's life (none for a mux client's
+    /// stream: its link holds the slot).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Counts the session as open for as long as it lives.
@@ -75,7 +105,7 @@ impl Drop for OpenGuard {
 
 /// Runs a session to its end; the grace period's end (`abort`) cuts it short.
 pub(crate) async fn run(start: SessionStart) {
-    let abort = start.shared.shutdown.abort.clone();
+    let abort = start.pending.shared.shutdown.abort.clone();
     tokio::select! {
         () = run_to_end(start) => {}
         () = abort.cancelled() => debug!("session dropped at the end of the grace period"),
@@ -84,6 +114,11 @@ pub(crate) async fn run(start: SessionStart) {
 
 async fn run_to_end(start: SessionStart) {
     let SessionStart {
+        pending,
+        client,
+        slot: _slot,
+    } = start;
+    let PendingSession {
         shared,
         routing,
         conn_id,
@@ -98,28 +133,30 @@ async fn run_to_end(start: SessionStart) {
         mode,
         protocol,
         backend_request,
-        upgrade,
-        slot: _slot,
-    } = start;
+    } = pending;
     let mut backend = backend;
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            debug!(%peer, %error, "client left before the upgrade completed");
-            close_leg(
-                &mut backend,
-                Some(close(CloseCode::Away, "client went away")),
-            )
-            .await;
-            return;
-        }
+    let mut client: ClientLeg = match client {
+        ClientStart::Stream(stream) => AnyLeg::Stream(stream),
+        ClientStart::Upgrade(upgrade) => match upgrade.await {
+            Ok(upgraded) => AnyLeg::Socket(
+                WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(routing.client_ws),
+                )
+                .await,
+            ),
+            Err(error) => {
+                debug!(%peer, %error, "client left before the upgrade completed");
+                close_leg(
+                    &mut backend,
+                    Some(close(CloseCode::Away, "client went away")),
+                )
+                .await;
+                return;
+            }
+        },
     };
-    let mut client = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(routing.client_ws),
-    )
-    .await;
     shared.open_sessions.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(shared.clone());
     let started = Instant::now();
@@ -506,7 +543,7 @@ async fn reconnect(
 /// Closes the backend leg with 1001 and forwards its remaining data messages to the client,
 /// within [`CLOSE_HANDSHAKE_TIMEOUT`].
 async fn forward_until_backend_closed(
-    client: &mut ClientSocket,
+    client: &mut ClientLeg,
     backend: &mut BackendLeg,
     pending: Option<Message>,
 ) {
@@ -568,7 +605,7 @@ fn describe(frame: &Option<CloseFrame>) -> String {
 }
 
 async fn close_both(
-    client: &mut ClientSocket,
+    client: &mut ClientLeg,
     client_frame: Option<CloseFrame>,
     backend: &mut BackendLeg,
     backend_frame: Option<CloseFrame>,

@@ -216,3 +216,20 @@ async fn echo(incoming: IncomingStream, name: String, log: Arc<MuxLog>) {
     }
     log.streams_open.fetch_sub(1, Ordering::SeqCst);
 }
+
+/// A mux client for tests: one WebSocket to a relay's mux route, speaking the link protocol as
+/// initiator (what the SDK's `MuxClient` does).
+pub async fn mux_client(url: &str) -> wsrelay_protocol::LinkHandle {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "wsrelay.mux".parse().unwrap());
+    let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "wsrelay.mux");
+    let (link, driver) = Link::establish(socket, LinkRole::Initiator, LinkConfig::default())
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    link
+}

@@ -305,3 +305,81 @@ async fn link_and_stream_metrics_follow_the_clients() {
     let metrics = scrape().await;
     assert!(metrics.contains(&streams(0)), "{metrics}");
 }
+
+#[tokio::test]
+async fn one_mux_client_socket_carries_streams_to_three_paths_on_two_upstreams() {
+    let one = TestBackend::start("one").await;
+    let two = MuxBackend::start("two").await;
+    let toml = format!(
+        r#"
+[[route]]
+path = "/"
+upstream = "muxed"
+mode = "mux"
+
+[[route]]
+path = "/a"
+upstream = "plain"
+
+[[route]]
+path = "/b"
+upstream = "muxed"
+mode = "mux"
+
+[upstream.plain]
+backends = ["{}"]
+
+[upstream.muxed]
+backends = ["{}"]
+"#,
+        one.url(),
+        two.url()
+    );
+    let relay = TestRelay::start(&toml, &[]).await;
+    wait_links(&[&two], 2).await;
+    let link = wsrelay_tests::mux::mux_client(&relay.url("/")).await;
+
+    let mut streams = Vec::new();
+    for (path, expected) in [("/a/x?n=1", "one"), ("/b/y", "two"), ("/c", "two")] {
+        let stream = link
+            .open(wsrelay_protocol::OpenRequest::new(path))
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        streams.push((path, expected, stream));
+    }
+    for (path, expected, stream) in &mut streams {
+        stream.send(Message::text("whoami")).await.unwrap();
+        let reply = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.to_text().unwrap(), *expected, "{path}");
+        stream.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+        let echo = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::binary(vec![1, 2, 3]), "{path}");
+    }
+    // The per-client backend saw its stream as an ordinary WebSocket, with its path; the mux
+    // backend saw the other two as streams.
+    let targets: Vec<String> = one.connections().iter().map(|c| c.target.clone()).collect();
+    assert_eq!(targets, ["/a/x?n=1"]);
+    let paths: Vec<String> = two.streams().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/b/y", "/c"]);
+    // The relay's connections API lists three sessions over the single client socket.
+    wait_until("three sessions", || relay.handle.open_sessions() == 3).await;
+
+    // A path no route serves is rejected like an HTTP 404.
+    let short = TestRelay::start(&toml.replace("path = \"/\"\n", "path = \"/only\"\n"), &[]).await;
+    let link = wsrelay_tests::mux::mux_client(&short.url("/only")).await;
+    match link
+        .open(wsrelay_protocol::OpenRequest::new("/nowhere"))
+        .await
+    {
+        Err(wsrelay_protocol::OpenError::Rejected { status, .. }) => assert_eq!(status, 404),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

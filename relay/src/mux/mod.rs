@@ -4,9 +4,11 @@
 //! `wsrelay-protocol`; this module owns the links: `pool` dials and re-dials them, `open` turns a
 //! client into a stream.
 
+mod clients;
 mod open;
 mod pool;
 
+pub(crate) use clients::serve_mux_client;
 pub(crate) use open::{Opened, open_stream};
 pub use pool::MuxPool;
 

@@ -124,7 +124,7 @@ impl MuxPool {
 }
 
 /// The settings of relay-side links: the relay's message limit bounds a stream's messages.
-fn link_config(routing: &Routing) -> LinkConfig {
+pub(super) fn link_config(routing: &Routing) -> LinkConfig {
     let max_frame = u32::try_from(routing.config.limits.max_message_size.0).unwrap_or(u32::MAX);
     let keepalive = &routing.keepalive;
     LinkConfig {

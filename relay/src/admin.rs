@@ -210,16 +210,7 @@ fn tap(
         stream_tap(&shared, socket, subscription, filter).await;
         info!(%peer, "tap closed");
     });
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        handshake::accept_value(&upgrade),
-    );
-    response
+    handshake::switching_protocols(&upgrade, None)
 }
 
 async fn stream_tap<S>(

@@ -146,6 +146,24 @@ pub fn accept_value(upgrade: &UpgradeRequest) -> HeaderValue {
         .expect("base64 is a valid header value")
 }
 
+/// The `101 Switching Protocols` answer to a valid upgrade, with `protocol` as the agreed
+/// subprotocol.
+pub fn switching_protocols<B: Default>(
+    upgrade: &UpgradeRequest,
+    protocol: Option<HeaderValue>,
+) -> http::Response<B> {
+    let mut response = http::Response::new(B::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(upgrade));
+    if let Some(protocol) = protocol {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
+}
+
 /// True when a comma-separated header contains `token` (case-insensitive), in any of its lines.
 pub fn header_has_token(headers: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
     headers

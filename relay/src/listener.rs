@@ -193,8 +193,10 @@ async fn answer(
         && handshake::header_has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, LINK_SUBPROTOCOL);
     if mux_client {
         // A mux client: the relay is the other end of its link, and routes each stream.
-        let mut response =
-            switching_protocols(&upgrade, Some(HeaderValue::from_static(LINK_SUBPROTOCOL)));
+        let mut response = handshake::switching_protocols(
+            &upgrade,
+            Some(HeaderValue::from_static(LINK_SUBPROTOCOL)),
+        );
         let on_upgrade = hyper::upgrade::on(&mut request);
         let permit = slot.lock().expect("slot lock").take();
         let task = serve_mux_client(shared.clone(), on_upgrade, peer, scheme, permit);
@@ -216,32 +218,12 @@ async fn answer(
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
-    let response = switching_protocols(&upgrade, start.protocol.clone());
+    let response = handshake::switching_protocols(&upgrade, start.protocol.clone());
     let client = ClientStart::Upgrade(hyper::upgrade::on(&mut request));
     let slot = slot.lock().expect("slot lock").take();
     shared
         .tasks
         .spawn(session::run(start.with_client(client, slot)).instrument(span));
-    response
-}
-
-/// A `101` answer to a client's upgrade.
-fn switching_protocols(
-    upgrade: &handshake::UpgradeRequest,
-    protocol: Option<HeaderValue>,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        handshake::accept_value(upgrade),
-    );
-    if let Some(protocol) = protocol {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
-    }
     response
 }
 

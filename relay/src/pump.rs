@@ -68,6 +68,19 @@ pub struct Traffic {
     pub backend_bytes: u64,
 }
 
+impl Traffic {
+    /// Counts one message of `len` payload bytes going `direction`.
+    #[inline]
+    fn count(&mut self, direction: Direction, len: usize) {
+        let (messages, bytes) = match direction {
+            Direction::ClientToBackend => (&mut self.client_messages, &mut self.client_bytes),
+            Direction::BackendToClient => (&mut self.backend_messages, &mut self.backend_bytes),
+        };
+        *messages += 1;
+        *bytes += len as u64;
+    }
+}
+
 /// Pump state that outlives one backend leg, so a session can re-originate to another
 /// backend without losing what the client sent.
 pub struct PumpState {
@@ -92,6 +105,9 @@ pub struct PumpState {
     /// What crossed so far.
     pub traffic: Traffic,
 }
+
+/// How an error on a leg ends the session.
+type ErrorEnd = fn(WsError) -> PumpEnd;
 
 /// The payload of keepalive pings; ack pings of the replay log are 8 bytes, so never equal.
 const KEEPALIVE_PAYLOAD: &[u8] = b"wsrelay";
@@ -231,178 +247,13 @@ impl PumpState {
         // Registers the timer's waker; it fires at `next_check`.
         let _ = timer.as_mut().poll(cx);
 
-        // Client -> backend.
-        let mut moved = 0;
-        loop {
-            if let Some(message) = self.to_backend.take() {
-                match Pin::new(&mut *backend).poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => return Poll::Ready(backend_write_failed(error)),
-                    Poll::Pending => {
-                        self.to_backend = Some(message);
-                        break;
-                    }
-                }
-                if let Some(replay) = &mut self.replay {
-                    replay.sent(message.clone());
-                }
-                if let Err(error) = Pin::new(&mut *backend).start_send(message) {
-                    return Poll::Ready(backend_write_failed(error));
-                }
-                self.backend_needs_flush = true;
-            }
-            if moved == FAIRNESS_BUDGET {
-                cx.waker().wake_by_ref();
-                break;
-            }
-            match Pin::new(&mut *client).poll_next(cx) {
-                Poll::Pending => break,
-                Poll::Ready(None) => {
-                    return Poll::Ready(PumpEnd::ClientGone("connection closed".into()));
-                }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(client_read_failed(error)),
-                Poll::Ready(Some(Ok(mut message))) => {
-                    self.client_live.heard(now);
-                    self.observer
-                        .saw(&self.backend_name, Direction::ClientToBackend, &message);
-                    if message.is_text() || message.is_binary() {
-                        moved += 1;
-                        self.last_message = now;
-                        self.traffic.client_messages += 1;
-                        self.traffic.client_bytes += message.len() as u64;
-                        if let Some(inspectors) = &mut self.inspectors {
-                            let direction = Direction::ClientToBackend;
-                            match inspectors.on_message(&self.backend_name, direction, &mut message)
-                            {
-                                Verdict::Forward => {}
-                                Verdict::Drop => continue,
-                                Verdict::Close(code, reason) => {
-                                    return Poll::Ready(PumpEnd::Inspector(
-                                        direction, code, reason,
-                                    ));
-                                }
-                            }
-                        }
-                        self.to_backend = Some(message);
-                        continue;
-                    }
-                    if let Some(inspectors) = &mut self.inspectors {
-                        inspectors.on_control(
-                            &self.backend_name,
-                            Direction::ClientToBackend,
-                            &message,
-                        );
-                    }
-                    // Pings are answered by tungstenite; pongs prove liveness and time it.
-                    match message {
-                        Message::Close(frame) => return Poll::Ready(PumpEnd::ClientClosed(frame)),
-                        Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
-                            if let Some(rtt) = self.client_live.ping_rtt(now) {
-                                self.observer.client_rtt.observe(rtt.as_secs_f64());
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
+        let inbound = Direction::ClientToBackend;
+        if let Poll::Ready(end) = self.pump_lane(inbound, client, backend, now, cx) {
+            return Poll::Ready(end);
         }
-        if self.backend_needs_flush {
-            // The ack ping rides in the same write as the messages it acknowledges.
-            if backend.pings()
-                && let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
-                && let Err(error) = Pin::new(&mut *backend).start_send(ping)
-            {
-                return Poll::Ready(backend_write_failed(error));
-            }
-            match Pin::new(&mut *backend).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.backend_needs_flush = false,
-                Poll::Ready(Err(error)) => return Poll::Ready(backend_write_failed(error)),
-                Poll::Pending => {}
-            }
-        }
-
-        // Backend -> client.
-        let mut moved = 0;
-        loop {
-            if let Some(message) = self.to_client.take() {
-                match Pin::new(&mut *client).poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => return Poll::Ready(client_write_failed(error)),
-                    Poll::Pending => {
-                        self.to_client = Some(message);
-                        break;
-                    }
-                }
-                if let Err(error) = Pin::new(&mut *client).start_send(message) {
-                    return Poll::Ready(client_write_failed(error));
-                }
-                self.client_needs_flush = true;
-            }
-            if moved == FAIRNESS_BUDGET {
-                cx.waker().wake_by_ref();
-                break;
-            }
-            match Pin::new(&mut *backend).poll_next(cx) {
-                Poll::Pending => break,
-                Poll::Ready(None) => {
-                    return Poll::Ready(PumpEnd::BackendGone("connection closed".into()));
-                }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(backend_read_failed(error)),
-                Poll::Ready(Some(Ok(mut message))) => {
-                    self.backend_live.heard(now);
-                    self.observer
-                        .saw(&self.backend_name, Direction::BackendToClient, &message);
-                    if message.is_text() || message.is_binary() {
-                        moved += 1;
-                        self.last_message = now;
-                        self.traffic.backend_messages += 1;
-                        self.traffic.backend_bytes += message.len() as u64;
-                        if let Some(inspectors) = &mut self.inspectors {
-                            let direction = Direction::BackendToClient;
-                            match inspectors.on_message(&self.backend_name, direction, &mut message)
-                            {
-                                Verdict::Forward => {}
-                                Verdict::Drop => continue,
-                                Verdict::Close(code, reason) => {
-                                    return Poll::Ready(PumpEnd::Inspector(
-                                        direction, code, reason,
-                                    ));
-                                }
-                            }
-                        }
-                        self.to_client = Some(message);
-                        continue;
-                    }
-                    if let Some(inspectors) = &mut self.inspectors {
-                        inspectors.on_control(
-                            &self.backend_name,
-                            Direction::BackendToClient,
-                            &message,
-                        );
-                    }
-                    match message {
-                        Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
-                        Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
-                            if let Some(rtt) = self.backend_live.ping_rtt(now) {
-                                self.observer.backend_rtt.observe(rtt.as_secs_f64());
-                            }
-                        }
-                        Message::Pong(payload) => {
-                            if let Some(replay) = &mut self.replay {
-                                replay.pong(&payload);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        if self.client_needs_flush {
-            match Pin::new(&mut *client).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.client_needs_flush = false,
-                Poll::Ready(Err(error)) => return Poll::Ready(client_write_failed(error)),
-                Poll::Pending => {}
-            }
+        let outbound = Direction::BackendToClient;
+        if let Poll::Ready(end) = self.pump_lane(outbound, backend, client, now, cx) {
+            return Poll::Ready(end);
         }
         // A leg that reports consumption (a mux stream's credit) acknowledges that way.
         if let (Some(replay), Some(unconfirmed)) = (&mut self.replay, backend.unconfirmed_bytes()) {
@@ -410,6 +261,151 @@ impl PumpState {
         }
         self.observer.entry.store_traffic(&self.traffic);
         Poll::Pending
+    }
+
+    /// Moves messages one way, from `source` to `destination`, until the source has nothing
+    /// more to read, the destination can take no more, or the fairness budget is spent; then
+    /// flushes the destination. `Ready` ends the session.
+    fn pump_lane<S: Leg, D: Leg>(
+        &mut self,
+        direction: Direction,
+        source: &mut S,
+        destination: &mut D,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<PumpEnd> {
+        let inbound = direction == Direction::ClientToBackend;
+        let (read_failed, write_failed): (ErrorEnd, ErrorEnd) = if inbound {
+            (client_read_failed, backend_write_failed)
+        } else {
+            (backend_read_failed, client_write_failed)
+        };
+        let mut moved = 0;
+        loop {
+            let waiting = if inbound {
+                &mut self.to_backend
+            } else {
+                &mut self.to_client
+            };
+            if let Some(message) = waiting.take() {
+                match Pin::new(&mut *destination).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(write_failed(error)),
+                    Poll::Pending => {
+                        *waiting = Some(message);
+                        break;
+                    }
+                }
+                if inbound && let Some(replay) = &mut self.replay {
+                    replay.sent(message.clone());
+                }
+                if let Err(error) = Pin::new(&mut *destination).start_send(message) {
+                    return Poll::Ready(write_failed(error));
+                }
+                *self.needs_flush(!inbound) = true;
+            }
+            if moved == FAIRNESS_BUDGET {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            let mut message = match Pin::new(&mut *source).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    let gone = "connection closed".to_owned();
+                    return Poll::Ready(if inbound {
+                        PumpEnd::ClientGone(gone)
+                    } else {
+                        PumpEnd::BackendGone(gone)
+                    });
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(read_failed(error)),
+                Poll::Ready(Some(Ok(message))) => message,
+            };
+            self.liveness(inbound).heard(now);
+            self.observer.saw(&self.backend_name, direction, &message);
+            if message.is_text() || message.is_binary() {
+                moved += 1;
+                self.last_message = now;
+                self.traffic.count(direction, message.len());
+                if let Some(inspectors) = &mut self.inspectors {
+                    match inspectors.on_message(&self.backend_name, direction, &mut message) {
+                        Verdict::Forward => {}
+                        Verdict::Drop => continue,
+                        Verdict::Close(code, reason) => {
+                            return Poll::Ready(PumpEnd::Inspector(direction, code, reason));
+                        }
+                    }
+                }
+                let waiting = if inbound {
+                    &mut self.to_backend
+                } else {
+                    &mut self.to_client
+                };
+                *waiting = Some(message);
+                continue;
+            }
+            if let Some(inspectors) = &mut self.inspectors {
+                inspectors.on_control(&self.backend_name, direction, &message);
+            }
+            // Pings are answered by tungstenite; pongs prove liveness, time keepalive, and
+            // (from a backend) acknowledge what the replay log holds.
+            match message {
+                Message::Close(frame) if inbound => {
+                    return Poll::Ready(PumpEnd::ClientClosed(frame));
+                }
+                Message::Close(frame) => return Poll::Ready(PumpEnd::BackendClosed(frame)),
+                Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
+                    if let Some(rtt) = self.liveness(inbound).ping_rtt(now) {
+                        let histogram = if inbound {
+                            &self.observer.client_rtt
+                        } else {
+                            &self.observer.backend_rtt
+                        };
+                        histogram.observe(rtt.as_secs_f64());
+                    }
+                }
+                Message::Pong(payload) if !inbound => {
+                    if let Some(replay) = &mut self.replay {
+                        replay.pong(&payload);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if *self.needs_flush(!inbound) {
+            // The ack ping rides in the same write as the messages it acknowledges.
+            if inbound
+                && destination.pings()
+                && let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
+                && let Err(error) = Pin::new(&mut *destination).start_send(ping)
+            {
+                return Poll::Ready(write_failed(error));
+            }
+            match Pin::new(&mut *destination).poll_flush(cx) {
+                Poll::Ready(Ok(())) => *self.needs_flush(!inbound) = false,
+                Poll::Ready(Err(error)) => return Poll::Ready(write_failed(error)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The liveness of the client leg (`true`) or the backend leg.
+    fn liveness(&mut self, client: bool) -> &mut LegLiveness {
+        if client {
+            &mut self.client_live
+        } else {
+            &mut self.backend_live
+        }
+    }
+
+    /// Whether the client leg (`true`) or the backend leg has writes to flush.
+    fn needs_flush(&mut self, client: bool) -> &mut bool {
+        if client {
+            &mut self.client_needs_flush
+        } else {
+            &mut self.backend_needs_flush
+        }
     }
 
     /// Keepalive and idle checks; sends due pings. Sets `next_check`.

@@ -37,8 +37,8 @@ pub use frame::{
     WIRE_CONFIG, decode_all, decode_frame, encode, encode_into, max_message_len,
 };
 pub use link::{
-    IncomingStream, Link, LinkConfig, LinkDriver, LinkError, LinkHandle, LinkRole, MuxStream,
-    OpenError, OpenRequest,
+    IncomingStream, LINK_SUBPROTOCOL, Link, LinkConfig, LinkDriver, LinkError, LinkHandle,
+    LinkRole, MuxStream, OpenError, OpenRequest,
 };
 pub use version::{
     LinkParams, MIN_PROTOCOL_VERSION, NegotiateError, PROTOCOL_VERSION, Side, negotiate,

@@ -64,6 +64,10 @@ use crate::frame::{Frame, Hello, Limits, decode_frame, encode};
 use crate::version::{LinkParams, negotiate};
 use shared::{LinkShared, Out, StreamShared, lock};
 
+/// The WebSocket subprotocol a link is opened with: an initiator offers it, an acceptor picks
+/// it. (An acceptor that is offered none may still run the link.)
+pub const LINK_SUBPROTOCOL: &str = "wsrelay.mux";
+
 /// Most messages one stream's receive queue holds before the stream is closed with 1008.
 ///
 /// Credit bounds the queued payload bytes; this bounds the per-message overhead when a peer

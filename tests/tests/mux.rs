@@ -383,3 +383,75 @@ backends = ["{}"]
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test]
+async fn the_sdk_mux_server_and_mux_client_talk_through_the_relay() {
+    let server = wsrelay_client::MuxServer::bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let backend_url = format!("ws://{}", server.local_addr());
+    tokio::spawn(async move {
+        while let Some(connection) = server.accept().await {
+            tokio::spawn(async move {
+                let greeting = format!(
+                    "hello {} from {}",
+                    connection.path(),
+                    connection.client_addr()
+                );
+                let mut stream = connection.accept(None);
+                stream.send(Message::text(greeting)).await.unwrap();
+                while let Some(Ok(message)) = stream.next().await {
+                    if (message.is_text() || message.is_binary())
+                        && stream.send(message).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let toml = format!(
+        "[[route]]\npath = \"/\"\nupstream = \"sdk\"\nmode = \"mux\"\n\n[upstream.sdk]\nbackends = [\"{backend_url}\"]\n"
+    );
+    let relay = TestRelay::start(&toml, &[]).await;
+    let client = wsrelay_client::MuxClient::connect(&relay.url("/"))
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for room in ["/room/1", "/room/2", "/room/3"] {
+        // The relay's link to the backend may still be coming up: retry while it says 502.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let stream = loop {
+            match client.open(room, Vec::new()).await {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    assert!(tokio::time::Instant::now() < deadline, "{room}: {error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        streams.push((room, stream));
+    }
+    for (room, stream) in &mut streams {
+        let greeting = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let greeting = greeting.to_text().unwrap().to_owned();
+        assert!(
+            greeting.starts_with(&format!("hello {room} from 127.0.0.1:")),
+            "{greeting}"
+        );
+        stream
+            .send(Message::text(format!("echo {room}")))
+            .await
+            .unwrap();
+        let echo = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.to_text().unwrap(), format!("echo {room}"));
+    }
+}

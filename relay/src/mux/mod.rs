@@ -13,4 +13,4 @@ pub(crate) use open::{Opened, open_stream};
 pub use pool::MuxPool;
 
 /// The WebSocket subprotocol a mux link is opened with.
-pub const LINK_SUBPROTOCOL: &str = "wsrelay.mux";
+pub use wsrelay_protocol::LINK_SUBPROTOCOL;

@@ -205,7 +205,14 @@ pub async fn dial(
             .await
             .map_err(|e| unreachable(format!("connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
-        client_handshake(tcp, http_request, config, &backend.original).await
+        // Boxed: the handshake's buffers would otherwise live in every session's future.
+        Box::pin(client_handshake(
+            tcp,
+            http_request,
+            config,
+            &backend.original,
+        ))
+        .await
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -247,7 +254,7 @@ async fn client_handshake(
 
     let mut buffer = Vec::with_capacity(1024);
     let (head_len, status, headers) = loop {
-        let mut chunk = [0u8; 4096];
+        let mut chunk = vec![0u8; 4096];
         let read = tcp
             .read(&mut chunk)
             .await
@@ -343,7 +350,7 @@ async fn read_refusal_body(tcp: &mut TcpStream, mut body: Vec<u8>, headers: &Hea
         .min(MAX_REFUSAL_BODY);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     while body.len() < wanted {
-        let mut chunk = [0u8; 4096];
+        let mut chunk = vec![0u8; 4096];
         match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
             Ok(Ok(read)) if read > 0 => body.extend_from_slice(&chunk[..read]),
             _ => break,

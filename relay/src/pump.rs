@@ -255,6 +255,15 @@ impl PumpState {
         if let Poll::Ready(end) = self.pump_lane(outbound, backend, client, now, cx) {
             return Poll::Ready(end);
         }
+        // A batch of messages waiting for its ack ping wakes the timer when the ping is due.
+        if backend.pings()
+            && let Some(due) = self.replay.as_ref().and_then(ReplayLog::ack_due)
+            && due < self.next_check
+        {
+            self.next_check = due;
+            timer.as_mut().reset(due);
+            let _ = timer.as_mut().poll(cx);
+        }
         // A leg that reports consumption (a mux stream's credit) acknowledges that way.
         if let (Some(replay), Some(unconfirmed)) = (&mut self.replay, backend.unconfirmed_bytes()) {
             replay.confirm_all_but(unconfirmed);
@@ -297,7 +306,7 @@ impl PumpState {
                     }
                 }
                 if inbound && let Some(replay) = &mut self.replay {
-                    replay.sent(message.clone());
+                    replay.sent(message.clone(), now);
                 }
                 if let Err(error) = Pin::new(&mut *destination).start_send(message) {
                     return Poll::Ready(write_failed(error));
@@ -376,7 +385,7 @@ impl PumpState {
             // The ack ping rides in the same write as the messages it acknowledges.
             if inbound
                 && destination.pings()
-                && let Some(ping) = self.replay.as_mut().and_then(ReplayLog::ack_ping)
+                && let Some(ping) = self.replay.as_mut().and_then(|log| log.ack_ping(now))
                 && let Err(error) = Pin::new(&mut *destination).start_send(ping)
             {
                 return Poll::Ready(write_failed(error));
@@ -454,6 +463,17 @@ impl PumpState {
                 }
                 self.client_needs_flush = true;
             }
+        }
+        if backend.pings()
+            && let Some(ping) = self.replay.as_mut().and_then(|log| log.ack_ping(now))
+        {
+            if let Err(error) = Pin::new(&mut *backend).start_send(ping) {
+                return Some(backend_write_failed(error));
+            }
+            self.backend_needs_flush = true;
+        }
+        if let Some(due) = self.replay.as_ref().and_then(ReplayLog::ack_due) {
+            next = next.min(due);
         }
         let backend_verdict = if backend.pings() {
             self.backend_live.check(now, &self.policy)

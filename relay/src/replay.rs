@@ -5,7 +5,9 @@
 //! peer answers a Ping only after reading everything sent before it. So after sending client
 //! messages the relay sends a Ping whose payload is the sequence number of the last of them;
 //! the matching Pong acknowledges every message up to that number. One such ping is in flight
-//! at a time and rides in the same write as the messages it follows.
+//! at a time and rides in the same write as the messages it follows. Pings cost frames, so they
+//! are batched: one is due after [`ACK_AFTER_MESSAGES`] messages or [`ACK_AFTER_BYTES`] bytes,
+//! or [`ACK_DELAY`] after the first message it would cover, whichever comes first.
 //!
 //! Replay is at-least-once: a message the lost backend read just before dying, with its Pong
 //! still on the way, is sent to the replacement too. The log is bounded; while it is overflowed
@@ -14,13 +16,23 @@
 
 use std::collections::VecDeque;
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use tokio::time::Instant;
 use tungstenite::Message;
 
 /// Unacknowledged messages kept per session at most.
 pub const MAX_UNACKED_MESSAGES: usize = 256;
 /// Unacknowledged payload bytes kept per session at most.
 pub const MAX_UNACKED_BYTES: usize = 256 * 1024;
+
+/// Messages after which an ack ping is due at once.
+pub const ACK_AFTER_MESSAGES: usize = 32;
+/// Payload bytes after which an ack ping is due at once.
+pub const ACK_AFTER_BYTES: usize = 64 * 1024;
+/// Longest a message waits for an ack ping to be sent after it.
+pub const ACK_DELAY: Duration = Duration::from_millis(50);
 
 /// Ack pings carry exactly this many bytes (a big-endian sequence number); keepalive pings
 /// carry a different length so the two are never confused.
@@ -37,13 +49,21 @@ pub struct ReplayLog {
     ack_in_flight: Option<u64>,
     /// Messages were dropped from the log: a replay would be incomplete.
     overflowed: bool,
+    /// When the first message not yet covered by an ack ping was sent.
+    uncovered_since: Option<Instant>,
+    /// Messages and bytes sent since the last ack ping.
+    uncovered_messages: usize,
+    uncovered_bytes: usize,
 }
 
 impl ReplayLog {
-    /// Records a data message just handed to the backend leg.
-    pub fn sent(&mut self, message: Message) {
+    /// Records a data message just handed to the backend leg at `now`.
+    pub fn sent(&mut self, message: Message, now: Instant) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.uncovered_since.get_or_insert(now);
+        self.uncovered_messages += 1;
+        self.uncovered_bytes += message.len();
         if self.overflowed {
             return;
         }
@@ -56,17 +76,32 @@ impl ReplayLog {
         }
     }
 
-    /// The ack ping to send with the next flush, if one is due: there are unacknowledged
-    /// messages and no ack ping is in flight.
-    pub fn ack_ping(&mut self) -> Option<Message> {
-        if self.ack_in_flight.is_some() || self.next_seq == 0 {
+    /// When the next ack ping falls due by time alone, if messages wait for one.
+    pub fn ack_due(&self) -> Option<Instant> {
+        if self.ack_in_flight.is_some() {
             return None;
         }
-        if !self.overflowed && self.unacked.is_empty() {
+        self.uncovered_since.map(|since| since + ACK_DELAY)
+    }
+
+    /// The ack ping to send now, if one is due at `now`: messages wait for one, none is in
+    /// flight, and enough of them have gathered or the first has waited [`ACK_DELAY`].
+    pub fn ack_ping(&mut self, now: Instant) -> Option<Message> {
+        if self.ack_in_flight.is_some() || self.uncovered_since.is_none() {
+            return None;
+        }
+        let due = self.uncovered_messages >= ACK_AFTER_MESSAGES
+            || self.uncovered_bytes >= ACK_AFTER_BYTES
+            || self.overflowed
+            || self.ack_due().is_some_and(|due| now >= due);
+        if !due {
             return None;
         }
         let last = self.next_seq - 1;
         self.ack_in_flight = Some(last);
+        self.uncovered_since = None;
+        self.uncovered_messages = 0;
+        self.uncovered_bytes = 0;
         Some(Message::Ping(Bytes::copy_from_slice(&last.to_be_bytes())))
     }
 
@@ -116,6 +151,9 @@ impl ReplayLog {
     pub fn take_for_replay(&mut self) -> Option<Vec<Message>> {
         let overflowed = std::mem::take(&mut self.overflowed);
         self.ack_in_flight = None;
+        self.uncovered_since = None;
+        self.uncovered_messages = 0;
+        self.uncovered_bytes = 0;
         self.unacked_bytes = 0;
         let unacked = std::mem::take(&mut self.unacked);
         (!overflowed).then(|| unacked.into_iter().map(|(_, m)| m).collect())
@@ -136,6 +174,12 @@ impl ReplayLog {
 mod tests {
     use super::*;
 
+    /// `ms` milliseconds after a fixed start.
+    fn at(ms: u64) -> Instant {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *START.get_or_init(Instant::now) + Duration::from_millis(ms)
+    }
+
     fn text(n: u32) -> Message {
         Message::text(n.to_string())
     }
@@ -150,30 +194,63 @@ mod tests {
     #[test]
     fn a_pong_acknowledges_everything_sent_before_its_ping() {
         let mut log = ReplayLog::default();
-        log.sent(text(0));
-        log.sent(text(1));
-        let ping = log.ack_ping().expect("a ping is due");
+        log.sent(text(0), at(0));
+        log.sent(text(1), at(0));
+        let ping = log.ack_ping(at(50)).expect("a ping is due");
         // Only one ack ping in flight.
-        log.sent(text(2));
-        assert!(log.ack_ping().is_none());
+        log.sent(text(2), at(0));
+        assert!(log.ack_ping(at(50)).is_none());
         assert!(log.pong(&payload(&ping)));
         assert_eq!(log.len(), 1);
-        let ping = log.ack_ping().expect("message 2 needs an ack");
+        let ping = log.ack_ping(at(50)).expect("message 2 needs an ack");
         assert!(!log.pong(b"wsrelay"), "keepalive pongs are not acks");
         assert!(log.pong(&payload(&ping)));
         assert!(log.is_empty());
-        assert!(log.ack_ping().is_none(), "nothing left to acknowledge");
+        assert!(
+            log.ack_ping(at(50)).is_none(),
+            "nothing left to acknowledge"
+        );
+    }
+
+    #[test]
+    fn ack_pings_are_batched_by_count_bytes_and_time() {
+        let mut log = ReplayLog::default();
+        log.sent(text(0), at(0));
+        assert!(
+            log.ack_ping(at(10)).is_none(),
+            "one message waits for company"
+        );
+        assert_eq!(log.ack_due(), Some(at(50)));
+        assert!(
+            log.ack_ping(at(50)).is_some(),
+            "but not longer than ACK_DELAY"
+        );
+        let ping = log.ack_ping(at(50));
+        assert!(ping.is_none(), "one in flight at a time");
+        assert!(log.pong(&0u64.to_be_bytes()));
+        for n in 1..ACK_AFTER_MESSAGES as u32 {
+            log.sent(text(n), at(60));
+            assert!(log.ack_ping(at(60)).is_none());
+        }
+        log.sent(text(99), at(60));
+        assert!(
+            log.ack_ping(at(60)).is_some(),
+            "a full batch is acknowledged at once"
+        );
+        let mut big = ReplayLog::default();
+        big.sent(Message::binary(vec![0u8; ACK_AFTER_BYTES]), at(0));
+        assert!(big.ack_ping(at(0)).is_some(), "so is a full batch of bytes");
     }
 
     #[test]
     fn replay_returns_unacknowledged_messages_in_order() {
         let mut log = ReplayLog::default();
         for n in 0..5 {
-            log.sent(text(n));
+            log.sent(text(n), at(0));
         }
-        let ping = log.ack_ping().unwrap();
-        log.sent(text(5));
-        log.sent(text(6));
+        let ping = log.ack_ping(at(50)).unwrap();
+        log.sent(text(5), at(0));
+        log.sent(text(6), at(0));
         // The backend died before answering: everything since the start is replayed.
         let replay = log.take_for_replay().unwrap();
         assert_eq!(replay, (0..7).map(text).collect::<Vec<_>>());
@@ -185,20 +262,22 @@ mod tests {
     fn an_overflowing_log_refuses_to_replay() {
         let mut log = ReplayLog::default();
         for n in 0..(MAX_UNACKED_MESSAGES as u32 + 1) {
-            log.sent(text(n));
+            log.sent(text(n), at(0));
         }
         assert!(log.is_empty(), "an overflowed log holds nothing");
         // An ack covering everything sent makes the log complete again.
-        let ping = log.ack_ping().expect("overflowed logs still ask for acks");
+        let ping = log
+            .ack_ping(at(50))
+            .expect("overflowed logs still ask for acks");
         assert!(log.pong(&payload(&ping)));
-        log.sent(text(0));
+        log.sent(text(0), at(0));
         assert_eq!(log.take_for_replay().unwrap(), vec![text(0)]);
         for n in 0..(MAX_UNACKED_MESSAGES as u32 + 1) {
-            log.sent(text(n));
+            log.sent(text(n), at(0));
         }
         assert!(log.take_for_replay().is_none());
         // After the reset the log works again.
-        log.sent(text(1));
+        log.sent(text(1), at(0));
         assert_eq!(log.take_for_replay().unwrap(), vec![text(1)]);
     }
 
@@ -206,7 +285,7 @@ mod tests {
     fn credit_confirms_the_oldest_messages() {
         let mut log = ReplayLog::default();
         for n in 10..15 {
-            log.sent(text(n));
+            log.sent(text(n), at(0));
         }
         // Four of the five two-byte messages consumed: only the newest stays.
         log.confirm_all_but(2);
@@ -216,9 +295,9 @@ mod tests {
     #[test]
     fn big_messages_overflow_by_bytes() {
         let mut log = ReplayLog::default();
-        log.sent(Message::binary(vec![0u8; MAX_UNACKED_BYTES]));
+        log.sent(Message::binary(vec![0u8; MAX_UNACKED_BYTES]), at(0));
         assert_eq!(log.len(), 1);
-        log.sent(Message::binary(vec![0u8; 1]));
+        log.sent(Message::binary(vec![0u8; 1]), at(0));
         assert!(log.take_for_replay().is_none());
     }
 }

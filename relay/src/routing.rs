@@ -22,8 +22,9 @@ use crate::route::RouteTable;
 /// idle, so it is small; messages larger than it get a buffer of their own size as they arrive.
 const READ_CHUNK: usize = 4 * 1024;
 /// Frames are gathered up to this size before a write syscall; the pump flushes after each
-/// burst anyway.
-const WRITE_BATCH: usize = 16 * 1024;
+/// burst anyway. tungstenite keeps its write buffer's capacity once grown, so this also bounds
+/// what a busy connection keeps while idle.
+const WRITE_BATCH: usize = 4 * 1024;
 
 /// One generation of configuration-derived state.
 pub struct Routing {

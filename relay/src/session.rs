@@ -138,12 +138,14 @@ async fn run_to_end(start: SessionStart) {
     let mut client: ClientLeg = match client {
         ClientStart::Stream(stream) => AnyLeg::Stream(stream),
         ClientStart::Upgrade(upgrade) => match upgrade.await {
+            // Boxed, as the other one-off steps below: a session's future is as large as its
+            // largest step, and it lives as long as the client does.
             Ok(upgraded) => AnyLeg::Socket(
-                WebSocketStream::from_raw_socket(
+                Box::pin(WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
                     Some(routing.client_ws),
-                )
+                ))
                 .await,
             ),
             Err(error) => {
@@ -295,7 +297,12 @@ async fn run_to_end(start: SessionStart) {
                 // reach it: close the backend first, forwarding what it sends until its
                 // close, then fail the client.
                 let pending = state.take_pending_to_client();
-                forward_until_backend_closed(&mut client, &mut backend, pending).await;
+                Box::pin(forward_until_backend_closed(
+                    &mut client,
+                    &mut backend,
+                    pending,
+                ))
+                .await;
                 close_leg(&mut client, Some(close(code, &reason))).await;
                 break (
                     "relay",
@@ -386,7 +393,8 @@ async fn run_to_end(start: SessionStart) {
                     );
                 };
                 let found = tokio::select! {
-                    found = reconnect(&shared, mode, &upstream.name, &hash_key, &lost, &backend_request, peer, protocol.as_ref()) => found,
+                    // Boxed: dialing is rare and its future is large.
+                    found = Box::pin(reconnect(&shared, mode, &upstream.name, &hash_key, &lost, &backend_request, peer, protocol.as_ref())) => found,
                     () = shared.shutdown.drain.cancelled() => None,
                 };
                 let Some((new_upstream, index, mut replacement)) = found else {
@@ -610,25 +618,32 @@ async fn close_both(
     backend: &mut BackendLeg,
     backend_frame: Option<CloseFrame>,
 ) {
-    tokio::join!(
-        close_leg(client, client_frame),
-        close_leg(backend, backend_frame)
-    );
+    Box::pin(async move {
+        tokio::join!(
+            close_leg(client, client_frame),
+            close_leg(backend, backend_frame)
+        );
+    })
+    .await;
 }
 
 /// Sends our Close (or completes the peer's), then reads until the peer ends the connection,
 /// within [`CLOSE_HANDSHAKE_TIMEOUT`]. Data that arrives meanwhile is dropped: the other leg
 /// is closing too.
 async fn close_leg<L: Leg>(leg: &mut L, frame: Option<CloseFrame>) {
-    let finish = async {
-        // If the peer closed first, tungstenite has queued the echo of its Close and refuses
-        // a second one; `SinkExt::close` then only flushes that echo.
-        let _ = leg.send(Message::Close(frame)).await;
-        if SinkExt::close(leg).await.is_err() || !leg.awaits_close_reply() {
-            return;
-        }
-        // tungstenite ends the stream once the close handshake is complete.
-        while let Some(Ok(_)) = leg.next().await {}
-    };
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, finish).await;
+    // Boxed: rare work should not grow every session's future (DESIGN: memory per client).
+    Box::pin(async move {
+        let finish = async {
+            // If the peer closed first, tungstenite has queued the echo of its Close and
+            // refuses a second one; `SinkExt::close` then only flushes that echo.
+            let _ = leg.send(Message::Close(frame)).await;
+            if SinkExt::close(leg).await.is_err() || !leg.awaits_close_reply() {
+                return;
+            }
+            // tungstenite ends the stream once the close handshake is complete.
+            while let Some(Ok(_)) = leg.next().await {}
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, finish).await;
+    })
+    .await;
 }

@@ -290,9 +290,7 @@ impl RelayBuilder {
     /// Binds the client listener and starts serving.
     pub async fn bind(self) -> Result<RelayHandle, RelayError> {
         let addr = self.config.listen_addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| RelayError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| RelayError::Bind { addr, source })?;
         self.serve(listener)
     }
 
@@ -356,6 +354,23 @@ impl RelayBuilder {
             accept,
         })
     }
+}
+
+/// Connections the kernel may queue before the relay accepts them; bursts of connects beyond
+/// the usual 1,024 would otherwise wait for SYN retransmits (a second each).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds the client listener with `SO_REUSEADDR` (a restarted relay gets its port back at once)
+/// and a deep accept backlog.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// A running relay. Dropping it leaves the relay running; call [`RelayHandle::shutdown`].

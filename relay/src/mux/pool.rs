@@ -129,7 +129,9 @@ pub(super) fn link_config(routing: &Routing) -> LinkConfig {
     let keepalive = &routing.keepalive;
     LinkConfig {
         max_frame,
-        initial_window: max_frame.saturating_mul(4).max(256 * 1024),
+        // The least the protocol allows: a stream whose client doesn't read holds at most one
+        // window in the relay.
+        initial_window: max_frame,
         ping_interval: keepalive.ping_interval.unwrap_or(Duration::from_secs(20)),
         pong_timeout: keepalive.pong_timeout,
         ..LinkConfig::default()

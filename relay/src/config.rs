@@ -144,6 +144,9 @@ pub struct RouteConfig {
     /// Inspector chain for the route's frames, in order.
     #[serde(default = "unspanned")]
     pub inspect: Spanned<Vec<String>>,
+    /// The route carries secrets: frame logs and taps show no payload bytes.
+    #[serde(default)]
+    pub sensitive: bool,
 }
 
 /// A default value, which has no place in the file (span `0..0`).
@@ -600,6 +603,7 @@ impl Config {
                 hash_key: HashKey::RemoteAddr,
                 preserve_host: true,
                 inspect: Spanned::new(0..0, Vec::new()),
+                sensitive: false,
             }],
             upstreams: BTreeMap::from([(
                 "default".to_owned(),

@@ -274,6 +274,7 @@ pub(crate) async fn prepare_session(
         path: path.to_owned(),
         route_path: route.path.as_str().into(),
         route_inspectors: route.inspectors.clone(),
+        route_sensitive: route.sensitive,
         upstream,
         hash_key,
         backend_index,

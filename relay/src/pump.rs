@@ -123,6 +123,8 @@ pub struct Observer {
     pub entry: Arc<SessionEntry>,
     /// Where taps listen.
     pub tap: Arc<TapHub>,
+    /// The route is `sensitive`: taps get no payload preview.
+    pub redact: bool,
     /// Shared traffic counters.
     pub counters: TrafficCounters,
     /// Keepalive RTT of the client leg.
@@ -137,8 +139,14 @@ impl Observer {
     #[inline]
     fn saw(&self, backend: &Arc<str>, direction: Direction, message: &Message) {
         if self.tap.active() {
-            self.tap
-                .publish(self.conn_id, &self.route, backend, direction, message);
+            self.tap.publish(
+                self.conn_id,
+                &self.route,
+                backend,
+                direction,
+                message,
+                self.redact,
+            );
         }
     }
 }

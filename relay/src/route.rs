@@ -53,6 +53,8 @@ pub struct Route {
     pub mode: Mode,
     /// The route's inspector chain; `None` costs the pump nothing.
     pub inspectors: Option<ChainTemplate>,
+    /// Frame logs and taps show no payload bytes of this route.
+    pub sensitive: bool,
 }
 
 /// All routes, longest path first.
@@ -101,6 +103,8 @@ impl RouteTable {
                     .iter()
                     .map(|entry| match entry.trim() {
                         "rate" => format!("rate:{rate_limit}"),
+                        // A sensitive route's frame log shows no payload unless asked to.
+                        "log" if route.sensitive => "log:redact".to_owned(),
                         other => other.to_owned(),
                     })
                     .collect();
@@ -114,6 +118,7 @@ impl RouteTable {
                     preserve_host: route.preserve_host,
                     mode: *route.mode.get_ref(),
                     inspectors: registry.chain_template(&entries),
+                    sensitive: route.sensitive,
                 })
             })
             .collect();

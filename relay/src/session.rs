@@ -58,6 +58,8 @@ pub(crate) struct PendingSession {
     pub route_path: Arc<str>,
     /// The route's inspectors, if any.
     pub route_inspectors: Option<ChainTemplate>,
+    /// The route is `sensitive` (no payload in taps).
+    pub route_sensitive: bool,
     pub upstream: Arc<Upstream>,
     /// The client's hash key, to rank backends again after a loss.
     pub hash_key: Vec<u8>,
@@ -126,6 +128,7 @@ async fn run_to_end(start: SessionStart) {
         path,
         route_path,
         route_inspectors,
+        route_sensitive,
         mut upstream,
         hash_key,
         mut backend_index,
@@ -199,6 +202,7 @@ async fn run_to_end(start: SessionStart) {
         route: route_path.clone(),
         entry: entry.clone(),
         tap: shared.tap.clone(),
+        redact: route_sensitive,
         counters: metrics.traffic_counters(),
         client_rtt: rtt("client"),
         backend_rtt: rtt("backend"),

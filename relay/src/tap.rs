@@ -35,7 +35,7 @@ pub struct TapRecord {
     pub opcode: &'static str,
     /// Payload length in bytes.
     pub len: usize,
-    /// The first payload bytes (text as is, binary as hex).
+    /// The first payload bytes (text as is, binary as hex); empty on `sensitive` routes.
     pub preview: String,
 }
 
@@ -80,7 +80,8 @@ impl TapHub {
         self.taps.load(Ordering::Relaxed) > 0
     }
 
-    /// Publishes a frame (call only when [`TapHub::active`]).
+    /// Publishes a frame (call only when [`TapHub::active`]); `redact` leaves out the payload
+    /// preview (routes marked `sensitive`).
     pub fn publish(
         &self,
         conn: u64,
@@ -88,6 +89,7 @@ impl TapHub {
         backend: &Arc<str>,
         direction: Direction,
         message: &Message,
+        redact: bool,
     ) {
         let record = TapRecord {
             time_ms: SystemTime::now()
@@ -99,7 +101,11 @@ impl TapHub {
             direction: direction.as_str(),
             opcode: opcode_name(message),
             len: message.len(),
-            preview: preview(message, PREVIEW_BYTES),
+            preview: if redact {
+                String::new()
+            } else {
+                preview(message, PREVIEW_BYTES)
+            },
         };
         // No receiver left is fine: the tap closed between the check and the send.
         let _ = self.sender.send(Arc::new(record));

@@ -384,3 +384,36 @@ async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
     assert_eq!(whoami("/two/x").await, "b");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn a_sensitive_route_taps_lengths_but_no_payload() {
+    let backend = TestBackend::start("b").await;
+    let toml = config("", "").replace(
+        "hash_key = \"header:X-User\"",
+        "hash_key = \"header:X-User\"\nsensitive = true\ninspect = [\"log\"]",
+    );
+    let relay = TestRelay::start(&toml, &[&backend]).await;
+    let addr = admin_addr(&relay);
+    let (mut tap, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/api/tap?route=%2Fchat"))
+            .await
+            .unwrap();
+    let mut client = connect_as(&relay, "ann").await;
+    assert_eq!(
+        round_trip(&mut client, "secret-token").await,
+        "secret-token"
+    );
+    let record = loop {
+        let message = tokio::time::timeout(WAIT, tap.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let record: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+        if record["opcode"] == "text" {
+            break record;
+        }
+    };
+    assert_eq!(record["len"], 12);
+    assert_eq!(record["preview"], "");
+}

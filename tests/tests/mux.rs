@@ -142,9 +142,9 @@ async fn a_client_that_never_reads_stops_only_its_own_stream() {
         sent += 1;
         assert!(sent < 100_000, "never stalled");
     }
-    // Everyone else, including streams on the very same links, keeps going.
+    // The 1,999 others, on the very same two links, keep going.
     let mut tasks = Vec::new();
-    for n in 0..200 {
+    for n in 0..1_999 {
         let relay_url = relay.url("/busy");
         tasks.push(tokio::spawn(async move {
             let mut request = relay_url.into_client_request().unwrap();
@@ -152,7 +152,7 @@ async fn a_client_that_never_reads_stops_only_its_own_stream() {
                 .headers_mut()
                 .insert("x-user", format!("busy-{n}").parse().unwrap());
             let mut client = connect_request(request).await.unwrap();
-            for i in 0..20 {
+            for i in 0..5 {
                 let text = format!("{n}/{i}");
                 assert_eq!(round_trip(&mut client, &text).await, text);
             }

@@ -49,7 +49,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -96,8 +96,6 @@ pub(crate) struct Shared {
     /// start).
     pub connection_slots: Arc<Semaphore>,
     pub next_conn_id: AtomicU64,
-    /// Established sessions right now.
-    pub open_sessions: AtomicUsize,
     pub shutdown: Shutdown,
     /// Every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -125,7 +123,6 @@ impl Shared {
             config_path,
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             next_conn_id: AtomicU64::new(1),
-            open_sessions: AtomicUsize::new(0),
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             metrics: Metrics::default(),
@@ -414,7 +411,7 @@ impl RelayHandle {
 
     /// Established sessions right now.
     pub fn open_sessions(&self) -> usize {
-        self.shared.open_sessions.load(Ordering::Relaxed)
+        self.shared.sessions.len()
     }
 
     /// Graceful drain (DESIGN 7): stop accepting, close every client with 1001 (spread over
@@ -434,7 +431,7 @@ impl RelayHandle {
             .await
             .is_err()
         {
-            sessions_aborted = shared.open_sessions.load(Ordering::Relaxed);
+            sessions_aborted = shared.sessions.len();
             tracing::warn!(
                 sessions = sessions_aborted,
                 "grace period over; dropping the rest"

@@ -201,7 +201,7 @@ impl PumpState {
         let mut replay = self.replay.as_mut()?.take_for_replay()?;
         replay.extend(self.to_backend.take());
         self.backend_needs_flush = false;
-        self.to_client = None;
+        // A message already read from the lost backend (`to_client`) is still the client's.
         self.backend_live = LegLiveness::new(now);
         self.next_check = now;
         Some(replay)
@@ -272,8 +272,11 @@ impl PumpState {
             timer.as_mut().reset(due);
             let _ = timer.as_mut().poll(cx);
         }
-        // A leg that reports consumption (a mux stream's credit) acknowledges that way.
-        if let (Some(replay), Some(unconfirmed)) = (&mut self.replay, backend.unconfirmed_bytes()) {
+        // A leg that reports consumption (a mux stream's credit, behind a lock) acknowledges
+        // that way; asked only while something waits for it.
+        if let Some(replay) = self.replay.as_mut().filter(|log| log.awaits_confirmation())
+            && let Some(unconfirmed) = backend.unconfirmed_bytes()
+        {
             replay.confirm_all_but(unconfirmed);
         }
         self.observer.entry.store_traffic(&self.traffic);

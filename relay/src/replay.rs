@@ -129,6 +129,11 @@ impl ReplayLog {
         true
     }
 
+    /// True while something waits for an acknowledgement (messages, or an overflow to clear).
+    pub fn awaits_confirmation(&self) -> bool {
+        self.overflowed || !self.unacked.is_empty()
+    }
+
     /// Handles a leg that reports how many sent payload bytes its peer has not yet consumed
     /// (a mux stream's flow-control credit): every message older than those bytes is
     /// acknowledged.

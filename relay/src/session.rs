@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -96,15 +95,6 @@ pub(crate) struct SessionStart {
     slot: Option<OwnedSemaphorePermit>,
 }
 
-/// Counts the session as open for as long as it lives.
-struct OpenGuard(Arc<Shared>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Runs a session to its end; the grace period's end (`abort`) cuts it short.
 pub(crate) async fn run(start: SessionStart) {
     let abort = start.pending.shared.shutdown.abort.clone();
@@ -162,8 +152,6 @@ async fn run_to_end(start: SessionStart) {
             }
         },
     };
-    shared.open_sessions.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenGuard(shared.clone());
     let started = Instant::now();
     info!(%peer, %path, backend = %upstream.backends[backend_index], "session open");
 
@@ -239,11 +227,7 @@ async fn run_to_end(start: SessionStart) {
     let mut draining = false;
     let (closed_by, client_code, outcome) = loop {
         let end = if draining {
-            let delay = close_delay(
-                conn_id,
-                shared.open_sessions.load(Ordering::Relaxed),
-                shared.shutdown_grace(),
-            );
+            let delay = close_delay(conn_id, shared.sessions.len(), shared.shutdown_grace());
             let stop = async move {
                 tokio::time::sleep(delay).await;
                 PumpEnd::Drain

@@ -17,63 +17,64 @@
 //! # }
 //! ```
 //!
-//! A reader finds each concept by its file: `listener` (accept loop, HTTP side), `handshake`
-//! (RFC 6455 checks), `route` (routes, hash keys), `hashing` (rendezvous), `dial` (the backend
-//! leg), `session` (one client's life), `pump` (frames both ways), `replay` (what a lost backend may
-//! have missed), `keepalive`, `shutdown`.
+//! A reader finds each concept by its module (the map, and how one connection flows through
+//! them: `docs/architecture.md`): `accept` (listener, upgrade checks, answers, mux clients),
+//! `route` (routes, hash keys), `upstream` (backend requests, dialing, the ranking walk, health,
+//! mux links), `session` (one client's life and how it ends), `pump` (frames both ways,
+//! keepalive, replay), `observe` (registry, metrics, taps), `inspect`, `admin`, `config`,
+//! `generation` (what a reload replaces), `shutdown`.
 
+mod accept;
 mod admin;
-pub mod backends;
 pub mod config;
-pub mod demo;
-pub mod dial;
-pub mod handshake;
+mod generation;
 pub mod hashing;
-mod health;
+mod headers;
 pub mod inspect;
-pub mod keepalive;
-pub mod leg;
-mod listener;
-pub mod metrics;
-pub mod mux;
-pub mod pump;
-pub mod replay;
-pub mod route;
-mod routing;
+mod observe;
+mod pump;
+mod route;
 mod session;
-pub mod sessions;
-pub mod shutdown;
-pub mod tap;
-pub mod tls;
+mod shutdown;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+pub use accept::tls::TlsError;
+
+use crate::accept::Acceptor;
+use crate::config::{Config, ConfigError};
+use crate::generation::{Generation, Generations};
 use crate::inspect::{InspectorFactory, InspectorRegistry};
-use crate::metrics::Metrics;
-use crate::routing::Routing;
-use crate::sessions::SessionRegistry;
+use crate::observe::Observatory;
+use crate::session::SessionContext;
 use crate::shutdown::Shutdown;
-use crate::tap::TapHub;
+
+impl Config {
+    /// Parses and validates a TOML configuration; `origin` names it in error messages.
+    /// Inspector names are checked against the built-ins (see [`Config::from_toml_with`] for
+    /// an application's own).
+    pub fn from_toml(source: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with(source, origin, &InspectorRegistry::default())
+    }
+}
 
 /// Errors from starting the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// The configuration names something this relay does not know (e.g. an inspector).
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] ConfigError),
     /// The TLS certificate or key could not be used.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] TlsError),
     /// The client-facing listener could not be bound.
     #[error("listen on {addr}: {source}")]
     Bind {
@@ -84,29 +85,19 @@ pub enum RelayError {
     },
 }
 
-/// State every task of one relay shares. The configuration-derived part is one [`Routing`]
-/// generation, swapped whole by a reload; the rest lives as long as the process.
+/// The relay's root: what its control plane (reloads, the admin API, shutdown) works on. The
+/// data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
+/// [`SessionContext`].
 pub(crate) struct Shared {
-    routing: ArcSwap<Routing>,
+    generations: Arc<Generations>,
     /// Inspector names a reloaded configuration may use.
     inspectors: InspectorRegistry,
     /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
     config_path: Option<PathBuf>,
-    /// One permit per connection, handshaking or established (`max_connections`; fixed at
-    /// start).
-    pub connection_slots: Arc<Semaphore>,
-    pub next_conn_id: AtomicU64,
-    pub shutdown: Shutdown,
-    /// Every connection and session task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Prometheus metrics.
-    pub metrics: Metrics,
-    /// Established sessions, for the admin API.
-    pub sessions: Arc<SessionRegistry>,
-    /// Where taps listen.
-    pub tap: Arc<TapHub>,
-    /// TLS for the client listener, if configured (fixed at start).
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Arc<Acceptor>,
+    /// The admin listener's tasks (its connections, taps): they outlive the drain, so that
+    /// `/readyz` can say "draining", and stop at its end.
+    control: TaskTracker,
 }
 
 impl Shared {
@@ -117,68 +108,66 @@ impl Shared {
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
+        let shutdown = Shutdown::default();
+        let first = Generation::new(config, &inspectors, None, shutdown.drain.child_token());
+        let generations = Arc::new(Generations::new(first));
+        let sessions = SessionContext {
+            generations: generations.clone(),
+            observe: Arc::new(Observatory::default()),
+            shutdown,
+        };
         Shared {
-            routing: ArcSwap::from_pointee(Routing::new(config, &inspectors, None)),
+            generations,
             inspectors,
             config_path,
-            connection_slots: Arc::new(Semaphore::new(max_connections)),
-            next_conn_id: AtomicU64::new(1),
-            shutdown: Shutdown::default(),
-            tasks: TaskTracker::new(),
-            metrics: Metrics::default(),
-            sessions: Arc::default(),
-            tap: Arc::default(),
-            tls,
+            acceptor: Arc::new(Acceptor {
+                sessions,
+                slots: Arc::new(Semaphore::new(max_connections)),
+                next_conn_id: AtomicU64::new(1),
+                tasks: TaskTracker::new(),
+                tls,
+            }),
+            control: TaskTracker::new(),
         }
     }
 
-    /// The current configuration generation.
-    pub fn routing(&self) -> Arc<Routing> {
-        self.routing.load_full()
+    fn observe(&self) -> &Arc<Observatory> {
+        &self.acceptor.sessions.observe
     }
 
-    /// The current `shutdown_grace`.
-    pub fn shutdown_grace(&self) -> Duration {
-        self.routing.load().config.server.shutdown_grace.0
+    fn shutdown(&self) -> &Shutdown {
+        &self.acceptor.sessions.shutdown
+    }
+
+    /// Starts the background work of the current generation (health checks, mux links).
+    fn start_generation(&self) {
+        self.generations
+            .current()
+            .start(&self.acceptor.tasks, self.shutdown());
     }
 
     /// Applies a new configuration to new connections at once; sessions on backends it removes
     /// are moved (or closed 1012) after `shutdown_grace`.
-    pub fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, config::ConfigError> {
+    fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
-        let old = self.routing();
-        let mut restart_needed = Vec::new();
-        let (before, after) = (&old.config.server, &config.server);
-        if before.listen.get_ref() != after.listen.get_ref() {
-            restart_needed.push("server.listen".to_owned());
-        }
-        if before.admin.as_ref().map(|a| *a.get_ref()) != after.admin.as_ref().map(|a| *a.get_ref())
-        {
-            restart_needed.push("server.admin".to_owned());
-        }
-        if before.max_connections.get_ref() != after.max_connections.get_ref() {
-            restart_needed.push("server.max_connections".to_owned());
-        }
-        let tls_files = |server: &config::ServerConfig| {
-            (
-                server.tls_cert.as_ref().map(|p| p.get_ref().clone()),
-                server.tls_key.as_ref().map(|p| p.get_ref().clone()),
-            )
-        };
-        if tls_files(before) != tls_files(after) {
-            restart_needed.push("server.tls_cert/tls_key".to_owned());
-        }
-        let new = Arc::new(Routing::new(config, &self.inspectors, Some(&old)));
-        let removed: Vec<String> = old.backends_missing_from(&new).into_iter().collect();
-        let added: Vec<String> = new.backends_missing_from(&old).into_iter().collect();
+        let old = self.generations.current();
+        let restart_needed = generation::restart_needed(&old.config.server, &config.server);
+        let retired = self.shutdown().drain.child_token();
+        let new = Arc::new(Generation::new(
+            config,
+            &self.inspectors,
+            Some(&old),
+            retired,
+        ));
+        let removed = old.backends_missing_from(&new);
+        let added = new.backends_missing_from(&old);
         for url in &removed {
             old.backends.drain(url);
         }
         let routes = new.routes.len();
-        self.routing.store(new.clone());
+        self.generations.replace(new);
         old.retired.cancel();
-        health::spawn_checks(self, &new);
-        mux::MuxPool::start(self, &new);
+        self.start_generation();
         tracing::info!(
             ?added,
             ?removed,
@@ -195,7 +184,7 @@ impl Shared {
     }
 
     /// Reloads from the file the relay was started with.
-    pub fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
+    fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let source = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
             path: path.clone(),
@@ -236,7 +225,7 @@ pub enum ReloadError {
     },
     /// The new configuration is invalid.
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] ConfigError),
 }
 
 /// Entry point: binds a relay and runs it in the background of the current tokio runtime.
@@ -318,7 +307,7 @@ impl RelayBuilder {
                         .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
                     _ => path.to_owned(),
                 };
-                Some(tls::acceptor(
+                Some(accept::tls::acceptor(
                     &near_config(cert.get_ref()),
                     &near_config(key.get_ref()),
                 )?)
@@ -334,15 +323,17 @@ impl RelayBuilder {
         let admin_addr = match admin {
             Some(admin) => {
                 let addr = admin.local_addr().ok();
-                tracing::info!(admin = ?addr, "admin listening");
-                tokio::spawn(admin::serve(shared.clone(), admin));
+                if let Some(addr) = addr {
+                    tracing::info!(admin = %addr, "admin listening");
+                }
+                let task = admin::serve(shared.clone(), admin);
+                shared.control.spawn(task);
                 addr
             }
             None => None,
         };
-        health::spawn_checks(&shared, &shared.routing());
-        mux::MuxPool::start(&shared, &shared.routing());
-        let accept = tokio::spawn(listener::accept_loop(shared.clone(), listener));
+        shared.start_generation();
+        let accept = tokio::spawn(accept::accept_loop(shared.acceptor.clone(), listener));
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {
             local_addr,
@@ -398,9 +389,9 @@ impl RelayHandle {
         self.admin_addr
     }
 
-    /// Applies a new configuration (see DESIGN 7): new routes and backends serve new
-    /// connections at once; sessions on removed backends move after `shutdown_grace`.
-    pub fn reload(&self, config: Config) -> Result<ReloadReport, config::ConfigError> {
+    /// Applies a new configuration: new routes and backends serve new connections at once;
+    /// sessions on removed backends move after `shutdown_grace`.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
         self.shared.reload(config)
     }
 
@@ -411,36 +402,36 @@ impl RelayHandle {
 
     /// Established sessions right now.
     pub fn open_sessions(&self) -> usize {
-        self.shared.sessions.len()
+        self.shared.observe().sessions.len()
     }
 
-    /// Graceful drain (DESIGN 7): stop accepting, close every client with 1001 (spread over
+    /// Graceful drain: stop accepting, close every client with 1001 (spread over
     /// the grace period), close the backend legs, and return once all are gone or the grace
     /// period has passed.
     pub async fn shutdown(self) -> ShutdownReport {
         let shared = &self.shared;
-        let grace = shared.shutdown_grace();
-        shared.shutdown.stop_accepting.cancel();
+        let shutdown = shared.shutdown();
+        let tasks = &shared.acceptor.tasks;
+        let grace = shared.generations.shutdown_grace();
+        shutdown.stop_accepting.cancel();
         let sessions_at_drain = self.open_sessions();
         let _ = self.accept.await;
         tracing::info!(sessions = sessions_at_drain, ?grace, "draining");
-        shared.shutdown.drain.cancel();
-        shared.tasks.close();
+        shutdown.drain.cancel();
+        tasks.close();
         let mut sessions_aborted = 0;
-        if tokio::time::timeout(grace, shared.tasks.wait())
-            .await
-            .is_err()
-        {
-            sessions_aborted = shared.sessions.len();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            sessions_aborted = shared.observe().sessions.len();
             tracing::warn!(
                 sessions = sessions_aborted,
                 "grace period over; dropping the rest"
             );
-            shared.shutdown.abort.cancel();
-            shared.tasks.wait().await;
+            shutdown.abort.cancel();
+            tasks.wait().await;
         }
-        // The admin listener answered /readyz (503) during the drain; now it stops too.
-        shared.shutdown.abort.cancel();
+        shutdown.abort.cancel();
+        shared.control.close();
+        shared.control.wait().await;
         tracing::info!("drained");
         ShutdownReport {
             sessions_at_drain,

@@ -1,46 +1,18 @@
-//! Routes and upstreams as the relay uses them at run time: longest-prefix route lookup, the
-//! client's hash key, and each upstream's backend ranking.
+//! Routes as the relay uses them at run time: longest-prefix lookup, each route's upstream and
+//! inspector chain, and the bytes a client is hashed by.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::HeaderMap;
 use http::header::COOKIE;
 
-use crate::config::{BackendUrl, Config, HashKey, HealthCheckConfig, Mode, OnBackendLoss};
-use crate::hashing::Ranking;
+use crate::config::{Config, HashKey, Mode};
 use crate::inspect::{ChainTemplate, InspectorRegistry};
-
-/// A group of backends that routes send clients to.
-pub struct Upstream {
-    /// The `[upstream.NAME]` name.
-    pub name: String,
-    /// Backends in configuration order; rankings refer to them by index.
-    pub backends: Vec<BackendUrl>,
-    /// Rendezvous ranking over `backends`.
-    pub ranking: Ranking,
-    /// Time allowed for one backend's connect plus handshake.
-    pub connect_timeout: Duration,
-    /// What a client experiences when its backend goes away.
-    pub on_backend_loss: OnBackendLoss,
-    /// Active health checking, if configured.
-    pub health_check: Option<HealthCheckConfig>,
-    /// Links per backend when a mux route uses this upstream.
-    pub mux_links: usize,
-}
-
-impl Upstream {
-    /// `(unhealthy_after, healthy_after)` when active checks are on.
-    pub fn health_thresholds(&self) -> Option<(u32, u32)> {
-        self.health_check
-            .as_ref()
-            .map(|check| (check.unhealthy_after.max(1), check.healthy_after.max(1)))
-    }
-}
+use crate::upstream::Upstream;
 
 /// One `[[route]]`, ready to serve.
-pub struct Route {
+pub(crate) struct Route {
     /// Path prefix the route serves.
     pub path: String,
     /// Where its clients go.
@@ -58,8 +30,8 @@ pub struct Route {
 }
 
 /// All routes, longest path first.
-pub struct RouteTable {
-    routes: Vec<Route>,
+pub(crate) struct RouteTable {
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
@@ -70,25 +42,13 @@ impl RouteTable {
             .upstreams
             .iter()
             .map(|(name, upstream)| {
-                let backends = upstream.backends.get_ref();
-                let upstream = Upstream {
-                    name: name.clone(),
-                    backends: backends.iter().map(|b| b.url.clone()).collect(),
-                    ranking: Ranking::new(
-                        backends.iter().map(|b| (b.url.original.as_str(), b.weight)),
-                    ),
-                    connect_timeout: upstream.connect_timeout.0,
-                    on_backend_loss: upstream.on_backend_loss,
-                    health_check: upstream.health_check.as_ref().map(|c| c.get_ref().clone()),
-                    mux_links: upstream
-                        .mux_links
-                        .as_ref()
-                        .map_or(2, |n| *n.get_ref() as usize),
-                };
-                (name.clone(), Arc::new(upstream))
+                (
+                    name.clone(),
+                    Arc::new(Upstream::from_config(name, upstream)),
+                )
             })
             .collect();
-        let mut routes: Vec<Route> = config
+        let mut routes: Vec<Arc<Route>> = config
             .routes
             .iter()
             .filter_map(|route| {
@@ -111,7 +71,7 @@ impl RouteTable {
                 if rate_limit > 0 && !entries.iter().any(|e| e.starts_with("rate")) {
                     entries.push(format!("rate:{rate_limit}"));
                 }
-                Some(Route {
+                Some(Arc::new(Route {
                     path: route.path.get_ref().clone(),
                     upstream,
                     hash_key: route.hash_key.clone(),
@@ -119,7 +79,7 @@ impl RouteTable {
                     mode: *route.mode.get_ref(),
                     inspectors: registry.chain_template(&entries),
                     sensitive: route.sensitive,
-                })
+                }))
             })
             .collect();
         routes.sort_by_key(|route| std::cmp::Reverse(route.path.len()));
@@ -131,17 +91,20 @@ impl RouteTable {
         self.routes.len()
     }
 
-    /// True when no route is configured.
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+    /// Every route, longest path first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
     }
 
-    /// Every route's upstream with the route's mode (an upstream may appear once per mode).
-    pub fn upstream_modes(&self) -> Vec<(Arc<Upstream>, Mode)> {
-        self.routes
-            .iter()
-            .map(|route| (route.upstream.clone(), route.mode))
-            .collect()
+    /// Every upstream a mux route uses, once each.
+    pub fn mux_upstreams(&self) -> Vec<Arc<Upstream>> {
+        let mut seen: Vec<Arc<Upstream>> = Vec::new();
+        for route in self.routes.iter().filter(|route| route.mode == Mode::Mux) {
+            if !seen.iter().any(|u| u.name == route.upstream.name) {
+                seen.push(route.upstream.clone());
+            }
+        }
+        seen
     }
 
     /// Every upstream some route uses, once each.
@@ -165,7 +128,7 @@ impl RouteTable {
 
     /// The route whose path is the longest prefix of `path`, matching whole segments
     /// (`/chat` serves `/chat` and `/chat/room`, not `/chatter`).
-    pub fn find(&self, path: &str) -> Option<&Route> {
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
             .find(|route| prefix_matches(&route.path, path))

@@ -20,31 +20,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tungstenite::Message;
-use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::config::InspectorCatalog;
+pub use crate::pump::{Direction, Verdict};
 
 pub use json::JsonOnly;
 pub use log::FrameLog;
 pub use rate::RateLimit;
 pub use size::MaxSize;
-
-/// Which way a frame travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From the client towards the backend.
-    ClientToBackend,
-    /// From the backend towards the client.
-    BackendToClient,
-}
-
-impl Direction {
-    /// `"in"` (client to backend) or `"out"` (backend to client), as logs and metrics say it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::ClientToBackend => "in",
-            Direction::BackendToClient => "out",
-        }
-    }
-}
 
 /// What an inspector knows about the connection a frame belongs to.
 #[derive(Debug, Clone)]
@@ -68,18 +51,6 @@ pub struct FrameContext<'a> {
     pub backend: &'a str,
     /// Which way the frame travels.
     pub direction: Direction,
-}
-
-/// What to do with a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Pass it on (possibly rewritten in place).
-    Forward,
-    /// Swallow it silently.
-    Drop,
-    /// Close the connection: the sender of the message gets this code and reason, the other
-    /// leg a 1001 "going away".
-    Close(CloseCode, String),
 }
 
 /// A per-connection frame hook. Every method has a default that does nothing, so an inspector
@@ -118,6 +89,19 @@ pub trait InspectorFactory: Send + Sync + 'static {
     }
 }
 
+impl InspectorCatalog for InspectorRegistry {
+    fn check_entry(&self, entry: &str) -> Result<(), String> {
+        let (name, argument) = split_entry(entry);
+        let factory = self.factories.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.factories.keys().map(String::as_str).collect();
+            format!("unknown inspector {name:?} (known: {})", known.join(", "))
+        })?;
+        factory
+            .check_argument(argument)
+            .map_err(|e| format!("inspector {name:?}: {e}"))
+    }
+}
+
 /// Known inspector names and their factories: the built-ins plus any registered by the
 /// embedding application.
 #[derive(Clone)]
@@ -146,14 +130,7 @@ impl InspectorRegistry {
 
     /// Checks one `inspect` entry (`name` or `name:argument`).
     pub fn check(&self, entry: &str) -> Result<(), String> {
-        let (name, argument) = split_entry(entry);
-        let factory = self.factories.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.factories.keys().map(String::as_str).collect();
-            format!("unknown inspector {name:?} (known: {})", known.join(", "))
-        })?;
-        factory
-            .check_argument(argument)
-            .map_err(|e| format!("inspector {name:?}: {e}"))
+        self.check_entry(entry)
     }
 
     /// Resolves a route's `inspect` list into a chain template; entries were checked already.
@@ -196,18 +173,6 @@ impl ChainTemplate {
         InspectorChain {
             connection,
             inspectors,
-        }
-    }
-
-    /// Appends an inspector (used for config-wide limits such as `max_messages_per_second`).
-    pub fn push(&mut self, factory: Arc<dyn InspectorFactory>, argument: Option<String>) {
-        self.links.push((factory, argument));
-    }
-
-    /// A template holding only `factory`.
-    pub fn single(factory: Arc<dyn InspectorFactory>, argument: Option<String>) -> ChainTemplate {
-        ChainTemplate {
-            links: vec![(factory, argument)],
         }
     }
 }
@@ -291,6 +256,7 @@ pub fn preview(message: &Message, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tungstenite::protocol::frame::coding::CloseCode;
 
     fn connection() -> ConnectionInfo {
         ConnectionInfo {

@@ -6,6 +6,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 use tungstenite::handshake::derive_accept_key;
 
+use crate::headers::has_token as header_has_token;
+
 /// Why a client's request does not become a WebSocket, and the HTTP answer it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -40,7 +42,8 @@ pub fn wants_websocket(headers: &HeaderMap) -> bool {
     header_has_token(headers, &header::UPGRADE, "websocket")
 }
 
-/// Checks a request that asked for a WebSocket; refusals follow DESIGN 4.1.
+/// Checks a request that asked for a WebSocket: 426 without `Upgrade: websocket` or with a
+/// version other than 13 (with `Sec-WebSocket-Version: 13`), 400 for a malformed upgrade.
 pub fn check_upgrade<B>(request: &Request<B>) -> Result<UpgradeRequest, Refusal> {
     let headers = request.headers();
     if !wants_websocket(headers) {
@@ -162,16 +165,6 @@ pub fn switching_protocols<B: Default>(
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     response
-}
-
-/// True when a comma-separated header contains `token` (case-insensitive), in any of its lines.
-pub fn header_has_token(headers: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| item.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

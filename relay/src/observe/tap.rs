@@ -11,7 +11,8 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tungstenite::Message;
 
-use crate::inspect::{Direction, opcode_name, preview};
+use crate::inspect::{opcode_name, preview};
+use crate::pump::Direction;
 
 /// Records kept for taps that fall behind before they start losing records.
 const TAP_BUFFER: usize = 4096;

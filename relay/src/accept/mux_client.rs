@@ -7,27 +7,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{Instrument, debug, info, warn};
 use tungstenite::protocol::Role;
-use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole, max_message_len};
+use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole};
 
-use super::pool::link_config;
-use crate::Shared;
-use crate::leg::StreamLeg;
-use crate::listener::prepare_session;
-use crate::session::{self, ClientStart};
+use super::Acceptor;
+use super::answer::route_client;
+use crate::pump::StreamLeg;
+use crate::session::ClientStart;
+use crate::upstream::link_socket_config;
 
 /// Streams one mux client may have open at once; more are rejected with 503.
 const MAX_STREAMS_PER_CLIENT: usize = 1024;
 
-/// Runs a mux client's link until it ends, routing each stream it opens.
-pub(crate) async fn serve_mux_client(
-    shared: Arc<Shared>,
+/// Runs a mux client's link until it ends, routing each stream it opens. `_slot` is the
+/// client's connection slot, held for the link's life.
+pub(super) async fn serve(
+    acceptor: Arc<Acceptor>,
     on_upgrade: OnUpgrade,
     peer: SocketAddr,
     scheme: &'static str,
@@ -36,15 +36,12 @@ pub(crate) async fn serve_mux_client(
     let Ok(upgraded) = on_upgrade.await else {
         return;
     };
-    let routing = shared.routing();
+    let generation = acceptor.sessions.generations.current();
     let config = LinkConfig {
         max_streams: MAX_STREAMS_PER_CLIENT,
-        ..link_config(&routing)
+        ..generation.mux.link_config().clone()
     };
-    let mut socket_config = routing.client_ws;
-    let largest = max_message_len(config.max_frame);
-    socket_config.max_message_size = Some(largest);
-    socket_config.max_frame_size = Some(largest);
+    let socket_config = link_socket_config(generation.socket, &config);
     let socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(socket_config))
             .await;
@@ -58,19 +55,20 @@ pub(crate) async fn serve_mux_client(
     info!(%peer, "mux client link up");
     tokio::pin!(driver);
     let window = u64::from(link.params().send_initial_window);
+    let shutdown = acceptor.sessions.shutdown.clone();
     let ended = loop {
         tokio::select! {
             ended = &mut driver => break ended,
             incoming = link.accept() => {
                 let Some(incoming) = incoming else { continue };
-                let task = route_stream(shared.clone(), incoming, window, peer, scheme);
-                shared.tasks.spawn(task);
+                let task = route_stream(acceptor.clone(), incoming, window, peer, scheme);
+                acceptor.tasks.spawn(task);
             }
-            () = shared.shutdown.drain.cancelled() => {
+            () = shutdown.drain.cancelled() => {
                 link.go_away("relay shutting down");
                 tokio::select! {
                     ended = &mut driver => break ended,
-                    () = shared.shutdown.abort.cancelled() => return,
+                    () = shutdown.abort.cancelled() => return,
                 }
             }
         }
@@ -81,13 +79,13 @@ pub(crate) async fn serve_mux_client(
 /// Routes one stream like a client of its own: refuse it, or accept it with the backend's
 /// subprotocol and run its session.
 async fn route_stream(
-    shared: Arc<Shared>,
+    acceptor: Arc<Acceptor>,
     incoming: IncomingStream,
     window: u64,
     peer: SocketAddr,
     scheme: &'static str,
 ) {
-    let routing = shared.routing();
+    let generation = acceptor.sessions.generations.current();
     let target = if incoming.query.is_empty() {
         incoming.path.clone()
     } else {
@@ -97,7 +95,7 @@ async fn route_stream(
         incoming.reject(400, "invalid path");
         return;
     };
-    let Some(route) = routing.routes.find(uri.path()) else {
+    let Some(route) = generation.routes.find(uri.path()) else {
         incoming.reject(404, &format!("no route serves {}", uri.path()));
         return;
     };
@@ -110,7 +108,7 @@ async fn route_stream(
             headers.append(name, value);
         }
     }
-    match prepare_session(&shared, &routing, route, &uri, &headers, peer, scheme).await {
+    match route_client(&acceptor, &generation, route, &uri, &headers, peer, scheme).await {
         Ok((span, pending)) => {
             let protocol = pending
                 .protocol
@@ -118,17 +116,11 @@ async fn route_stream(
                 .and_then(|p| p.to_str().ok())
                 .map(str::to_owned);
             let stream = StreamLeg::new(incoming.accept(protocol), window);
-            let start = pending.with_client(ClientStart::Stream(stream), None);
-            session::run(start).instrument(span).await;
+            let session = pending.run(acceptor.sessions.clone(), ClientStart::Stream(stream), None);
+            session.instrument(span).await;
         }
-        Err(response) => {
-            let status = response.status().as_u16();
-            let body = match response.into_body().collect().await {
-                Ok(collected) => String::from_utf8_lossy(&collected.to_bytes())
-                    .trim()
-                    .to_owned(),
-                Err(_) => String::new(),
-            };
+        Err(answer) => {
+            let (status, body) = answer.into_status_and_text();
             warn!(%peer, path = %uri.path(), status, "mux client stream refused");
             incoming.reject(status, &body);
         }

@@ -1,11 +1,13 @@
-//! What the relay knows of each backend at run time: passive health (did the last dial work?)
-//! and the admin's drain flag. Rankings skip draining backends; `/api/backends` shows both.
+//! What the relay knows of each backend at run time: its health (from the answers of client
+//! dials and of active probes) and the admin's drain flag. Rankings skip draining backends, and
+//! unhealthy ones when active checks are on; `/api/backends` and metrics show both.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Config;
 
@@ -32,7 +34,7 @@ impl BackendState {
     /// Records a dial or probe result; returns the new health if it changed. With
     /// `thresholds` (`unhealthy_after`, `healthy_after`) health flips after that many results
     /// in a row; without, it follows the last result.
-    pub fn record(&self, succeeded: bool, thresholds: Option<(u32, u32)>) -> Option<bool> {
+    fn record(&self, succeeded: bool, thresholds: Option<(u32, u32)>) -> Option<bool> {
         let (unhealthy_after, healthy_after) = thresholds.unwrap_or((1, 1));
         let flip_to = if succeeded {
             self.failures.store(0, Ordering::Relaxed);
@@ -106,6 +108,25 @@ impl BackendBook {
         self.get(url).is_none_or(|state| {
             !state.draining() && (state.healthy() || !state.gates_ranking.load(Ordering::Relaxed))
         })
+    }
+
+    /// Records an answer (or its absence) from `url`, with the upstream's `thresholds`, and
+    /// says so when the backend's health flips.
+    pub fn record(&self, url: &str, succeeded: bool, thresholds: Option<(u32, u32)>) {
+        let Some(state) = self.get(url) else {
+            return;
+        };
+        match state.record(succeeded, thresholds) {
+            Some(true) => info!(backend = url, "backend healthy again"),
+            Some(false) if state.gates_ranking.load(Ordering::Relaxed) => {
+                warn!(
+                    backend = url,
+                    "backend unhealthy; out of the ranking until it recovers"
+                );
+            }
+            Some(false) => warn!(backend = url, "backend unhealthy (its last answer failed)"),
+            None => {}
+        }
     }
 
     /// Starts draining `url`; false if no such backend is configured.

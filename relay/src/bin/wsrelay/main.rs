@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use wsrelay::config::Config;
-use wsrelay::demo::DemoBackend;
+mod demo;
+
+use demo::DemoBackend;
 use wsrelay::{Relay, RelayHandle};
 
 /// A WebSocket-terminating message relay: decodes every frame and re-originates each client's

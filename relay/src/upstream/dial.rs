@@ -1,159 +1,23 @@
-//! Re-originating a client's conversation: the request the backend sees (DESIGN 4.3) and the
-//! walk down the client's backend ranking until one answers.
+//! Opening a WebSocket to one backend: TCP connect, the client side of the opening handshake,
+//! and the backend's refusal (status, headers, body) when it answers with something else.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, StatusCode, Uri};
+use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
-use tungstenite::handshake::client::{generate_key, generate_request};
+use tungstenite::handshake::client::generate_request;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use super::request::BackendRequest;
 use crate::config::BackendUrl;
-use crate::handshake::header_has_token;
+use crate::headers::{self, has_token as header_has_token};
 
 /// The backend leg of a session.
 pub type BackendSocket = WebSocketStream<TcpStream>;
-
-/// Everything needed to open (and re-open) a client's backend leg.
-#[derive(Debug, Clone)]
-pub struct BackendRequest {
-    /// Path and query exactly as the client sent them.
-    pub path_and_query: String,
-    /// The client's `Host`, sent on when `preserve_host` is set.
-    pub client_host: Option<HeaderValue>,
-    /// End-to-end headers to send, `X-Forwarded-*` and `X-Relay-Conn-Id` included.
-    pub headers: HeaderMap,
-    /// Send the client's Host rather than the backend's authority.
-    pub preserve_host: bool,
-}
-
-/// Headers that describe one hop only; they are not forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authenticate",
-];
-
-fn is_hop_by_hop(name: &HeaderName, connection_tokens: &HeaderMap) -> bool {
-    let name = name.as_str();
-    HOP_BY_HOP.contains(&name)
-        || name.starts_with("proxy-")
-        || header_has_token(connection_tokens, &header::CONNECTION, name)
-}
-
-impl BackendRequest {
-    /// Builds the backend request of DESIGN 4.3 from the client's request.
-    pub fn from_client(
-        uri: &Uri,
-        client_headers: &HeaderMap,
-        client_addr: SocketAddr,
-        conn_id: u64,
-        preserve_host: bool,
-        scheme: &str,
-    ) -> BackendRequest {
-        let mut headers = HeaderMap::with_capacity(client_headers.len() + 5);
-        for (name, value) in client_headers {
-            let websocket_own = matches!(
-                name.as_str(),
-                "sec-websocket-key"
-                    | "sec-websocket-accept"
-                    | "sec-websocket-extensions"
-                    | "sec-websocket-version"
-            );
-            if websocket_own
-                || name == header::HOST
-                || name.as_str() == "x-forwarded-for"
-                || is_hop_by_hop(name, client_headers)
-            {
-                continue;
-            }
-            headers.append(name.clone(), value.clone());
-        }
-        let client_ip = client_addr.ip().to_string();
-        let forwarded_for = client_headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .chain(std::iter::once(client_ip.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let insert = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
-        };
-        insert(&mut headers, "x-forwarded-for", &forwarded_for);
-        insert(&mut headers, "x-forwarded-proto", scheme);
-        if let Some(host) = client_headers.get(header::HOST) {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
-        }
-        insert(&mut headers, "x-real-ip", &client_ip);
-        insert(&mut headers, "x-relay-conn-id", &conn_id.to_string());
-        BackendRequest {
-            path_and_query: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-            client_host: client_headers.get(header::HOST).cloned(),
-            headers,
-            preserve_host,
-        }
-    }
-
-    /// The request of an active health check: `/` with `User-Agent: wsrelay-health-check`.
-    pub fn health_probe() -> BackendRequest {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static("wsrelay-health-check"),
-        );
-        BackendRequest {
-            path_and_query: "/".into(),
-            client_host: None,
-            headers,
-            preserve_host: false,
-        }
-    }
-
-    /// The HTTP request for one backend, with a fresh `Sec-WebSocket-Key`.
-    fn for_backend(&self, backend: &BackendUrl) -> Result<Request<()>, String> {
-        let uri = format!(
-            "ws://{}{}{}",
-            backend.authority, backend.base_path, self.path_and_query
-        );
-        let mut request = Request::get(&uri)
-            .body(())
-            .map_err(|e| format!("bad backend URI {uri:?}: {e}"))?;
-        let host = match (&self.client_host, self.preserve_host) {
-            (Some(host), true) => host.clone(),
-            _ => HeaderValue::from_str(&backend.authority)
-                .map_err(|e| format!("bad backend authority: {e}"))?,
-        };
-        let headers = request.headers_mut();
-        headers.clone_from(&self.headers);
-        headers.insert(header::HOST, host);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        headers.insert(
-            header::SEC_WEBSOCKET_KEY,
-            HeaderValue::from_str(&generate_key()).expect("base64 key"),
-        );
-        Ok(request)
-    }
-}
 
 /// Why a backend did not become a client's backend leg.
 #[derive(Debug, thiserror::Error)]
@@ -365,7 +229,7 @@ fn strip_for_client(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
-            is_hop_by_hop(name, &HeaderMap::new())
+            headers::is_hop_by_hop(name, &HeaderMap::new())
                 || name.as_str().starts_with("sec-websocket-")
                 || *name == header::CONTENT_LENGTH
         })
@@ -373,72 +237,5 @@ fn strip_for_client(headers: &mut HeaderMap) {
         .collect();
     for name in names {
         headers.remove(name);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_headers() {
-        let mut client = HeaderMap::new();
-        client.insert("host", HeaderValue::from_static("chat.example:8080"));
-        client.insert(
-            "connection",
-            HeaderValue::from_static("Upgrade, X-Secret-Hop"),
-        );
-        client.insert("upgrade", HeaderValue::from_static("websocket"));
-        client.insert("x-secret-hop", HeaderValue::from_static("1"));
-        client.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        client.insert("proxy-authorization", HeaderValue::from_static("x"));
-        client.insert(
-            "sec-websocket-key",
-            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
-        );
-        client.insert(
-            "sec-websocket-extensions",
-            HeaderValue::from_static("permessage-deflate"),
-        );
-        client.insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static("chat, superchat"),
-        );
-        client.insert("cookie", HeaderValue::from_static("sid=1"));
-        client.insert("authorization", HeaderValue::from_static("Bearer t"));
-        client.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        client.insert("x-custom", HeaderValue::from_static("kept"));
-        let uri: Uri = "/chat/room?x=1".parse().unwrap();
-        let addr: SocketAddr = "10.0.0.9:4444".parse().unwrap();
-        let request = BackendRequest::from_client(&uri, &client, addr, 42, true, "http");
-        let backend = BackendUrl::parse("ws://127.0.0.1:9001").unwrap();
-        let http = request.for_backend(&backend).unwrap();
-        let h = http.headers();
-        assert_eq!(http.uri(), "ws://127.0.0.1:9001/chat/room?x=1");
-        assert_eq!(h["host"], "chat.example:8080");
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "chat.example:8080");
-        assert_eq!(h["x-real-ip"], "10.0.0.9");
-        assert_eq!(h["x-relay-conn-id"], "42");
-        assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
-        assert_eq!(h["cookie"], "sid=1");
-        assert_eq!(h["authorization"], "Bearer t");
-        assert_eq!(h["x-custom"], "kept");
-        assert_eq!(h["connection"], "Upgrade");
-        assert_ne!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
-        for gone in [
-            "x-secret-hop",
-            "keep-alive",
-            "proxy-authorization",
-            "sec-websocket-extensions",
-        ] {
-            assert!(!h.contains_key(gone), "{gone} was forwarded");
-        }
-        let plain = BackendRequest::from_client(&uri, &client, addr, 42, false, "http");
-        let backend = BackendUrl::parse("ws://127.0.0.1:9001/base").unwrap();
-        let http = plain.for_backend(&backend).unwrap();
-        assert_eq!(http.headers()["host"], "127.0.0.1:9001");
-        assert_eq!(http.uri(), "ws://127.0.0.1:9001/base/chat/room?x=1");
     }
 }

@@ -4,11 +4,13 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::{Sink, Stream};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message};
 use wsrelay_protocol::MuxStream;
 
@@ -54,11 +56,6 @@ impl StreamLeg {
     /// Wraps `stream`, opened with `window` bytes of send credit.
     pub fn new(stream: MuxStream, window: u64) -> StreamLeg {
         StreamLeg { stream, window }
-    }
-
-    /// The subprotocol the stream's peer selected.
-    pub fn protocol(&self) -> Option<&str> {
-        self.stream.protocol()
     }
 }
 
@@ -165,4 +162,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for AnyLeg<S> {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         each_leg!(self.get_mut(), leg => Pin::new(leg).poll_close(cx))
     }
+}
+
+/// Time allowed for a close handshake once the relay has decided to close a leg.
+pub const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Sends our Close (or completes the peer's), then reads until the peer ends the connection,
+/// within [`CLOSE_HANDSHAKE_TIMEOUT`]. Data that arrives meanwhile is dropped: the other leg
+/// is closing too.
+pub async fn close_leg<L: Leg>(leg: &mut L, frame: Option<CloseFrame>) {
+    // Boxed: rare work should not grow every session's future, which lives as long as its
+    // client.
+    Box::pin(async move {
+        let finish = async {
+            // If the peer closed first, tungstenite has queued the echo of its Close and
+            // refuses a second one; `SinkExt::close` then only flushes that echo.
+            let _ = leg.send(Message::Close(frame)).await;
+            if SinkExt::close(leg).await.is_err() || !leg.awaits_close_reply() {
+                return;
+            }
+            // tungstenite ends the stream once the close handshake is complete.
+            while let Some(Ok(_)) = leg.next().await {}
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, finish).await;
+    })
+    .await;
 }

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::KeepaliveConfig;
-
 /// Keepalive settings resolved from `[keepalive]`: `None` disables a feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeepalivePolicy {
@@ -16,18 +14,6 @@ pub struct KeepalivePolicy {
     pub pong_timeout: Duration,
     /// Close a connection that carried no message for this long.
     pub idle_timeout: Option<Duration>,
-}
-
-impl KeepalivePolicy {
-    /// Resolves the configured values (zero disables).
-    pub fn from_config(config: &KeepaliveConfig) -> KeepalivePolicy {
-        let enabled = |d: Duration| (!d.is_zero()).then_some(d);
-        KeepalivePolicy {
-            ping_interval: enabled(config.ping_interval.0),
-            pong_timeout: config.pong_timeout.get_ref().0,
-            idle_timeout: enabled(config.idle_timeout.0),
-        }
-    }
 }
 
 /// What a leg's liveness check decided.

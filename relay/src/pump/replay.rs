@@ -165,11 +165,13 @@ impl ReplayLog {
     }
 
     /// Unacknowledged messages held now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.unacked.len()
     }
 
     /// True when nothing is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.unacked.is_empty()
     }

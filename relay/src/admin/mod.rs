@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -17,20 +16,18 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast::error::RecvError;
-use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
-use tungstenite::Message;
-use tungstenite::protocol::Role;
+
+mod tap;
 
 use crate::Shared;
-use crate::handshake;
+use crate::observe::Figures;
 use crate::route::query_value;
-use crate::tap::TapFilter;
 
-/// Serves the admin API until the relay stops accepting.
+/// Serves the admin API until the grace period of a shutdown is over (it answers `/readyz`
+/// with 503 during the drain).
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let stop = shared.shutdown.abort.clone();
+    let stop = shared.shutdown().abort.clone();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -44,7 +41,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             () = stop.cancelled() => break,
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let tasks = shared.control.clone();
+        tasks.spawn(async move {
             let service_shared = shared.clone();
             let service = service_fn(move |request| {
                 let shared = service_shared.clone();
@@ -61,7 +59,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 served = connection => if let Err(error) = served {
                     debug!(%peer, %error, "admin connection failed");
                 },
-                () = shared.shutdown.abort.cancelled() => {}
+                () = shared.shutdown().abort.cancelled() => {}
             }
         });
     }
@@ -72,8 +70,8 @@ async fn route(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let routing = shared.routing();
-    if let Some(token) = &routing.config.server.admin_token {
+    let generation = shared.generations.current();
+    if let Some(token) = &generation.config.server.admin_token {
         let expected = format!("Bearer {}", token.get_ref());
         let given = request
             .headers()
@@ -94,14 +92,16 @@ async fn route(
         (&Method::GET, "/readyz") => readiness(shared),
         (&Method::GET, "/metrics") => {
             let mut response = text(StatusCode::OK, "");
-            *response.body_mut() = Full::new(Bytes::from(shared.metrics.render()));
+            *response.body_mut() = Full::new(Bytes::from(metrics(shared)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             response
         }
-        (&Method::GET, "/api/connections") => json(StatusCode::OK, &shared.sessions.snapshot()),
+        (&Method::GET, "/api/connections") => {
+            json(StatusCode::OK, &shared.observe().sessions.snapshot())
+        }
         (&Method::GET, "/api/backends") => json(StatusCode::OK, &backends(shared)),
         (&Method::POST, "/api/backends/drain") => drain_backend(shared, &query),
         (&Method::POST, "/api/reload") => match shared.reload_from_file() {
@@ -115,7 +115,7 @@ async fn route(
                 text(status, &format!("{error}\n"))
             }
         },
-        (&Method::GET, "/api/tap") => tap(shared, peer, request, &query),
+        (&Method::GET, "/api/tap") => tap::open(shared, peer, request, &query),
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/api/connections" | "/api/backends" | "/api/tap",
@@ -128,9 +128,9 @@ async fn route(
 }
 
 fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
-    if shared.shutdown.drain.is_cancelled() {
+    if shared.shutdown().drain.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if !shared.routing().backends.any_ready() {
+    } else if !shared.generations.current().backends.any_ready() {
         text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
     } else {
         text(StatusCode::OK, "ready\n")
@@ -149,8 +149,9 @@ struct BackendRow {
 }
 
 fn backends(shared: &Shared) -> Vec<BackendRow> {
-    let routing = shared.routing();
-    routing
+    let generation = shared.generations.current();
+    let sessions = &shared.observe().sessions;
+    generation
         .backends
         .iter()
         .map(|(url, state)| BackendRow {
@@ -158,10 +159,53 @@ fn backends(shared: &Shared) -> Vec<BackendRow> {
             upstream: state.upstream.clone(),
             healthy: state.healthy(),
             draining: state.draining(),
-            connections: shared.sessions.count_on(url),
-            links: routing.mux.load(&routing, url).0,
+            connections: sessions.count_on(url),
+            links: generation.mux.live_links(&generation.upstreams, url),
         })
         .collect()
+}
+
+/// The Prometheus exposition: event counters as counted, and the state figures derived now
+/// from the session registry and the current generation.
+fn metrics(shared: &Shared) -> String {
+    let observe = shared.observe();
+    let generation = shared.generations.current();
+    let census = observe.sessions.census();
+    let mut connections = census.by_route;
+    for route in generation.routes.iter() {
+        for backend in &route.upstream.backends {
+            let key = (route.path.as_str().into(), backend.original.as_str().into());
+            connections.entry(key).or_insert(0);
+        }
+    }
+    let mut mux_streams = census.mux_streams;
+    let mut mux_links = Vec::new();
+    for upstream in generation.routes.mux_upstreams() {
+        for backend in &upstream.backends {
+            let url = &backend.original;
+            mux_streams.entry(url.as_str().into()).or_insert(0);
+            let live = generation.mux.live_links(&generation.upstreams, url);
+            mux_links.push((url.clone(), live as i64));
+        }
+    }
+    let figures = Figures {
+        connections: connections
+            .into_iter()
+            .map(|((route, backend), n)| (route.to_string(), backend.to_string(), n))
+            .collect(),
+        traffic: census.traffic,
+        backend_healthy: generation
+            .backends
+            .iter()
+            .map(|(url, state)| (url.clone(), state.healthy()))
+            .collect(),
+        mux_links,
+        mux_streams: mux_streams
+            .into_iter()
+            .map(|(url, n)| (url.to_string(), n))
+            .collect(),
+    };
+    observe.metrics.render(&figures)
 }
 
 fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
@@ -171,88 +215,15 @@ fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
             "give the backend as ?url=ws://...\n",
         );
     };
-    if shared.routing().backends.drain(&url) {
-        info!(backend = %url, grace = ?shared.shutdown_grace(), "backend draining: no new clients; existing ones move after the grace period");
+    if shared.generations.current().backends.drain(&url) {
+        info!(backend = %url, grace = ?shared.generations.shutdown_grace(), "backend draining: no new clients; existing ones move after the grace period");
         text(StatusCode::OK, "draining\n")
     } else {
         text(StatusCode::NOT_FOUND, "no such backend\n")
     }
 }
 
-fn tap(
-    shared: &Arc<Shared>,
-    peer: SocketAddr,
-    mut request: Request<Incoming>,
-    query: &str,
-) -> Response<Full<Bytes>> {
-    let filter = match (query_value(query, "conn"), query_value(query, "route")) {
-        (Some(id), _) => match id.parse() {
-            Ok(id) => TapFilter::Connection(id),
-            Err(_) => return text(StatusCode::BAD_REQUEST, "conn must be a connection id\n"),
-        },
-        (None, Some(route)) => TapFilter::Route(percent_decode(route)),
-        (None, None) => return text(StatusCode::BAD_REQUEST, "give ?conn=ID or ?route=/path\n"),
-    };
-    let upgrade = match handshake::check_upgrade(&request) {
-        Ok(upgrade) => upgrade,
-        Err(refusal) => return text(refusal.status, &(refusal.reason + "\n")),
-    };
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let subscription = shared.tap.subscribe();
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        info!(%peer, ?filter, "tap opened");
-        stream_tap(&shared, socket, subscription, filter).await;
-        info!(%peer, "tap closed");
-    });
-    handshake::switching_protocols(&upgrade, None)
-}
-
-async fn stream_tap<S>(
-    shared: &Shared,
-    mut socket: WebSocketStream<S>,
-    mut subscription: crate::tap::TapSubscription,
-    filter: TapFilter,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        tokio::select! {
-            record = subscription.receiver.recv() => match record {
-                Ok(record) if filter.matches(&record) => {
-                    let line = serde_json::to_string(&*record).expect("records serialize");
-                    if socket.send(Message::text(line)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(RecvError::Lagged(lost)) => {
-                    shared.metrics.tap_dropped.inc_by(lost);
-                    let notice = format!("{{\"dropped\":{lost}}}");
-                    if socket.send(Message::text(notice)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(RecvError::Closed) => return,
-            },
-            incoming = socket.next() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
-            },
-            () = shared.shutdown.drain.cancelled() => {
-                let _ = socket.close(None).await;
-                return;
-            }
-        }
-    }
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+pub(super) fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -274,7 +245,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
 }
 
 /// Decodes `%XX` escapes (query values such as `ws%3A%2F%2Fhost%3A1`); invalid escapes stay.
-fn percent_decode(value: &str) -> String {
+pub(super) fn percent_decode(value: &str) -> String {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;

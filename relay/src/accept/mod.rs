@@ -1,0 +1,146 @@
+//! The client-facing listener: accept, limit, TLS, serve HTTP/1.1 with hyper until the request
+//! upgrades. What each request gets is decided in [`answer`]; the RFC 6455 checks are the pure
+//! functions of [`upgrade`]; clients that multiplex on their side are served by [`mux_client`].
+
+mod answer;
+mod mux_client;
+pub(crate) mod tls;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+pub(crate) use upgrade::{check_upgrade, switching_protocols};
+
+use crate::session::SessionContext;
+
+/// Largest request head hyper buffers; beyond it the client gets 431.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// What the listener and every client connection share.
+pub(crate) struct Acceptor {
+    /// What the sessions it starts share.
+    pub sessions: SessionContext,
+    /// One permit per connection, handshaking or established (`max_connections`, fixed at
+    /// start).
+    pub slots: Arc<Semaphore>,
+    /// The next connection id.
+    pub next_conn_id: AtomicU64,
+    /// Owns every connection and session task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// TLS for the client listener, if configured (fixed at start).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Accepts until the relay stops accepting.
+pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) {
+    let stop = acceptor.sessions.shutdown.stop_accepting.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // Usually EMFILE: back off briefly instead of spinning on the error.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = acceptor.slots.clone().try_acquire_owned().ok();
+        acceptor
+            .tasks
+            .spawn(serve_connection(acceptor.clone(), tcp, peer, permit));
+    }
+}
+
+/// The connection slot of a client connection, handed to its session once it upgrades.
+type Slot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
+async fn serve_connection(
+    acceptor: Arc<Acceptor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let timeout = acceptor
+        .sessions
+        .generations
+        .current()
+        .config
+        .server
+        .handshake_timeout
+        .0;
+    let Some(tls) = acceptor.tls.clone() else {
+        return serve_http(acceptor, tcp, peer, permit, "http", timeout).await;
+    };
+    // The TLS handshake is part of the client handshake and shares its deadline.
+    let started = tokio::time::Instant::now();
+    let drain = acceptor.sessions.shutdown.drain.clone();
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(timeout, tls.accept(tcp)) => accepted,
+        () = drain.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let left = timeout.saturating_sub(started.elapsed());
+            serve_http(acceptor, stream, peer, permit, "https", left).await;
+        }
+        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
+    }
+}
+
+/// Serves HTTP/1.1 on a client connection until it upgrades or `timeout` passes.
+async fn serve_http<I>(
+    acceptor: Arc<Acceptor>,
+    io: I,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    scheme: &'static str,
+    timeout: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let slot: Slot = Arc::new(Mutex::new(permit));
+    let drain = acceptor.sessions.shutdown.drain.clone();
+    let service = service_fn(move |request| {
+        let acceptor = acceptor.clone();
+        let slot = slot.clone();
+        async move {
+            let answer = answer::answer(&acceptor, peer, scheme, &slot, request).await;
+            Ok::<_, Infallible>(answer.counted(&acceptor.sessions.observe.metrics))
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::select! {
+        served = tokio::time::timeout(timeout, connection) => match served {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!(%peer, %error, "client HTTP connection failed"),
+            Err(_) => debug!(%peer, ?timeout, "client handshake timed out"),
+        },
+        () = drain.cancelled() => {}
+    }
+}

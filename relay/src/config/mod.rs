@@ -1,0 +1,438 @@
+//! The TOML configuration (every key: `docs/configuration.md`): the file's schema with its
+//! defaults, the value types, and validation.
+//!
+//! Every value is checked while it is deserialized, so a bad value is reported by `toml` with
+//! the span of the offending key; checks that need more than one value (a route naming a missing
+//! upstream, a key that is set but not implemented yet) run afterwards on [`toml::Spanned`] fields
+//! so they, too, can point at a line.
+//!
+//! This module depends on nothing else of the relay: what it needs to know of inspectors comes
+//! in through [`InspectorCatalog`].
+
+mod check;
+mod values;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use check::{ConfigError, ConfigProblem, InspectorCatalog};
+pub use values::{BackendConfig, BackendUrl, ByteSize, HashKey, HumanDuration, ListenAddr};
+
+/// The whole relay configuration, as read from a TOML file or built from CLI flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The client-facing listener and process-wide settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Ping/pong keepalive, applied to both legs of every connection.
+    #[serde(default)]
+    pub keepalive: KeepaliveConfig,
+    /// Per-message and per-client limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Routes, matched by longest path prefix.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// Named groups of backends that routes point at.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// `[server]`: the listener and process-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client-facing listener address.
+    pub listen: Spanned<ListenAddr>,
+    /// TLS certificate chain (PEM); with `tls_key`, the listener speaks wss://.
+    pub tls_cert: Option<Spanned<PathBuf>>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<Spanned<PathBuf>>,
+    /// Admin and metrics listener.
+    pub admin: Option<Spanned<ListenAddr>>,
+    /// Bearer token the admin listener requires, if set.
+    pub admin_token: Option<Spanned<String>>,
+    /// Connections (handshaking or established) above which new ones get HTTP 503.
+    pub max_connections: Spanned<usize>,
+    /// Time allowed for a client's whole handshake, backend dial included.
+    pub handshake_timeout: HumanDuration,
+    /// Time allowed for a graceful drain on SIGTERM/SIGINT.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([0, 0, 0, 0], 8080)))),
+            tls_cert: None,
+            tls_key: None,
+            admin: None,
+            admin_token: None,
+            max_connections: Spanned::new(0..0, 100_000),
+            handshake_timeout: HumanDuration(Duration::from_secs(10)),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[keepalive]`: ping/pong on both legs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// Send a Ping when a leg has received nothing for this long; zero disables pings.
+    pub ping_interval: HumanDuration,
+    /// After a Ping, a leg that sends no frame at all within this is dead.
+    pub pong_timeout: Spanned<HumanDuration>,
+    /// Close a connection whose legs carried no message for this long; zero disables it.
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            ping_interval: HumanDuration(Duration::from_secs(20)),
+            pong_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
+            idle_timeout: HumanDuration(Duration::ZERO),
+        }
+    }
+}
+
+/// `[limits]`: what a single client may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest whole message; larger closes the sender with 1009.
+    pub max_message_size: ByteSize,
+    /// Largest single frame; larger closes the sender with 1009.
+    pub max_frame_size: ByteSize,
+    /// Per-client message rate; 0 means unlimited.
+    pub max_messages_per_second: Spanned<u32>,
+    /// Allowed `Origin` values; empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: ByteSize(1 << 20),
+            max_frame_size: ByteSize(1 << 20),
+            max_messages_per_second: Spanned::new(0..0, 0),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix this route serves; the longest matching prefix wins.
+    pub path: Spanned<String>,
+    /// Name of the `[upstream.NAME]` that serves it.
+    pub upstream: Spanned<String>,
+    /// How clients reach the backends.
+    #[serde(default = "unspanned")]
+    pub mode: Spanned<Mode>,
+    /// What identifies a client for rendezvous hashing.
+    #[serde(default)]
+    pub hash_key: HashKey,
+    /// Send the client's `Host` to the backend instead of the backend's own authority.
+    #[serde(default = "default_true")]
+    pub preserve_host: bool,
+    /// Inspector chain for the route's frames, in order.
+    #[serde(default = "unspanned")]
+    pub inspect: Spanned<Vec<String>>,
+    /// The route carries secrets: frame logs and taps show no payload bytes.
+    #[serde(default)]
+    pub sensitive: bool,
+}
+
+/// A default value, which has no place in the file (span `0..0`).
+fn unspanned<T: Default>() -> Spanned<T> {
+    Spanned::new(0..0, T::default())
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How a route carries its clients to the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// One backend WebSocket per client.
+    #[default]
+    PerClient,
+    /// Clients share the upstream's mux links.
+    Mux,
+}
+
+/// `[upstream.NAME]`: a group of backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The backends, ranked per client by rendezvous hashing.
+    pub backends: Spanned<Vec<BackendConfig>>,
+    /// Time allowed for one backend's TCP connect plus WebSocket handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Shared links per backend in mux mode.
+    pub mux_links: Option<Spanned<u32>>,
+    /// What happens to a client whose backend goes away.
+    #[serde(default)]
+    pub on_backend_loss: OnBackendLoss,
+    /// Active health checking.
+    pub health_check: Option<Spanned<HealthCheckConfig>>,
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+/// What a client experiences when its backend closes or dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBackendLoss {
+    /// Re-originate the client to the next backend in its rank, keeping its socket.
+    #[default]
+    Reconnect,
+    /// Close the client with 1012 (service restart).
+    Close,
+}
+
+/// `health_check = { ... }` of an upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between probes.
+    pub interval: HumanDuration,
+    /// Time allowed for one probe.
+    pub timeout: HumanDuration,
+    /// Consecutive failures that mark a backend unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive successes that mark it healthy again.
+    pub healthy_after: u32,
+}
+
+impl Config {
+    /// Parses and validates a TOML configuration; `origin` names it in error messages, and
+    /// `inspectors` says which `inspect` entries exist (the relay's registry: the built-ins
+    /// plus an embedding application's own). `Config::from_toml` checks against the built-ins.
+    pub fn from_toml_with(
+        source: &str,
+        origin: &str,
+        inspectors: &dyn InspectorCatalog,
+    ) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(source)
+            .map_err(|error| ConfigError::unparsable(source, origin, &error))?;
+        ConfigError::from_problems(origin, check::problems(&config, Some(source), inspectors))?;
+        Ok(config)
+    }
+
+    /// Builds the quick-start configuration: one route `/` in per-client mode over `backends`.
+    pub fn quick_start(listen: SocketAddr, backends: &[String]) -> Result<Config, ConfigError> {
+        let mut parsed = Vec::new();
+        let mut problems = Vec::new();
+        for text in backends {
+            match BackendUrl::parse(text) {
+                Ok(url) => parsed.push(BackendConfig { url, weight: 1.0 }),
+                Err(message) => problems.push(ConfigProblem {
+                    line: None,
+                    key: "--backend".into(),
+                    message,
+                }),
+            }
+        }
+        let config = Config {
+            server: ServerConfig {
+                listen: Spanned::new(0..0, ListenAddr(listen)),
+                ..ServerConfig::default()
+            },
+            keepalive: KeepaliveConfig::default(),
+            limits: LimitsConfig::default(),
+            routes: vec![RouteConfig {
+                path: Spanned::new(0..0, "/".into()),
+                upstream: Spanned::new(0..0, "default".into()),
+                mode: Spanned::new(0..0, Mode::PerClient),
+                hash_key: HashKey::RemoteAddr,
+                preserve_host: true,
+                inspect: Spanned::new(0..0, Vec::new()),
+                sensitive: false,
+            }],
+            upstreams: BTreeMap::from([(
+                "default".to_owned(),
+                UpstreamConfig {
+                    backends: Spanned::new(0..0, parsed),
+                    connect_timeout: default_connect_timeout(),
+                    mux_links: None,
+                    on_backend_loss: OnBackendLoss::Reconnect,
+                    health_check: None,
+                },
+            )]),
+        };
+        // The quick start names no inspector.
+        let none = |entry: &str| Err(format!("unknown inspector {entry:?}"));
+        problems.extend(check::problems(&config, None, &none));
+        ConfigError::from_problems("command line", problems)?;
+        Ok(config)
+    }
+
+    /// Checks the configuration again against `inspectors` (used when an application
+    /// registers inspectors of its own after loading the file).
+    pub fn check_inspectors(&self, inspectors: &dyn InspectorCatalog) -> Result<(), ConfigError> {
+        ConfigError::from_problems("configuration", check::problems(self, None, inspectors))
+    }
+
+    /// The client-facing listen address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.get_ref().0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderName;
+
+    const FULL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+max_connections = 100000
+handshake_timeout = "10s"
+shutdown_grace = "30s"
+
+[keepalive]
+ping_interval = "20s"
+pong_timeout = "10s"
+idle_timeout = "0s"
+
+[limits]
+max_message_size = "1MiB"
+max_frame_size = "1MiB"
+max_messages_per_second = 0
+allowed_origins = []
+
+[[route]]
+path = "/"
+upstream = "chat"
+mode = "per-client"
+hash_key = "header:X-User"
+preserve_host = true
+
+[upstream.chat]
+backends = ["ws://127.0.0.1:9001", { url = "ws://127.0.0.1:9002/base/", weight = 2.0 }]
+connect_timeout = "5s"
+on_backend_loss = "reconnect"
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let config = Config::from_toml(FULL, "t.toml").unwrap();
+        assert_eq!(config.listen_addr(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.keepalive.ping_interval.0, Duration::from_secs(20));
+        assert_eq!(config.limits.max_message_size.0, 1 << 20);
+        let route = &config.routes[0];
+        assert_eq!(
+            route.hash_key,
+            HashKey::Header(HeaderName::from_static("x-user"))
+        );
+        let backends = config.upstreams["chat"].backends.get_ref();
+        assert_eq!(backends[1].weight, 2.0);
+        assert_eq!(backends[1].url.base_path, "/base");
+        assert_eq!(backends[0].url.authority, "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_line() {
+        let source = FULL.replace("pong_timeout = \"10s\"", "pong_timeout = \"ten\"");
+        let error = Config::from_toml(&source, "t.toml").unwrap_err();
+        let problem = &error.problems[0];
+        assert_eq!(problem.line, Some(10));
+        assert_eq!(problem.key, "pong_timeout");
+        assert!(problem.message.contains("invalid duration"), "{problem}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let source = FULL.replace("preserve_host = true", "preserve_hots = true");
+        let error = Config::from_toml(&source, "t.toml").unwrap_err();
+        assert_eq!(error.problems[0].line, Some(24));
+        assert!(error.problems[0].message.contains("preserve_hots"));
+    }
+
+    #[test]
+    fn unimplemented_keys_are_refused_not_ignored() {
+        let source = FULL.replace("ws://127.0.0.1:9001", "wss://127.0.0.1:9001");
+        let error = Config::from_toml(&source, "t.toml").unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("not supported yet: wss:// backends"),
+            "{text}"
+        );
+        let zero_links = FULL.replace(
+            "connect_timeout = \"5s\"",
+            "connect_timeout = \"5s\"\nmux_links = 0",
+        );
+        let text = Config::from_toml(&zero_links, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("upstream.chat.mux_links: must be at least 1"),
+            "{text}"
+        );
+        let mux = FULL.replace("mode = \"per-client\"", "mode = \"mux\"");
+        assert!(Config::from_toml(&mux, "t.toml").is_ok());
+    }
+
+    #[test]
+    fn a_route_to_a_missing_upstream_is_refused() {
+        let source = FULL.replace("upstream = \"chat\"", "upstream = \"chta\"");
+        let error = Config::from_toml(&source, "t.toml").unwrap_err();
+        assert_eq!(error.problems[0].line, Some(21));
+        assert!(error.problems[0].message.contains("no [upstream.chta]"));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(
+            HumanDuration::parse("500ms").unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            HumanDuration::parse("2m").unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert_eq!(HumanDuration::parse("0").unwrap().0, Duration::ZERO);
+        assert!(HumanDuration::parse("5").is_err());
+        assert!(HumanDuration::parse("-1s").is_err());
+        assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
+        assert_eq!(ByteSize::parse("1000").unwrap().0, 1000);
+        assert!(ByteSize::parse("1 lb").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn backend_urls() {
+        assert!(BackendUrl::parse("http://x:1").is_err());
+        assert!(
+            BackendUrl::parse("wss://x:1")
+                .unwrap_err()
+                .contains("not supported yet")
+        );
+        assert_eq!(
+            BackendUrl::parse("ws://example.com").unwrap().authority,
+            "example.com:80"
+        );
+        assert!(HashKey::parse("cookie:").is_err());
+        assert_eq!(
+            HashKey::parse("query:room").unwrap(),
+            HashKey::Query("room".into())
+        );
+    }
+}

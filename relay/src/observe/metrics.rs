@@ -1,0 +1,268 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener), with the `prometheus-client` crate.
+//!
+//! Two kinds. Events (handshakes, closes, re-originations, ping round trips, lost tap records)
+//! are counted where they happen, once per connection or per ping, never per message. Everything
+//! that describes state (connections, traffic, backend health, mux links and streams) is derived
+//! at scrape time from the state itself ([`Figures`]), so it is current within a scrape and never
+//! stored twice; the data path counts traffic in its own session entry only.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::pump::{Side, Traffic};
+
+/// Label pairs of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Every event metric the relay exports.
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<Labels, Counter>,
+    closes: Family<Labels, Counter>,
+    reoriginations: Counter,
+    ping_rtt: Family<Labels, Histogram>,
+    tap_dropped: Counter,
+    /// Traffic as last rendered: a session that ends during a scrape may be missed once, and a
+    /// counter must never go back.
+    rendered_traffic: Mutex<Traffic>,
+}
+
+/// State-describing figures gathered at scrape time.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// Established sessions by (route, backend); configured pairs with none are listed as 0.
+    pub connections: Vec<(String, String, i64)>,
+    /// Traffic of every session so far.
+    pub traffic: Traffic,
+    /// Backend health by URL.
+    pub backend_healthy: Vec<(String, bool)>,
+    /// Live mux links by backend URL.
+    pub mux_links: Vec<(String, i64)>,
+    /// Open mux streams by backend URL.
+    pub mux_streams: Vec<(String, i64)>,
+}
+
+fn rtt_histogram() -> Histogram {
+    // 50 µs to about 3 s.
+    Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wsrelay");
+        let handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "handshakes",
+            "Client handshakes by outcome and HTTP status",
+            handshakes.clone(),
+        );
+        let closes = Family::<Labels, Counter>::default();
+        registry.register(
+            "closes",
+            "Session closes by who closed and close code",
+            closes.clone(),
+        );
+        let reoriginations = Counter::default();
+        registry.register(
+            "reoriginations",
+            "Sessions moved to another backend after a backend loss",
+            reoriginations.clone(),
+        );
+        let ping_rtt =
+            Family::<Labels, Histogram>::new_with_constructor(rtt_histogram as fn() -> Histogram);
+        registry.register(
+            "ping_rtt_seconds",
+            "Keepalive ping round-trip time by leg",
+            ping_rtt.clone(),
+        );
+        let tap_dropped = Counter::default();
+        registry.register(
+            "tap_dropped_records",
+            "Tap records lost because a tap could not keep up",
+            tap_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            handshakes,
+            closes,
+            reoriginations,
+            ping_rtt,
+            tap_dropped,
+            rendered_traffic: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a client handshake's outcome.
+    pub fn handshake(&self, outcome: &'static str, status: u16) {
+        self.handshakes
+            .get_or_create(&vec![
+                ("outcome", outcome.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a session's close: who closed it (`client`, `backend`, `relay`) and the code
+    /// the client got.
+    pub fn close(&self, by: &'static str, code: Option<u16>) {
+        let code = code.map_or_else(|| "none".to_owned(), |c| c.to_string());
+        self.closes
+            .get_or_create(&vec![("by", by.to_owned()), ("code", code)])
+            .inc();
+    }
+
+    /// Counts a session moved to another backend.
+    pub fn reoriginated(&self) {
+        self.reoriginations.inc();
+    }
+
+    /// Counts tap records a slow tap lost.
+    pub fn tap_dropped(&self, lost: u64) {
+        self.tap_dropped.inc_by(lost);
+    }
+
+    /// The histogram of keepalive round trips on `side`'s legs, for a session to keep.
+    pub fn ping_rtt(&self, side: Side) -> Histogram {
+        self.ping_rtt
+            .get_or_create_owned(&vec![("leg", side.as_str().to_owned())])
+    }
+
+    /// The Prometheus text exposition of every metric: events as counted, state from `figures`.
+    pub fn render(&self, figures: &Figures) -> String {
+        let traffic = {
+            let mut rendered = self.rendered_traffic.lock().expect("traffic lock");
+            let now = &figures.traffic;
+            rendered.client_messages = rendered.client_messages.max(now.client_messages);
+            rendered.client_bytes = rendered.client_bytes.max(now.client_bytes);
+            rendered.backend_messages = rendered.backend_messages.max(now.backend_messages);
+            rendered.backend_bytes = rendered.backend_bytes.max(now.backend_bytes);
+            *rendered
+        };
+        let state = state_registry(figures, &traffic);
+        let mut out = String::new();
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &state))
+            .and_then(|()| encode_eof(&mut out))
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// A registry of this scrape's state figures.
+fn state_registry(figures: &Figures, traffic: &Traffic) -> Registry {
+    let mut registry = Registry::with_prefix("wsrelay");
+    let gauges = |pairs: &mut dyn Iterator<Item = (Labels, i64)>| {
+        let family = Family::<Labels, Gauge>::default();
+        for (labels, value) in pairs {
+            family.get_or_create(&labels).set(value);
+        }
+        family
+    };
+    let connections = gauges(&mut figures.connections.iter().map(|(route, backend, n)| {
+        (
+            vec![("route", route.clone()), ("backend", backend.clone())],
+            *n,
+        )
+    }));
+    registry.register(
+        "connections_active",
+        "Established sessions by route and backend",
+        connections,
+    );
+    let by_direction = |inbound: u64, outbound: u64| {
+        let family = Family::<Labels, Counter>::default();
+        family
+            .get_or_create(&vec![("direction", "in".to_owned())])
+            .inc_by(inbound);
+        family
+            .get_or_create(&vec![("direction", "out".to_owned())])
+            .inc_by(outbound);
+        family
+    };
+    registry.register(
+        "messages",
+        "Messages relayed by direction (in: client to backend)",
+        by_direction(traffic.client_messages, traffic.backend_messages),
+    );
+    registry.register(
+        "bytes",
+        "Payload bytes relayed by direction",
+        by_direction(traffic.client_bytes, traffic.backend_bytes),
+    );
+    let per_backend = |values: &[(String, i64)]| {
+        gauges(
+            &mut values
+                .iter()
+                .map(|(url, n)| (vec![("backend", url.clone())], *n)),
+        )
+    };
+    let healthy: Vec<(String, i64)> = figures
+        .backend_healthy
+        .iter()
+        .map(|(url, up)| (url.clone(), i64::from(*up)))
+        .collect();
+    registry.register(
+        "backend_healthy",
+        "1 if the backend may take clients by its health, else 0",
+        per_backend(&healthy),
+    );
+    registry.register(
+        "mux_links",
+        "Mux links open by backend",
+        per_backend(&figures.mux_links),
+    );
+    registry.register(
+        "mux_streams",
+        "Mux streams open by backend",
+        per_backend(&figures.mux_streams),
+    );
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_events_and_state() {
+        let metrics = Metrics::default();
+        metrics.handshake("upgraded", 101);
+        metrics.close("client", Some(1000));
+        let mut figures = Figures {
+            connections: vec![("/chat".into(), "ws://b:1".into(), 2)],
+            traffic: Traffic {
+                client_messages: 3,
+                client_bytes: 30,
+                backend_messages: 2,
+                backend_bytes: 20,
+            },
+            ..Figures::default()
+        };
+        let text = metrics.render(&figures);
+        for expected in [
+            "wsrelay_handshakes_total{outcome=\"upgraded\",status=\"101\"} 1",
+            "wsrelay_messages_total{direction=\"in\"} 3",
+            "wsrelay_bytes_total{direction=\"out\"} 20",
+            "wsrelay_closes_total{by=\"client\",code=\"1000\"} 1",
+            "wsrelay_connections_active{route=\"/chat\",backend=\"ws://b:1\"} 2",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in\n{text}");
+        }
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        // A session missed by one scrape (it ended mid-walk) never makes a counter go back.
+        figures.traffic.client_messages = 1;
+        let text = metrics.render(&figures);
+        assert!(
+            text.contains("wsrelay_messages_total{direction=\"in\"} 3"),
+            "{text}"
+        );
+    }
+}

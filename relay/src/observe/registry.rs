@@ -1,0 +1,256 @@
+//! The registry of established sessions: `GET /api/connections`, the session count, and the
+//! figures metrics derive at scrape time (connections per route and backend, traffic).
+//!
+//! Each session owns a [`SessionEntry`]; its pump stores its traffic counters there (relaxed
+//! stores into memory only that session writes), so reading the registry never slows a session
+//! and a scrape sees traffic as of the session's last round of pumping. A session that ends adds
+//! its traffic to the registry's totals of closed sessions, once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::pump::Traffic;
+
+/// The four traffic counters, stored as relaxed atomics.
+#[derive(Debug, Default)]
+struct TrafficCells {
+    client_messages: AtomicU64,
+    client_bytes: AtomicU64,
+    backend_messages: AtomicU64,
+    backend_bytes: AtomicU64,
+}
+
+impl TrafficCells {
+    fn load(&self) -> Traffic {
+        Traffic {
+            client_messages: self.client_messages.load(Ordering::Relaxed),
+            client_bytes: self.client_bytes.load(Ordering::Relaxed),
+            backend_messages: self.backend_messages.load(Ordering::Relaxed),
+            backend_bytes: self.backend_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn store(&self, traffic: &Traffic) {
+        self.client_messages
+            .store(traffic.client_messages, Ordering::Relaxed);
+        self.client_bytes
+            .store(traffic.client_bytes, Ordering::Relaxed);
+        self.backend_messages
+            .store(traffic.backend_messages, Ordering::Relaxed);
+        self.backend_bytes
+            .store(traffic.backend_bytes, Ordering::Relaxed);
+    }
+
+    fn add(&self, traffic: &Traffic) {
+        self.client_messages
+            .fetch_add(traffic.client_messages, Ordering::Relaxed);
+        self.client_bytes
+            .fetch_add(traffic.client_bytes, Ordering::Relaxed);
+        self.backend_messages
+            .fetch_add(traffic.backend_messages, Ordering::Relaxed);
+        self.backend_bytes
+            .fetch_add(traffic.backend_bytes, Ordering::Relaxed);
+    }
+}
+
+/// What the admin API shows of one session.
+#[derive(Debug)]
+pub struct SessionEntry {
+    /// Connection id.
+    pub id: u64,
+    /// Client address.
+    pub client_addr: SocketAddr,
+    /// Route path prefix.
+    pub route: Arc<str>,
+    /// Request path.
+    pub path: String,
+    /// `per-client` or `mux`.
+    pub mode: &'static str,
+    /// When the session was established.
+    pub since: SystemTime,
+    backend: Mutex<Arc<str>>,
+    traffic: TrafficCells,
+}
+
+impl SessionEntry {
+    /// A new entry for a session on `backend`.
+    pub fn new(
+        id: u64,
+        client_addr: SocketAddr,
+        route: Arc<str>,
+        path: String,
+        mode: &'static str,
+        backend: Arc<str>,
+    ) -> SessionEntry {
+        SessionEntry {
+            id,
+            client_addr,
+            route,
+            path,
+            mode,
+            since: SystemTime::now(),
+            backend: Mutex::new(backend),
+            traffic: TrafficCells::default(),
+        }
+    }
+
+    /// The backend serving the session now.
+    pub fn backend(&self) -> Arc<str> {
+        self.backend.lock().expect("backend lock").clone()
+    }
+
+    /// Records a move to another backend.
+    pub fn set_backend(&self, backend: Arc<str>) {
+        *self.backend.lock().expect("backend lock") = backend;
+    }
+
+    /// Stores the session's traffic so far.
+    #[inline]
+    pub fn store_traffic(&self, traffic: &Traffic) {
+        self.traffic.store(traffic);
+    }
+
+    /// A JSON-ready snapshot.
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let traffic = self.traffic.load();
+        SessionSnapshot {
+            id: self.id,
+            client_addr: self.client_addr.to_string(),
+            route: self.route.to_string(),
+            path: self.path.clone(),
+            backend: self.backend().to_string(),
+            mode: self.mode,
+            since_unix_ms: self
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            messages_in: traffic.client_messages,
+            bytes_in: traffic.client_bytes,
+            messages_out: traffic.backend_messages,
+            bytes_out: traffic.backend_bytes,
+        }
+    }
+}
+
+/// One row of `GET /api/connections`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSnapshot {
+    /// Connection id.
+    pub id: u64,
+    /// Client address.
+    pub client_addr: String,
+    /// Route path prefix.
+    pub route: String,
+    /// Request path.
+    pub path: String,
+    /// Backend URL.
+    pub backend: String,
+    /// `per-client` or `mux`.
+    pub mode: &'static str,
+    /// Established at, Unix milliseconds.
+    pub since_unix_ms: u64,
+    /// Messages from the client.
+    pub messages_in: u64,
+    /// Bytes from the client.
+    pub bytes_in: u64,
+    /// Messages to the client.
+    pub messages_out: u64,
+    /// Bytes to the client.
+    pub bytes_out: u64,
+}
+
+/// All established sessions.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: DashMap<u64, Arc<SessionEntry>>,
+    /// What sessions that ended carried.
+    closed: TrafficCells,
+}
+
+impl SessionRegistry {
+    /// Adds a session; it is removed when the returned guard drops.
+    pub fn register(self: &Arc<Self>, entry: Arc<SessionEntry>) -> Registered {
+        self.sessions.insert(entry.id, entry.clone());
+        Registered {
+            registry: self.clone(),
+            id: entry.id,
+        }
+    }
+
+    /// Snapshots of every session, by id.
+    pub fn snapshot(&self) -> Vec<SessionSnapshot> {
+        let mut rows: Vec<SessionSnapshot> = self.sessions.iter().map(|e| e.snapshot()).collect();
+        rows.sort_by_key(|row| row.id);
+        rows
+    }
+
+    /// Sessions currently on `backend`.
+    pub fn count_on(&self, backend: &str) -> usize {
+        self.sessions
+            .iter()
+            .filter(|entry| &*entry.backend() == backend)
+            .count()
+    }
+
+    /// Open sessions by (route, backend) and by (mode, backend), and the traffic of every
+    /// session so far, open or ended. The ended ones are read first: a session ending during
+    /// the walk is at worst missed for this scrape, never counted twice.
+    pub fn census(&self) -> Census {
+        let mut census = Census {
+            traffic: self.closed.load(),
+            ..Census::default()
+        };
+        for entry in self.sessions.iter() {
+            let backend = entry.backend();
+            *census
+                .by_route
+                .entry((entry.route.clone(), backend.clone()))
+                .or_default() += 1;
+            if entry.mode == "mux" {
+                *census.mux_streams.entry(backend).or_default() += 1;
+            }
+            let traffic = entry.traffic.load();
+            census.traffic.client_messages += traffic.client_messages;
+            census.traffic.client_bytes += traffic.client_bytes;
+            census.traffic.backend_messages += traffic.backend_messages;
+            census.traffic.backend_bytes += traffic.backend_bytes;
+        }
+        census
+    }
+
+    /// Sessions now.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+/// What [`SessionRegistry::census`] counts.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Open sessions by (route, backend).
+    pub by_route: BTreeMap<(Arc<str>, Arc<str>), i64>,
+    /// Open mux-mode sessions (streams) by backend.
+    pub mux_streams: BTreeMap<Arc<str>, i64>,
+    /// Traffic of all sessions, open and ended.
+    pub traffic: Traffic,
+}
+
+/// Keeps a session in the registry while alive.
+pub struct Registered {
+    registry: Arc<SessionRegistry>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some((_, entry)) = self.registry.sessions.remove(&self.id) {
+            self.registry.closed.add(&entry.traffic.load());
+        }
+    }
+}

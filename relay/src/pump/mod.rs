@@ -1,0 +1,500 @@
+//! The frame pump: moves messages both ways between a client leg and a backend leg, in one
+//! task, with one message of buffering per direction.
+//!
+//! Each direction reads a message from its source only once the destination has accepted the
+//! previous one, so a slow reader slows its writer through TCP back-pressure and the relay never
+//! holds more than one message plus tungstenite's write buffer per direction. Payloads are the
+//! `Bytes` tungstenite decoded into: forwarding them copies nothing until the destination frames
+//! them. Writes are flushed once a source has nothing more to read, so bursts share syscalls.
+//! The same poll also drives keepalive (one timer for both legs), idle timeout and drain.
+//!
+//! The pump knows nothing of who watches it: inspection, taps and metrics sit behind
+//! [`PumpHooks`]. What a session does once the pump stops is the session's business.
+
+mod hooks;
+pub mod keepalive;
+mod leg;
+pub mod replay;
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message};
+
+pub use hooks::{Direction, PumpHooks, Side, Traffic, Verdict};
+pub use keepalive::KeepalivePolicy;
+pub use leg::{AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, Leg, StreamLeg, close_leg};
+
+use keepalive::{LegLiveness, LegVerdict, far_future};
+use replay::ReplayLog;
+
+/// Messages a direction moves before it lets the other direction and the timers run.
+const FAIRNESS_BUDGET: usize = 32;
+
+/// The payload of keepalive pings; ack pings of the replay log are 8 bytes, so never equal.
+const KEEPALIVE_PAYLOAD: &[u8] = b"wsrelay";
+
+/// Why the pump stopped; the session decides what to do with each leg.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PumpEnd {
+    /// The client sent a Close frame (already answered by tungstenite).
+    ClientClosed(Option<CloseFrame>),
+    /// The client's connection ended without a close handshake, or it stopped answering pings.
+    ClientGone(String),
+    /// The client broke the protocol or a limit; it gets this close code.
+    ClientViolation(CloseCode, String),
+    /// The backend sent a Close frame (already answered by tungstenite).
+    BackendClosed(Option<CloseFrame>),
+    /// The backend's connection ended without a close handshake, or it stopped answering pings.
+    BackendGone(String),
+    /// The backend broke the protocol or a limit; it gets this close code.
+    BackendViolation(CloseCode, String),
+    /// No message crossed for `idle_timeout`.
+    Idle,
+    /// The relay is draining.
+    Drain,
+    /// The admin drained the backend (or a reload removed it) and the grace period is over.
+    BackendDrained,
+    /// An inspector closed the connection over a message travelling this way: its sender gets
+    /// the code, the other leg 1001.
+    Inspector(Direction, CloseCode, String),
+}
+
+impl PumpEnd {
+    fn gone(side: Side, reason: String) -> PumpEnd {
+        match side {
+            Side::Client => PumpEnd::ClientGone(reason),
+            Side::Backend => PumpEnd::BackendGone(reason),
+        }
+    }
+
+    fn closed(side: Side, frame: Option<CloseFrame>) -> PumpEnd {
+        match side {
+            Side::Client => PumpEnd::ClientClosed(frame),
+            Side::Backend => PumpEnd::BackendClosed(frame),
+        }
+    }
+
+    /// How a read error on `side` ends the session: a violation the peer is told about, or a
+    /// peer that is simply gone.
+    fn read_failed(side: Side, error: WsError) -> PumpEnd {
+        match (close_code_for(&error), side) {
+            (Some((code, reason)), Side::Client) => PumpEnd::ClientViolation(code, reason),
+            (Some((code, reason)), Side::Backend) => PumpEnd::BackendViolation(code, reason),
+            (None, side) => PumpEnd::gone(side, error.to_string()),
+        }
+    }
+
+    fn write_failed(side: Side, error: WsError) -> PumpEnd {
+        PumpEnd::gone(side, format!("write failed: {error}"))
+    }
+}
+
+/// The close code a peer gets for a read error, or `None` when the peer is simply gone.
+pub fn close_code_for(error: &WsError) -> Option<(CloseCode, String)> {
+    match error {
+        WsError::Capacity(capacity) => Some((CloseCode::Size, capacity.to_string())),
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message".into())),
+        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(protocol) => Some((CloseCode::Protocol, protocol.to_string())),
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => None,
+        other => Some((CloseCode::Error, other.to_string())),
+    }
+}
+
+/// One direction's buffer: the message read but not yet accepted by its destination.
+#[derive(Debug, Default)]
+struct Lane {
+    waiting: Option<Message>,
+    /// The destination holds written frames not yet flushed.
+    needs_flush: bool,
+}
+
+/// Pump state that outlives one backend leg, so a session can re-originate to another
+/// backend without losing what the client sent.
+pub struct PumpState<H> {
+    policy: KeepalivePolicy,
+    inbound: Lane,
+    outbound: Lane,
+    /// Client messages the backend has not acknowledged; `None` when the session will not
+    /// re-originate (`on_backend_loss = "close"`), so nothing needs keeping.
+    replay: Option<ReplayLog>,
+    client_live: LegLiveness,
+    backend_live: LegLiveness,
+    last_message: Instant,
+    next_check: Instant,
+    hooks: H,
+    /// What crossed so far.
+    pub traffic: Traffic,
+}
+
+impl<H: PumpHooks> PumpState<H> {
+    /// State for a session whose legs both finished their handshake at `now`; `replayable`
+    /// keeps a [`ReplayLog`] so a lost backend's messages can go to its replacement.
+    pub fn new(policy: KeepalivePolicy, now: Instant, replayable: bool, hooks: H) -> Self {
+        PumpState {
+            policy,
+            inbound: Lane::default(),
+            outbound: Lane::default(),
+            replay: replayable.then(ReplayLog::default),
+            client_live: LegLiveness::new(now),
+            backend_live: LegLiveness::new(now),
+            last_message: now,
+            next_check: now,
+            hooks,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// The hooks, e.g. to tell them the backend changed.
+    pub fn hooks_mut(&mut self) -> &mut H {
+        &mut self.hooks
+    }
+
+    /// A new backend leg replaces a lost one: returns the client messages the old leg may not
+    /// have delivered, oldest first, or `None` if that can't be known (the replay log
+    /// overflowed, or the session keeps none).
+    pub fn take_replay(&mut self, now: Instant) -> Option<Vec<Message>> {
+        let mut replay = self.replay.as_mut()?.take_for_replay()?;
+        replay.extend(self.inbound.waiting.take());
+        self.inbound.needs_flush = false;
+        // A message already read from the lost backend (`outbound`) is still the client's.
+        self.backend_live = LegLiveness::new(now);
+        self.next_check = now;
+        Some(replay)
+    }
+
+    /// The backend message read but not yet handed to the client, if any.
+    pub fn take_pending_to_client(&mut self) -> Option<Message> {
+        self.outbound.waiting.take()
+    }
+
+    /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.
+    pub async fn run<C: Leg, B: Leg>(
+        &mut self,
+        client: &mut C,
+        backend: &mut B,
+        stop: impl Future<Output = PumpEnd>,
+    ) -> PumpEnd {
+        let timer = tokio::time::sleep_until(self.next_check);
+        tokio::pin!(timer, stop);
+        let end = poll_fn(|cx| {
+            if let Poll::Ready(end) = stop.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
+            self.poll_once(cx, client, backend, timer.as_mut())
+        })
+        .await;
+        self.hooks.on_traffic(&self.traffic);
+        end
+    }
+
+    fn poll_once<C: Leg, B: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        backend: &mut B,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<PumpEnd> {
+        let now = Instant::now();
+        if now >= self.next_check {
+            if let Some(end) = self.check_timers(now, client, backend) {
+                return Poll::Ready(end);
+            }
+            timer.as_mut().reset(self.next_check);
+        }
+        // Registers the timer's waker; it fires at `next_check`.
+        let _ = timer.as_mut().poll(cx);
+
+        if let Poll::Ready(end) =
+            self.pump_lane(Direction::ClientToBackend, client, backend, now, cx)
+        {
+            return Poll::Ready(end);
+        }
+        if let Poll::Ready(end) =
+            self.pump_lane(Direction::BackendToClient, backend, client, now, cx)
+        {
+            return Poll::Ready(end);
+        }
+        // A batch of messages waiting for its ack ping wakes the timer when the ping is due.
+        if backend.pings()
+            && let Some(due) = self.replay.as_ref().and_then(ReplayLog::ack_due)
+            && due < self.next_check
+        {
+            self.next_check = due;
+            timer.as_mut().reset(due);
+            let _ = timer.as_mut().poll(cx);
+        }
+        // A leg that reports consumption (a mux stream's credit, behind a lock) acknowledges
+        // that way; asked only while something waits for it.
+        if let Some(replay) = self.replay.as_mut().filter(|log| log.awaits_confirmation())
+            && let Some(unconfirmed) = backend.unconfirmed_bytes()
+        {
+            replay.confirm_all_but(unconfirmed);
+        }
+        self.hooks.on_traffic(&self.traffic);
+        Poll::Pending
+    }
+
+    fn lane(&mut self, direction: Direction) -> &mut Lane {
+        match direction {
+            Direction::ClientToBackend => &mut self.inbound,
+            Direction::BackendToClient => &mut self.outbound,
+        }
+    }
+
+    /// Moves messages one way, from `source` to `destination`, until the source has nothing
+    /// more to read, the destination can take no more, or the fairness budget is spent; then
+    /// flushes the destination. `Ready` ends the session.
+    fn pump_lane<S: Leg, D: Leg>(
+        &mut self,
+        direction: Direction,
+        source: &mut S,
+        destination: &mut D,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<PumpEnd> {
+        let (from, to) = sides(direction);
+        let mut moved = 0;
+        loop {
+            match self.deliver_waiting(direction, destination, now, cx) {
+                Err(error) => return Poll::Ready(PumpEnd::write_failed(to, error)),
+                Ok(false) => break,
+                Ok(true) => {}
+            }
+            if moved == FAIRNESS_BUDGET {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            let message = match Pin::new(&mut *source).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    return Poll::Ready(PumpEnd::gone(from, "connection closed".into()));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    return Poll::Ready(PumpEnd::read_failed(from, error));
+                }
+                Poll::Ready(Some(Ok(message))) => message,
+            };
+            self.liveness(from).heard(now);
+            let end = if message.is_text() || message.is_binary() {
+                moved += 1;
+                self.take_data(direction, message, now)
+            } else {
+                self.take_control(direction, message, now)
+            };
+            if let Some(end) = end {
+                return Poll::Ready(end);
+            }
+        }
+        self.flush_lane(direction, destination, now, cx)
+    }
+
+    /// Hands the lane's waiting message to `destination` if it can take it; false while it
+    /// can't (the message stays).
+    fn deliver_waiting<D: Leg>(
+        &mut self,
+        direction: Direction,
+        destination: &mut D,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> Result<bool, WsError> {
+        let Some(message) = self.lane(direction).waiting.take() else {
+            return Ok(true);
+        };
+        match Pin::new(&mut *destination).poll_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Pending => {
+                self.lane(direction).waiting = Some(message);
+                return Ok(false);
+            }
+        }
+        if direction == Direction::ClientToBackend
+            && let Some(replay) = &mut self.replay
+        {
+            replay.sent(message.clone(), now);
+        }
+        Pin::new(&mut *destination).start_send(message)?;
+        self.lane(direction).needs_flush = true;
+        Ok(true)
+    }
+
+    /// A data message just read: counted, shown to the hooks, and queued unless they say
+    /// otherwise.
+    fn take_data(
+        &mut self,
+        direction: Direction,
+        mut message: Message,
+        now: Instant,
+    ) -> Option<PumpEnd> {
+        self.last_message = now;
+        self.traffic.count(direction, message.len());
+        match self.hooks.on_message(direction, &mut message) {
+            Verdict::Forward => self.lane(direction).waiting = Some(message),
+            Verdict::Drop => {}
+            Verdict::Close(code, reason) => {
+                return Some(PumpEnd::Inspector(direction, code, reason));
+            }
+        }
+        None
+    }
+
+    /// A control frame just read. Pings are answered by tungstenite; pongs prove liveness,
+    /// time keepalive, and (from a backend) acknowledge what the replay log holds.
+    fn take_control(
+        &mut self,
+        direction: Direction,
+        message: Message,
+        now: Instant,
+    ) -> Option<PumpEnd> {
+        self.hooks.on_control(direction, &message);
+        let (from, _) = sides(direction);
+        match message {
+            Message::Close(frame) => return Some(PumpEnd::closed(from, frame)),
+            Message::Pong(payload) if payload[..] == KEEPALIVE_PAYLOAD[..] => {
+                if let Some(rtt) = self.liveness(from).ping_rtt(now) {
+                    self.hooks.on_ping_rtt(from, rtt);
+                }
+            }
+            Message::Pong(payload) if from == Side::Backend => {
+                if let Some(replay) = &mut self.replay {
+                    replay.pong(&payload);
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Flushes what the lane wrote to `destination`; towards the backend, the ack ping that is
+    /// due rides in the same write as the messages it acknowledges.
+    fn flush_lane<D: Leg>(
+        &mut self,
+        direction: Direction,
+        destination: &mut D,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<PumpEnd> {
+        if !self.lane(direction).needs_flush {
+            return Poll::Pending;
+        }
+        let (_, to) = sides(direction);
+        if to == Side::Backend
+            && destination.pings()
+            && let Some(ping) = self.replay.as_mut().and_then(|log| log.ack_ping(now))
+            && let Err(error) = Pin::new(&mut *destination).start_send(ping)
+        {
+            return Poll::Ready(PumpEnd::write_failed(to, error));
+        }
+        match Pin::new(&mut *destination).poll_flush(cx) {
+            Poll::Ready(Ok(())) => self.lane(direction).needs_flush = false,
+            Poll::Ready(Err(error)) => return Poll::Ready(PumpEnd::write_failed(to, error)),
+            Poll::Pending => {}
+        }
+        Poll::Pending
+    }
+
+    fn liveness(&mut self, side: Side) -> &mut LegLiveness {
+        match side {
+            Side::Client => &mut self.client_live,
+            Side::Backend => &mut self.backend_live,
+        }
+    }
+
+    /// Keepalive and idle checks; sends due pings. Sets `next_check`.
+    fn check_timers<C: Leg, B: Leg>(
+        &mut self,
+        now: Instant,
+        client: &mut C,
+        backend: &mut B,
+    ) -> Option<PumpEnd> {
+        let mut next = far_future(now);
+        if let Some(idle) = self.policy.idle_timeout {
+            let due = self.last_message + idle;
+            if now >= due {
+                return Some(PumpEnd::Idle);
+            }
+            next = next.min(due);
+        }
+        // A leg we stopped reading (its message waits for the other side) can't be heard from;
+        // it is not to blame for that.
+        if self.inbound.waiting.is_some() {
+            self.client_live.heard(now);
+        }
+        if self.outbound.waiting.is_some() {
+            self.backend_live.heard(now);
+        }
+        if let Some(end) = self.check_leg(Side::Client, client, now, &mut next) {
+            return Some(end);
+        }
+        if backend.pings()
+            && let Some(ping) = self.replay.as_mut().and_then(|log| log.ack_ping(now))
+        {
+            if let Err(error) = Pin::new(&mut *backend).start_send(ping) {
+                return Some(PumpEnd::write_failed(Side::Backend, error));
+            }
+            self.inbound.needs_flush = true;
+        }
+        if let Some(due) = self.replay.as_ref().and_then(ReplayLog::ack_due) {
+            next = next.min(due);
+        }
+        if let Some(end) = self.check_leg(Side::Backend, backend, now, &mut next) {
+            return Some(end);
+        }
+        self.next_check = next;
+        None
+    }
+
+    /// One leg's keepalive: pings it when due, finds it dead when it stopped answering, and
+    /// lowers `next` to when it next needs looking at.
+    fn check_leg<L: Leg>(
+        &mut self,
+        side: Side,
+        leg: &mut L,
+        now: Instant,
+        next: &mut Instant,
+    ) -> Option<PumpEnd> {
+        if !leg.pings() {
+            return None;
+        }
+        let policy = self.policy;
+        match self.liveness(side).check(now, &policy) {
+            LegVerdict::Dead => Some(PumpEnd::gone(
+                side,
+                "no answer to ping within pong_timeout".into(),
+            )),
+            LegVerdict::Wait(at) => {
+                *next = (*next).min(at);
+                None
+            }
+            LegVerdict::Ping(at) => {
+                *next = (*next).min(at);
+                // A static payload: any frame from the peer, not only the matching pong,
+                // proves it alive.
+                let ping = Message::Ping(bytes::Bytes::from_static(KEEPALIVE_PAYLOAD));
+                if let Err(error) = Pin::new(&mut *leg).start_send(ping) {
+                    return Some(PumpEnd::write_failed(side, error));
+                }
+                let towards = match side {
+                    Side::Client => Direction::BackendToClient,
+                    Side::Backend => Direction::ClientToBackend,
+                };
+                self.lane(towards).needs_flush = true;
+                None
+            }
+        }
+    }
+}
+
+/// The leg a direction reads from and the one it writes to.
+fn sides(direction: Direction) -> (Side, Side) {
+    match direction {
+        Direction::ClientToBackend => (Side::Client, Side::Backend),
+        Direction::BackendToClient => (Side::Backend, Side::Client),
+    }
+}

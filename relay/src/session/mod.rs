@@ -1,0 +1,333 @@
+//! One client's session: the upgraded client leg, its backend leg, the pump between them, and
+//! carrying out what [`ending::decide`] says when the pump stops: close both legs, move the
+//! client to another backend ([`reoriginate`]), or wait for its turn in a drain.
+
+mod ending;
+mod reoriginate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::HeaderValue;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+use tungstenite::Message;
+use tungstenite::protocol::Role;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::config::{Mode, OnBackendLoss};
+use crate::generation::{Generation, Generations};
+use crate::inspect::ConnectionInfo;
+use crate::observe::{Observatory, SessionEntry, SessionObserver};
+use crate::pump::{
+    AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, PumpEnd, PumpState, StreamLeg, close_leg,
+};
+use crate::route::Route;
+use crate::shutdown::{Shutdown, close_delay};
+use crate::upstream::{BackendRequest, BackendState, Upstream};
+use ending::{Closing, Farewell, Next};
+
+/// The client side of a session: its own upgraded socket, or a stream of a mux client's link.
+type ClientLeg = AnyLeg<TokioIo<Upgraded>>;
+
+/// What every session of a relay shares: the current generation (a re-origination routes by
+/// it), the observers, and the shutdown stages.
+#[derive(Clone)]
+pub(crate) struct SessionContext {
+    /// The configuration generations.
+    pub generations: Arc<Generations>,
+    /// Registry, metrics, taps.
+    pub observe: Arc<Observatory>,
+    /// Drain and abort.
+    pub shutdown: Shutdown,
+}
+
+/// How the client side of a session arrives.
+pub(crate) enum ClientStart {
+    /// A WebSocket of its own, once hyper hands over the upgraded connection.
+    Upgrade(OnUpgrade),
+    /// A stream a mux client opened (already accepted).
+    Stream(StreamLeg),
+}
+
+/// A client routed to its backend, waiting for its client side.
+pub(crate) struct PendingSession {
+    /// The generation the session started under (its socket limits and keepalive).
+    pub generation: Arc<Generation>,
+    /// The route that matched.
+    pub route: Arc<Route>,
+    /// The relay's id for the connection.
+    pub conn_id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The request path.
+    pub path: String,
+    /// The client's hash key, to rank backends again after a loss.
+    pub hash_key: Vec<u8>,
+    /// The backend's index in the route's upstream.
+    pub backend_index: usize,
+    /// The open backend leg.
+    pub backend: BackendLeg,
+    /// The subprotocol the backend picked; a replacement backend must pick the same.
+    pub protocol: Option<HeaderValue>,
+    /// What the backend was asked, to ask a replacement the same.
+    pub request: BackendRequest,
+}
+
+impl PendingSession {
+    /// Runs the session to its end with its client side; the grace period's end (`abort`)
+    /// cuts it short. `slot` is the client's connection slot, held for the session's life
+    /// (none for a mux client's stream: its link holds the slot).
+    pub async fn run(
+        self,
+        context: SessionContext,
+        client: ClientStart,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let abort = context.shutdown.abort.clone();
+        tokio::select! {
+            () = self.run_to_end(context, client) => {}
+            () = abort.cancelled() => debug!("session dropped at the end of the grace period"),
+        }
+        drop(slot);
+    }
+
+    async fn run_to_end(mut self, context: SessionContext, client: ClientStart) {
+        let mut client: ClientLeg = match client {
+            ClientStart::Stream(stream) => AnyLeg::Stream(stream),
+            // Boxed, as the other one-off steps: a session's future is as large as its
+            // largest step, and it lives as long as the client does.
+            ClientStart::Upgrade(upgrade) => match Box::pin(upgrade).await {
+                Ok(upgraded) => AnyLeg::Socket(
+                    Box::pin(WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(self.generation.socket),
+                    ))
+                    .await,
+                ),
+                Err(error) => {
+                    debug!(peer = %self.peer, %error, "client left before the upgrade completed");
+                    let away = ending::close(CloseCode::Away, "client went away");
+                    close_leg(&mut self.backend, Some(away)).await;
+                    return;
+                }
+            },
+        };
+        let mut session = Session::open(self, context);
+        let closing = session.pump_to_end(&mut client).await;
+        session.carry_out(&mut client, &closing).await;
+        session.finish(&closing);
+    }
+}
+
+/// A session between its start and its end.
+struct Session {
+    context: SessionContext,
+    route: Arc<Route>,
+    conn_id: u64,
+    peer: SocketAddr,
+    hash_key: Vec<u8>,
+    /// The upstream serving the session now (a re-origination takes the current
+    /// generation's).
+    upstream: Arc<Upstream>,
+    backend_index: usize,
+    backend: BackendLeg,
+    protocol: Option<HeaderValue>,
+    request: BackendRequest,
+    pump: PumpState<SessionObserver>,
+    started: Instant,
+}
+
+impl Session {
+    fn open(pending: PendingSession, context: SessionContext) -> Session {
+        let PendingSession {
+            generation,
+            route,
+            conn_id,
+            peer,
+            path,
+            hash_key,
+            backend_index,
+            backend,
+            protocol,
+            request,
+        } = pending;
+        let upstream = route.upstream.clone();
+        let backend_url: Arc<str> = upstream.backends[backend_index].original.as_str().into();
+        info!(%peer, %path, backend = %backend_url, "session open");
+        let route_path: Arc<str> = route.path.as_str().into();
+        let inspectors = route.inspectors.as_ref().map(|template| {
+            template.instantiate(ConnectionInfo {
+                conn_id,
+                route: route_path.clone(),
+                path: path.clone(),
+                client_addr: peer,
+            })
+        });
+        let mode = match route.mode {
+            Mode::PerClient => "per-client",
+            Mode::Mux => "mux",
+        };
+        let entry = SessionEntry::new(conn_id, peer, route_path, path, mode, backend_url);
+        let observer = SessionObserver::new(&context.observe, entry, inspectors, route.sensitive);
+        let started = Instant::now();
+        let replayable = upstream.on_backend_loss == OnBackendLoss::Reconnect;
+        Session {
+            pump: PumpState::new(generation.keepalive, started, replayable, observer),
+            context,
+            route,
+            conn_id,
+            peer,
+            hash_key,
+            upstream,
+            backend_index,
+            backend,
+            protocol,
+            request,
+            started,
+        }
+    }
+
+    fn backend_url(&self) -> &str {
+        &self.upstream.backends[self.backend_index].original
+    }
+
+    /// Pumps until the session must end, moving the client to another backend and waiting
+    /// for its turn in a drain on the way, as the decision says.
+    async fn pump_to_end(&mut self, client: &mut ClientLeg) -> Closing {
+        let mut draining = false;
+        loop {
+            let end = self.pump_once(client, draining).await;
+            match ending::decide(&end, self.upstream.on_backend_loss, draining) {
+                Next::Drain => draining = true,
+                Next::Close(closing) => return closing,
+                Next::Reoriginate { farewell } => {
+                    info!(backend = %self.backend_url(), ?end, "backend lost; re-originating the client");
+                    if let Err(closing) = Box::pin(self.reoriginate(farewell)).await {
+                        return closing;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the pump until it stops on its own, the relay drains, or the backend is drained
+    /// (by the admin or a reload) and the grace period has passed. While `draining`, it stops
+    /// at this session's turn to close instead.
+    async fn pump_once(&mut self, client: &mut ClientLeg, draining: bool) -> PumpEnd {
+        let context = &self.context;
+        let grace = context.generations.shutdown_grace();
+        if draining {
+            let open = context.observe.sessions.len();
+            let delay = close_delay(self.conn_id, open, grace);
+            let turn = async move {
+                tokio::time::sleep(delay).await;
+                PumpEnd::Drain
+            };
+            return self.pump.run(client, &mut self.backend, turn).await;
+        }
+        let backend_state = context
+            .generations
+            .current()
+            .backends
+            .get_arc(&self.upstream.backends[self.backend_index].original);
+        let drain = context.shutdown.drain.clone();
+        let stop = async move {
+            tokio::select! {
+                () = drain.cancelled() => PumpEnd::Drain,
+                () = drained(backend_state, grace) => PumpEnd::BackendDrained,
+            }
+        };
+        self.pump.run(client, &mut self.backend, stop).await
+    }
+
+    /// Tells each leg what `closing` says.
+    async fn carry_out(&mut self, client: &mut ClientLeg, closing: &Closing) {
+        if closing.replies_first {
+            info!(peer = %self.peer, how = %closing.how, "closing client");
+            let pending = self.pump.take_pending_to_client();
+            Box::pin(forward_until_backend_closed(
+                client,
+                &mut self.backend,
+                pending,
+            ))
+            .await;
+        }
+        let client_close = async {
+            if let Farewell::Close(frame) = &closing.client {
+                close_leg(client, frame.clone()).await;
+            }
+        };
+        let backend_close = async {
+            if let Farewell::Close(frame) = &closing.backend {
+                close_leg(&mut self.backend, frame.clone()).await;
+            }
+        };
+        Box::pin(async { tokio::join!(client_close, backend_close) }).await;
+    }
+
+    /// Counts and logs the session's end.
+    fn finish(&self, closing: &Closing) {
+        self.context
+            .observe
+            .metrics
+            .close(closing.by.as_str(), closing.client_code);
+        let traffic = self.pump.traffic;
+        info!(
+            peer = %self.peer,
+            how = %closing.how,
+            seconds = self.started.elapsed().as_secs_f64(),
+            messages_in = traffic.client_messages,
+            bytes_in = traffic.client_bytes,
+            messages_out = traffic.backend_messages,
+            bytes_out = traffic.backend_bytes,
+            "session closed"
+        );
+    }
+}
+
+/// Completes `grace` after `backend` is drained (by the admin, or by a reload that removed
+/// it); never, if it isn't.
+async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
+    match backend {
+        Some(state) => {
+            state.drained().cancelled().await;
+            tokio::time::sleep(grace).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Closes the backend leg with 1001 and forwards its remaining data messages to the client,
+/// within [`CLOSE_HANDSHAKE_TIMEOUT`].
+async fn forward_until_backend_closed(
+    client: &mut ClientLeg,
+    backend: &mut BackendLeg,
+    pending: Option<Message>,
+) {
+    let forward = async {
+        if let Some(message) = pending
+            && client.feed(message).await.is_err()
+        {
+            return;
+        }
+        let away = ending::close(CloseCode::Away, "client went away");
+        if backend.send(Message::Close(Some(away))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = backend.next().await {
+            if (message.is_text() || message.is_binary()) && client.feed(message).await.is_err() {
+                return;
+            }
+        }
+        let _ = client.flush().await;
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
+}

@@ -1,0 +1,232 @@
+//! The one walk down a client's backend ranking, for every way a backend leg is made: a
+//! per-client connect, a mux stream open, and a re-origination after a loss. It skips backends
+//! that may not take new clients, tries the others best first, counts each answer toward
+//! passive health the same way (an answer below 500 means the backend is up), and stops at the
+//! first backend that takes the client or answers for it with an HTTP status.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderValue};
+use tracing::{info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use wsrelay_protocol::OpenError;
+
+use super::Upstream;
+use super::book::BackendBook;
+use super::dial::{DialError, dial};
+use super::links::MuxPool;
+use super::request::BackendRequest;
+use crate::pump::{AnyLeg, BackendLeg, StreamLeg, close_leg};
+
+/// How a backend leg is made.
+#[derive(Clone, Copy)]
+pub(crate) enum Via<'a> {
+    /// A WebSocket of its own per client, with these socket settings.
+    Socket(WebSocketConfig),
+    /// A stream on one of the upstream's shared links.
+    Mux(&'a MuxPool),
+}
+
+/// A backend's own HTTP answer to a client's handshake, passed on to the client as it is.
+#[derive(Debug, Clone)]
+pub(crate) struct BackendRefusal {
+    /// The backend's status.
+    pub status: StatusCode,
+    /// Its end-to-end headers.
+    pub headers: HeaderMap,
+    /// Its body.
+    pub body: Bytes,
+}
+
+impl BackendRefusal {
+    /// A mux backend's `Reject`: a status and a reason, as a plain-text answer.
+    fn from_reject(status: u16, reason: &str) -> BackendRefusal {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        BackendRefusal {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            headers,
+            body: Bytes::from(format!("{reason}\n")),
+        }
+    }
+}
+
+/// A re-origination: the backend just lost is skipped, and a replacement must pick the
+/// subprotocol the client already has.
+#[derive(Clone, Copy)]
+pub(crate) struct Replacing<'a> {
+    /// The lost backend's URL.
+    pub lost: &'a str,
+    /// The client's subprotocol.
+    pub protocol: Option<&'a HeaderValue>,
+}
+
+/// Where a walk ended.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per connect and moved into the session: a box would only add an allocation"
+)]
+pub(crate) enum Walked {
+    /// A backend took the client.
+    Connected {
+        /// The backend's index in its upstream.
+        index: usize,
+        /// The open leg.
+        leg: BackendLeg,
+        /// The subprotocol the backend picked.
+        protocol: Option<HeaderValue>,
+    },
+    /// A backend answered the handshake with an HTTP status for the client.
+    Refused {
+        /// Its answer.
+        refusal: BackendRefusal,
+    },
+    /// No backend of the upstream may take new clients (unhealthy or draining).
+    NoCandidate,
+    /// Some may, but none could be reached.
+    Unreachable,
+}
+
+/// One client's walk: its upstream, how legs are made, and its request.
+pub(crate) struct Walk<'a> {
+    /// The client's upstream.
+    pub upstream: &'a Upstream,
+    /// Which backends may take new clients; answers are recorded here.
+    pub book: &'a BackendBook,
+    /// How the leg is made.
+    pub via: Via<'a>,
+    /// What the backend is asked.
+    pub request: &'a BackendRequest,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// What trying one backend gave.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a short-lived return value, as `Walked`"
+)]
+enum Attempt {
+    Connected(BackendLeg, Option<HeaderValue>),
+    Refused(BackendRefusal),
+    Failed(String),
+    /// A mux backend with no live link: its link task dials and counts its health.
+    NoLink,
+}
+
+impl Attempt {
+    /// Whether the answer shows the backend up, for passive health; `None` if there was none.
+    fn reached(&self) -> Option<bool> {
+        match self {
+            Attempt::Connected(..) => Some(true),
+            Attempt::Refused(refusal) => Some(refusal.status.as_u16() < 500),
+            Attempt::Failed(_) => Some(false),
+            Attempt::NoLink => None,
+        }
+    }
+}
+
+impl Walk<'_> {
+    /// Tries `ranked` (backend indexes, best first) until one backend takes the client or
+    /// answers for it. While `replacing`, the lost backend is skipped, and refusals and
+    /// replacements with another subprotocol only move the walk on.
+    pub async fn run(&self, ranked: &[usize], replacing: Option<Replacing<'_>>) -> Walked {
+        let mut candidates = 0;
+        for &index in ranked {
+            let url = self.upstream.backends[index].original.as_str();
+            if replacing.is_some_and(|r| r.lost == url) || !self.book.accepts_new(url) {
+                continue;
+            }
+            candidates += 1;
+            let attempt = self.attempt(index, replacing.is_some()).await;
+            if let Some(reached) = attempt.reached() {
+                self.book
+                    .record(url, reached, self.upstream.health_thresholds());
+            }
+            match attempt {
+                Attempt::Connected(mut leg, protocol) => {
+                    if let Some(replacing) = replacing
+                        && protocol.as_ref() != replacing.protocol
+                    {
+                        warn!(
+                            backend = url,
+                            "replacement backend picked another subprotocol; skipping it"
+                        );
+                        let mismatch = CloseFrame {
+                            code: CloseCode::Protocol,
+                            reason: "subprotocol mismatch".into(),
+                        };
+                        close_leg(&mut leg, Some(mismatch)).await;
+                        continue;
+                    }
+                    return Walked::Connected {
+                        index,
+                        leg,
+                        protocol,
+                    };
+                }
+                Attempt::Refused(refusal) if replacing.is_none() => {
+                    info!(peer = %self.peer, backend = url, status = %refusal.status, "backend refused the client");
+                    return Walked::Refused { refusal };
+                }
+                Attempt::Refused(refusal) => {
+                    warn!(backend = url, status = %refusal.status, "replacement backend refused the client");
+                }
+                Attempt::Failed(reason) => warn!(backend = url, %reason, "backend unreachable"),
+                Attempt::NoLink => {}
+            }
+        }
+        if candidates == 0 {
+            Walked::NoCandidate
+        } else {
+            Walked::Unreachable
+        }
+    }
+
+    async fn attempt(&self, index: usize, resumed: bool) -> Attempt {
+        let backend = &self.upstream.backends[index];
+        let timeout = self.upstream.connect_timeout;
+        match self.via {
+            Via::Socket(config) => match dial(backend, self.request, config, timeout).await {
+                Ok(dialed) => Attempt::Connected(AnyLeg::Socket(dialed.socket), dialed.protocol),
+                Err(DialError::Refused {
+                    status,
+                    headers,
+                    body,
+                    ..
+                }) => Attempt::Refused(BackendRefusal {
+                    status,
+                    headers,
+                    body: body.into(),
+                }),
+                Err(unreachable) => Attempt::Failed(unreachable.to_string()),
+            },
+            Via::Mux(pool) => {
+                let Some(link) = pool.pick(&self.upstream.name, index) else {
+                    return Attempt::NoLink;
+                };
+                let window = u64::from(link.params().send_initial_window);
+                let open = self.request.to_open(&backend.authority, self.peer, resumed);
+                match tokio::time::timeout(timeout, link.open(open)).await {
+                    Ok(Ok(stream)) => {
+                        let protocol = stream
+                            .protocol()
+                            .and_then(|p| HeaderValue::from_str(p).ok());
+                        Attempt::Connected(AnyLeg::Stream(StreamLeg::new(stream, window)), protocol)
+                    }
+                    Ok(Err(OpenError::Rejected { status, reason })) => {
+                        Attempt::Refused(BackendRefusal::from_reject(status, &reason))
+                    }
+                    Ok(Err(error)) => Attempt::Failed(format!("mux open: {error}")),
+                    Err(_) => Attempt::Failed(format!("mux open: no answer within {timeout:?}")),
+                }
+            }
+        }
+    }
+}

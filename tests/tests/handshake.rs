@@ -580,3 +580,232 @@ async fn a_stalled_handshake_is_cut_off_without_disturbing_others() {
     // handshake only.
     assert_eq!(round_trip(&mut client, "after").await, "after");
 }
+
+/// How a [`raw_backend`] ends its side after answering.
+#[derive(Clone, Copy)]
+enum AfterAnswer {
+    /// Closes the connection, which ends a close-delimited body (or cuts a sized one).
+    Close,
+    /// Keeps the connection open until the relay hangs up.
+    Linger,
+}
+
+/// A backend that answers every request with `parts`, one write each so that chunks can
+/// arrive separately, and never upgrades. Returns its `ws://` URL.
+async fn raw_backend(parts: Vec<Vec<u8>>, after: AfterAnswer) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let parts = parts.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // The whole request is read before answering: unread bytes would turn the
+                // close below into a reset, which may discard the answer in flight.
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                for part in &parts {
+                    if tcp.write_all(part).await.is_err() {
+                        return;
+                    }
+                }
+                match after {
+                    AfterAnswer::Close => {
+                        let _ = tcp.shutdown().await;
+                    }
+                    AfterAnswer::Linger => while let Ok(1..) = tcp.read(&mut chunk).await {},
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A relay whose only backend is `url`.
+async fn relay_to(url: &str) -> TestRelay {
+    let config = format!(
+        r#"
+[[route]]
+path = "/"
+upstream = "main"
+
+[upstream.main]
+backends = ["{url}"]
+"#
+    );
+    TestRelay::start(&config, &[]).await
+}
+
+/// Sends an upgrade that asks the relay to close after answering, and reads everything up to
+/// that close: the whole response, so any framing left in the body would show.
+async fn whole_refusal(relay: &TestRelay) -> RawResponse {
+    let request = String::from_utf8(upgrade_request("/", ""))
+        .unwrap()
+        .replace("Connection: Upgrade", "Connection: Upgrade, close");
+    let mut tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut chunk))
+            .await
+            .expect("the relay did not close after its answer")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    let head_end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&bytes)))
+        + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"));
+    RawResponse {
+        status,
+        headers: lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body: bytes[head_end..].to_vec(),
+    }
+}
+
+/// The client got a 403 whose body is exactly `hello world`, framed by the relay itself.
+fn assert_hello_world_refusal(response: &RawResponse, what: &str) {
+    let seen = response.describe();
+    assert_eq!(response.status, 403, "{what}: {seen}");
+    assert_eq!(response.body, b"hello world", "{what}: {seen}");
+    assert_eq!(
+        response.header("content-length"),
+        Some("11"),
+        "{what}: {seen}"
+    );
+    assert_eq!(response.header("transfer-encoding"), None, "{what}: {seen}");
+}
+
+#[tokio::test]
+async fn a_refusal_with_a_sized_body_reaches_the_client_intact() {
+    let url = raw_backend(
+        vec![
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 11\r\nX-Backend-Reason: sized\r\n\r\n"
+                .to_vec(),
+            b"hello".to_vec(),
+            b" world".to_vec(),
+        ],
+        AfterAnswer::Linger,
+    )
+    .await;
+    let relay = relay_to(&url).await;
+    let response = whole_refusal(&relay).await;
+    assert_hello_world_refusal(&response, "sized");
+    assert_eq!(response.header("x-backend-reason"), Some("sized"));
+}
+
+#[tokio::test]
+async fn a_refusal_with_a_chunked_body_reaches_the_client_decoded() {
+    let url = raw_backend(
+        vec![
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\
+              Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+              Sec-WebSocket-Version: 13\r\nX-Backend-Reason: chunked\r\n\r\n"
+                .to_vec(),
+            b"5\r\nhello\r\n".to_vec(),
+            b"6\r\n world\r\n".to_vec(),
+            b"0\r\n\r\n".to_vec(),
+        ],
+        AfterAnswer::Linger,
+    )
+    .await;
+    let relay = relay_to(&url).await;
+    let response = whole_refusal(&relay).await;
+    assert_hello_world_refusal(&response, "chunked");
+    assert_eq!(response.header("x-backend-reason"), Some("chunked"));
+    for hop in ["x-hop", "keep-alive", "sec-websocket-version"] {
+        assert_eq!(response.header(hop), None, "{hop}: {}", response.describe());
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_with_a_close_delimited_body_reaches_the_client_intact() {
+    let heads = [
+        (
+            "HTTP/1.1 with Connection: close",
+            "HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n",
+        ),
+        ("HTTP/1.0", "HTTP/1.0 403 Forbidden\r\n\r\n"),
+    ];
+    for (what, head) in heads {
+        let url = raw_backend(
+            vec![
+                head.as_bytes().to_vec(),
+                b"hello".to_vec(),
+                b" world".to_vec(),
+            ],
+            AfterAnswer::Close,
+        )
+        .await;
+        let relay = relay_to(&url).await;
+        assert_hello_world_refusal(&whole_refusal(&relay).await, what);
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_body_cut_short_or_stalled_passes_what_arrived() {
+    for (what, after) in [
+        ("cut", AfterAnswer::Close),
+        ("stalled", AfterAnswer::Linger),
+    ] {
+        let url = raw_backend(
+            vec![b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nhello world".to_vec()],
+            after,
+        )
+        .await;
+        let relay = relay_to(&url).await;
+        assert_hello_world_refusal(&whole_refusal(&relay).await, what);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_refusal_body_is_cut_at_64_kib() {
+    let size = 200 * 1024;
+    let head = format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {size}\r\n\r\n");
+    let url = raw_backend(
+        vec![head.into_bytes(), vec![b'a'; size]],
+        AfterAnswer::Linger,
+    )
+    .await;
+    let relay = relay_to(&url).await;
+    let response = whole_refusal(&relay).await;
+    assert_eq!(response.status, 403);
+    assert_eq!(response.body.len(), 64 * 1024);
+    assert!(response.body.iter().all(|&b| b == b'a'));
+    assert_eq!(response.header("content-length"), Some("65536"));
+}
+
+#[tokio::test]
+async fn an_oversized_backend_response_head_gets_502() {
+    let head = format!(
+        "HTTP/1.1 403 Forbidden\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let url = raw_backend(vec![head.into_bytes()], AfterAnswer::Linger).await;
+    let relay = relay_to(&url).await;
+    assert_eq!(
+        refused_status(&relay.url("/")).await,
+        StatusCode::BAD_GATEWAY
+    );
+}

@@ -5,6 +5,7 @@
 
 mod book;
 mod dial;
+mod handshake;
 mod health;
 mod links;
 mod request;

@@ -203,7 +203,7 @@ impl Walk<'_> {
                 }) => Attempt::Refused(BackendRefusal {
                     status,
                     headers,
-                    body: body.into(),
+                    body,
                 }),
                 Err(unreachable) => Attempt::Failed(unreachable.to_string()),
             },

@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// A backend's identity for hashing: its URL exactly as configured.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct BackendId(pub String);
+struct BackendId(String);
 
 impl Hash for BackendId {
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -25,7 +25,7 @@ impl Hash for BackendId {
 /// The bytes that identify a client (see `hash_key`), hashed as themselves plus a 0xFF
 /// separator so `("ab", "c")` and `("a", "bc")` differ.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientKey<'a>(pub &'a [u8]);
+struct ClientKey<'a>(&'a [u8]);
 
 impl Hash for ClientKey<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -36,7 +36,7 @@ impl Hash for ClientKey<'_> {
 
 /// The fixed hash function behind every ranking (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StableNodeHasher;
+struct StableNodeHasher;
 
 impl NodeHasher<BackendId> for StableNodeHasher {
     fn hash<T: Hash>(&self, node: &BackendId, item: &T) -> u64 {

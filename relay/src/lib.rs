@@ -27,6 +27,7 @@
 mod accept;
 mod admin;
 pub mod config;
+mod control;
 mod generation;
 pub mod hashing;
 mod headers;
@@ -41,21 +42,15 @@ mod upstream;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::task::TaskTracker;
 
 pub use accept::tls::TlsError;
+pub use control::{ReloadError, ReloadReport};
 
-use crate::accept::Acceptor;
 use crate::config::{Config, ConfigError};
-use crate::generation::{Generation, Generations};
+use crate::control::Shared;
 use crate::inspect::{InspectorFactory, InspectorRegistry};
-use crate::observe::Observatory;
-use crate::session::SessionContext;
-use crate::shutdown::Shutdown;
 
 impl Config {
     /// Parses and validates a TOML configuration; `origin` names it in error messages.
@@ -83,149 +78,6 @@ pub enum RelayError {
         /// Why binding failed.
         source: std::io::Error,
     },
-}
-
-/// The relay's root: what its control plane (reloads, the admin API, shutdown) works on. The
-/// data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
-/// [`SessionContext`].
-pub(crate) struct Shared {
-    generations: Arc<Generations>,
-    /// Inspector names a reloaded configuration may use.
-    inspectors: InspectorRegistry,
-    /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
-    config_path: Option<PathBuf>,
-    acceptor: Arc<Acceptor>,
-    /// The admin listener's tasks (its connections, taps): they outlive the drain, so that
-    /// `/readyz` can say "draining", and stop at its end.
-    control: TaskTracker,
-}
-
-impl Shared {
-    fn new(
-        config: Config,
-        inspectors: InspectorRegistry,
-        config_path: Option<PathBuf>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> Shared {
-        let max_connections = *config.server.max_connections.get_ref();
-        let shutdown = Shutdown::default();
-        let first = Generation::new(config, &inspectors, None, shutdown.drain.child_token());
-        let generations = Arc::new(Generations::new(first));
-        let sessions = SessionContext {
-            generations: generations.clone(),
-            observe: Arc::new(Observatory::default()),
-            shutdown,
-        };
-        Shared {
-            generations,
-            inspectors,
-            config_path,
-            acceptor: Arc::new(Acceptor {
-                sessions,
-                slots: Arc::new(Semaphore::new(max_connections)),
-                next_conn_id: AtomicU64::new(1),
-                tasks: TaskTracker::new(),
-                tls,
-            }),
-            control: TaskTracker::new(),
-        }
-    }
-
-    fn observe(&self) -> &Arc<Observatory> {
-        &self.acceptor.sessions.observe
-    }
-
-    fn shutdown(&self) -> &Shutdown {
-        &self.acceptor.sessions.shutdown
-    }
-
-    /// Starts the background work of the current generation (health checks, mux links).
-    fn start_generation(&self) {
-        self.generations
-            .current()
-            .start(&self.acceptor.tasks, self.shutdown());
-    }
-
-    /// Applies a new configuration to new connections at once; sessions on backends it removes
-    /// are moved (or closed 1012) after `shutdown_grace`.
-    fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
-        config.check_inspectors(&self.inspectors)?;
-        let old = self.generations.current();
-        let restart_needed = generation::restart_needed(&old.config.server, &config.server);
-        let retired = self.shutdown().drain.child_token();
-        let new = Arc::new(Generation::new(
-            config,
-            &self.inspectors,
-            Some(&old),
-            retired,
-        ));
-        let removed = old.backends_missing_from(&new);
-        let added = new.backends_missing_from(&old);
-        for url in &removed {
-            old.backends.drain(url);
-        }
-        let routes = new.routes.len();
-        self.generations.replace(new);
-        old.retired.cancel();
-        self.start_generation();
-        tracing::info!(
-            ?added,
-            ?removed,
-            routes,
-            ?restart_needed,
-            "configuration reloaded"
-        );
-        Ok(ReloadReport {
-            added,
-            removed,
-            routes,
-            restart_needed,
-        })
-    }
-
-    /// Reloads from the file the relay was started with.
-    fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
-        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
-        let source = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let config =
-            Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
-        Ok(self.reload(config)?)
-    }
-}
-
-/// What a reload changed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReloadReport {
-    /// Backend URLs new in this configuration.
-    pub added: Vec<String>,
-    /// Backend URLs gone; their sessions move after `shutdown_grace`.
-    pub removed: Vec<String>,
-    /// Routes now configured.
-    pub routes: usize,
-    /// Changed keys that only take effect after a restart (the old values stay in force).
-    pub restart_needed: Vec<String>,
-}
-
-/// Why a reload was refused; the running configuration stays in force.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The relay was started from flags, not a file.
-    #[error("nothing to reload: the relay was not started with --config")]
-    NoFile,
-    /// The file could not be read.
-    #[error("read {path}: {source}")]
-    Read {
-        /// The configuration file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The new configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
 }
 
 /// Entry point: binds a relay and runs it in the background of the current tokio runtime.

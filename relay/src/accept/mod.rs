@@ -3,7 +3,9 @@
 //! functions of [`upgrade`]; clients that multiplex on their side are served by [`mux_client`].
 
 mod answer;
+mod connect;
 mod mux_client;
+mod outcome;
 pub(crate) mod tls;
 mod upgrade;
 

@@ -16,7 +16,7 @@ use tungstenite::protocol::Role;
 use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole};
 
 use super::Acceptor;
-use super::answer::route_client;
+use super::connect::route_client;
 use crate::pump::StreamLeg;
 use crate::session::ClientStart;
 use crate::upstream::link_socket_config;

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 mod tap;
 
-use crate::Shared;
+use crate::control::Shared;
 use crate::observe::Figures;
 use crate::route::query_value;
 
@@ -109,7 +109,7 @@ async fn route(
             Err(error) => {
                 warn!(%error, "reload refused; keeping the running configuration");
                 let status = match error {
-                    crate::ReloadError::NoFile => StatusCode::CONFLICT,
+                    crate::control::ReloadError::NoFile => StatusCode::CONFLICT,
                     _ => StatusCode::BAD_REQUEST,
                 };
                 text(status, &format!("{error}\n"))

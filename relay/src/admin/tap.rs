@@ -18,8 +18,8 @@ use tungstenite::Message;
 use tungstenite::protocol::Role;
 
 use super::{percent_decode, text};
-use crate::Shared;
 use crate::accept::{check_upgrade, switching_protocols};
+use crate::control::Shared;
 use crate::observe::{TapFilter, TapSubscription};
 use crate::route::query_value;
 

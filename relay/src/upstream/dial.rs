@@ -5,19 +5,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::WebSocketConfig;
 
+pub(crate) use super::handshake::Dialed;
 use super::handshake::{self, Failure, Refusal};
 use super::request::BackendRequest;
 use crate::config::BackendUrl;
 use crate::headers;
-
-/// The backend leg of a session.
-pub type BackendSocket = WebSocketStream<TcpStream>;
 
 /// Why a backend did not become a client's backend leg.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +40,6 @@ pub enum DialError {
         /// 500 ms (or the dial timeout) if it was slow or cut.
         body: Bytes,
     },
-}
-
-/// A backend leg that is open, and what the backend agreed to.
-pub struct Dialed {
-    /// The open WebSocket to the backend.
-    pub socket: BackendSocket,
-    /// The subprotocol the backend picked, if any.
-    pub protocol: Option<HeaderValue>,
 }
 
 /// Opens a WebSocket to `backend` within `timeout` (connect plus handshake).

@@ -22,8 +22,15 @@ use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::dial::Dialed;
 use crate::headers::has_token as header_has_token;
+
+/// A backend leg that is open, and what the backend agreed to.
+pub(crate) struct Dialed {
+    /// The open WebSocket to the backend.
+    pub socket: WebSocketStream<TcpStream>,
+    /// The subprotocol the backend picked, if any.
+    pub protocol: Option<HeaderValue>,
+}
 
 /// Largest backend response head (status line and headers) accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;

@@ -1,0 +1,64 @@
+//! Routing one client to its backend, the same for an HTTP upgrade and for a stream a mux
+//! client opened: hash key, ranking, the walk that opens the backend leg.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Uri};
+use tracing::{Instrument, Span, info_span};
+
+use super::Acceptor;
+use super::outcome::{Answer, no_backend_reachable, no_healthy_backend};
+use crate::generation::Generation;
+use crate::route::{Route, client_hash_key};
+use crate::session::PendingSession;
+use crate::upstream::{BackendRequest, Walked};
+
+/// Routes one client (an HTTP upgrade, or a stream a mux client opened) to its backend: hash
+/// key, ranking, the backend leg. Returns the session to start once the client side is known,
+/// in the span of its connection id, or the answer for the client.
+pub(super) async fn route_client(
+    acceptor: &Acceptor,
+    generation: &Arc<Generation>,
+    route: &Arc<Route>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Result<(Span, PendingSession), Answer> {
+    let conn_id = acceptor
+        .next_conn_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = info_span!("conn", id = conn_id);
+    let path = uri.path();
+    let hash_key = client_hash_key(&route.hash_key, headers, path, uri.query(), peer);
+    let request =
+        BackendRequest::from_client(uri, headers, peer, conn_id, route.preserve_host, scheme);
+    let upstream = &route.upstream;
+    let ranked = upstream.ranking.rank(&hash_key);
+    let walk = generation.walk(upstream, route.mode, &request, peer);
+    let walked = walk.run(&ranked, None).instrument(span.clone()).await;
+    let (backend_index, backend, protocol) = match walked {
+        Walked::Connected {
+            index,
+            leg,
+            protocol,
+        } => (index, leg, protocol),
+        Walked::Refused { refusal } => return Err(Answer::from_backend(refusal)),
+        Walked::NoCandidate => return Err(no_healthy_backend(upstream)),
+        Walked::Unreachable => return Err(no_backend_reachable(upstream)),
+    };
+    let pending = PendingSession {
+        generation: generation.clone(),
+        route: route.clone(),
+        conn_id,
+        peer,
+        path: path.to_owned(),
+        hash_key,
+        backend_index,
+        backend,
+        protocol,
+        request,
+    };
+    Ok((span, pending))
+}

@@ -417,3 +417,84 @@ async fn a_sensitive_route_taps_lengths_but_no_payload() {
     assert_eq!(record["len"], 12);
     assert_eq!(record["preview"], "");
 }
+
+#[tokio::test]
+async fn metrics_move_while_a_connection_stays_open() {
+    let backend = TestBackend::start("b").await;
+    // No keepalive tick and no close: only a scrape that reads live sessions sees traffic.
+    let toml = config("", "").replace(
+        "[server]",
+        "[keepalive]\nping_interval = \"0s\"\n\n[server]",
+    );
+    let relay = TestRelay::start(&toml, &[&backend]).await;
+    let addr = admin_addr(&relay);
+    let mut client = connect_as(&relay, "steady").await;
+    for expected in 1..=3u32 {
+        assert_eq!(round_trip(&mut client, "12345").await, "12345");
+        let (_, metrics) = admin(addr, "GET", "/metrics", None).await;
+        let moved = |series: &str| sample(&metrics, series);
+        assert_eq!(
+            moved("wsrelay_messages_total{direction=\"in\"}"),
+            Some(f64::from(expected)),
+            "{metrics}"
+        );
+        assert_eq!(
+            moved("wsrelay_bytes_total{direction=\"out\"}"),
+            Some(f64::from(5 * expected)),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        relay.handle.open_sessions(),
+        1,
+        "the connection is still open"
+    );
+}
+
+#[tokio::test]
+async fn handshake_metrics_tell_refusals_apart() {
+    let backend = TestBackend::start("b").await;
+    let relay = TestRelay::start(&config("max_connections = 1", ""), &[&backend]).await;
+    let addr = admin_addr(&relay);
+    let outcome = |metrics: &str, outcome: &str, status: u16| {
+        sample(
+            metrics,
+            &format!("wsrelay_handshakes_total{{outcome=\"{outcome}\",status=\"{status}\"}}"),
+        )
+    };
+
+    // The one slot taken: the next client gets 503 for capacity.
+    let mut held = connect_as(&relay, "first").await;
+    assert_eq!(round_trip(&mut held, "hi").await, "hi");
+    assert_eq!(refused_status(&relay.url("/chat")).await, 503);
+    held.close(None).await.unwrap();
+    let _ = expect_close(&mut held).await;
+    wait_until("the slot to free", || relay.handle.open_sessions() == 0).await;
+
+    // The only backend drained: 503 because no backend may take clients.
+    let drain = format!(
+        "/api/backends/drain?url={}",
+        backend.url().replace(':', "%3A").replace('/', "%2F")
+    );
+    assert_eq!(admin(addr, "POST", &drain, None).await.0, 200);
+    // The closed session's slot returns just after it leaves the registry: until then the
+    // answer is still "over capacity", so look for the first "no healthy backend".
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        assert_eq!(refused_status(&relay.url("/chat")).await, 503);
+        metrics = admin(addr, "GET", "/metrics", None).await.1;
+        if outcome(&metrics, "no_healthy_backend", 503).is_some() {
+            break;
+        }
+    }
+    assert!(
+        outcome(&metrics, "over_capacity", 503) >= Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        outcome(&metrics, "no_healthy_backend", 503),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(outcome(&metrics, "upgraded", 101), Some(1.0), "{metrics}");
+}

@@ -119,3 +119,52 @@ async fn with_no_healthy_backend_clients_get_503_with_retry_after() {
     .await;
     assert_eq!(status_of(&response), 503);
 }
+
+#[tokio::test]
+async fn a_reoriginations_dials_count_toward_passive_health() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let c = TestBackend::start("c").await;
+    let urls = [a.url(), b.url(), c.url()];
+    // No active checks: only the answers of real dials say anything about b.
+    let passive = config().replace("health_check = ", "# health_check = ");
+    let relay = TestRelay::start(&passive, &[&a, &b, &c]).await;
+    let ranking = Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    let user = (0..)
+        .map(|n| format!("user{n}"))
+        .find(|user| ranking.rank(user.as_bytes()) == [0, 1, 2])
+        .expect("some user ranks a, b, c");
+    let mut request = relay.url("/").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-user", user.parse().unwrap());
+    let mut client = connect_request(request).await.unwrap();
+    assert_eq!(round_trip(&mut client, "whoami").await, "a");
+
+    // b dies, then a loses its connections: the move tries b first (nothing listens), then
+    // lands on c, and b's failed dial marks it unhealthy like a client's own dial would.
+    let b_url = b.url();
+    b.stop();
+    a.kill_connections();
+    assert_eq!(round_trip(&mut client, "whoami").await, "c");
+    let admin = relay.handle.admin_addr().unwrap();
+    let response = raw_exchange(
+        admin,
+        b"GET /api/backends HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let rows: serde_json::Value = serde_json::from_str(body).expect("JSON rows");
+    let row = |url: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["url"] == url)
+            .unwrap_or_else(|| panic!("{url} in {body}"))
+            .clone()
+    };
+    assert_eq!(row(&b_url)["healthy"], false, "{body}");
+    assert_eq!(row(&c.url())["healthy"], true, "{body}");
+}

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::Acceptor;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ServerConfig};
 use crate::generation::{self, Generation, Generations};
 use crate::inspect::InspectorRegistry;
 use crate::observe::Observatory;
@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
     pub config_path: Option<PathBuf>,
     pub acceptor: Arc<Acceptor>,
+    /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and the TLS
+    /// files really are until a restart.
+    started: ServerConfig,
     /// The admin listener's tasks (its connections, taps): they outlive the drain, so that
     /// `/readyz` can say "draining", and stop at its end.
     pub control: TaskTracker,
@@ -40,6 +43,7 @@ impl Shared {
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
+        let started = config.server.clone();
         let shutdown = Shutdown::default();
         let first = Generation::new(config, &inspectors, None, shutdown.drain.child_token());
         let generations = Arc::new(Generations::new(first));
@@ -59,6 +63,7 @@ impl Shared {
                 tasks: TaskTracker::new(),
                 tls,
             }),
+            started,
             control: TaskTracker::new(),
         }
     }
@@ -83,7 +88,9 @@ impl Shared {
     pub fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
         let old = self.generations.current();
-        let restart_needed = generation::restart_needed(&old.config.server, &config.server);
+        // Against what the process really runs with: a key changed by an earlier reload is
+        // still not in force.
+        let restart_needed = generation::restart_needed(&self.started, &config.server);
         let retired = self.shutdown().drain.child_token();
         let new = Arc::new(Generation::new(
             config,

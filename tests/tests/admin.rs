@@ -498,3 +498,20 @@ async fn handshake_metrics_tell_refusals_apart() {
     );
     assert_eq!(outcome(&metrics, "upgraded", 101), Some(1.0), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_key_only_a_restart_applies_is_reported_until_the_restart() {
+    let backend = TestBackend::start("b").await;
+    let relay = TestRelay::start(&config("", ""), &[&backend]).await;
+    let moved = config("listen = \"127.0.0.1:0\"\nmax_connections = 7", "")
+        .replace("BACKENDS", &format!("[\"{}\"]", backend.url()));
+    for reload in 1..=2 {
+        let config = wsrelay::config::Config::from_toml(&moved, "t.toml").unwrap();
+        let report = relay.handle.reload(config).unwrap();
+        assert_eq!(
+            report.restart_needed,
+            ["server.max_connections"],
+            "reload {reload}: the running value is still the old one"
+        );
+    }
+}

@@ -61,7 +61,7 @@ impl Answer {
 
     /// The relay's own refusal.
     pub(super) fn refusal(outcome: Outcome, refusal: Refusal) -> Answer {
-        debug!(status = %refusal.status, reason = %refusal.reason, "refused a request");
+        debug!(outcome = outcome.label().unwrap_or("none"), status = %refusal.status, reason = %refusal.reason, "refused a request");
         let mut response = text_response(refusal.status, refusal.reason + "\n");
         response.headers_mut().extend(refusal.headers);
         Answer::new(outcome, response)

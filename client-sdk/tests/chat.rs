@@ -2,24 +2,15 @@
 //!
 //! Waits are bounded by generous deadlines; nothing asserts on elapsed time.
 
-use std::time::Duration;
-
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use wsrelay_client::{LinkConfig, MuxClient, MuxServer, MuxStream};
+use wsrelay_testkit::within;
 
 #[allow(dead_code)]
 #[path = "../examples/chat_backend.rs"]
 mod chat_backend;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .unwrap_or_else(|_| panic!("gave up waiting for {what}"))
-}
 
 async fn chat_server() -> String {
     let server = MuxServer::bind("127.0.0.1:0").await.unwrap();

@@ -7,19 +7,24 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::net::TcpListener;
+use tungstenite::protocol::CloseFrame;
 use wsrelay_client::{
     Backoff, Client, CloseReason, ConnectError, Event, Heartbeat, Jitter, Message, QueuePolicy,
     Reconnect, SendError, State,
 };
+use wsrelay_testkit::{BackendBehavior, TestBackend, unused_addr, wait_until};
+
+/// The close frame `code` and `reason` make, as a backend records it.
+fn close_frame(code: u16, reason: &str) -> Option<CloseFrame> {
+    Some(CloseFrame {
+        code: code.into(),
+        reason: reason.into(),
+    })
+}
 
 #[tokio::test]
 async fn messages_go_both_ways_with_headers_and_a_subprotocol() {
-    let backend = Backend::with(Mode {
-        protocol: Some("chat.v2".into()),
-        ..Mode::default()
-    })
-    .await;
+    let backend = TestBackend::with_behavior("echo", BackendBehavior::picking("chat.v2")).await;
     let mut client = Client::builder(&backend.url())
         .header("X-User", "ann")
         .subprotocols(["chat.v2", "chat.v1"])
@@ -45,7 +50,7 @@ async fn messages_go_both_ways_with_headers_and_a_subprotocol() {
         other => panic!("expected the binary echo, got {other:?}"),
     }
     assert_eq!(next_text(&mut client).await, "from a sender");
-    let headers = backend.log.headers.lock().unwrap()[0].clone();
+    let headers = backend.connections()[0].headers.clone();
     assert_eq!(headers["x-user"], "ann");
     assert_eq!(headers["sec-websocket-protocol"], "chat.v2, chat.v1");
 }
@@ -53,12 +58,8 @@ async fn messages_go_both_ways_with_headers_and_a_subprotocol() {
 #[tokio::test]
 async fn server_closes_with_1001_1012_1013_and_other_codes_reconnect() {
     for code in [1001u16, 1011, 1012, 1013, 4000] {
-        let backend = Backend::start().await;
-        let mut client = Client::builder(&backend.url())
-            .reconnect(quick_reconnect())
-            .connect()
-            .await
-            .unwrap();
+        let backend = TestBackend::start("echo").await;
+        let mut client = reconnecting(&backend.url()).await;
         assert_eq!(connected(&mut client).await, 1);
         client.send(format!("close:{code}")).await.unwrap();
         assert_eq!(disconnected(&mut client).await.0, Some(code), "{code}");
@@ -73,19 +74,15 @@ async fn server_closes_with_1001_1012_1013_and_other_codes_reconnect() {
         assert_eq!(connected(&mut client).await, 2, "{code}");
         client.send("after").await.unwrap();
         assert_eq!(next_text(&mut client).await, "after");
-        assert_eq!(backend.connections(), 2);
+        assert_eq!(backend.connections().len(), 2);
     }
 }
 
 #[tokio::test]
 async fn server_closes_with_1000_or_1008_end_the_client() {
     for code in [1000u16, 1008] {
-        let backend = Backend::start().await;
-        let mut client = Client::builder(&backend.url())
-            .reconnect(quick_reconnect())
-            .connect()
-            .await
-            .unwrap();
+        let backend = TestBackend::start("echo").await;
+        let mut client = reconnecting(&backend.url()).await;
         client.send(format!("close:{code}")).await.unwrap();
         assert_eq!(disconnected(&mut client).await.0, Some(code));
         match closed(&mut client).await {
@@ -108,18 +105,14 @@ async fn server_closes_with_1000_or_1008_end_the_client() {
             client.next_event().await.is_none(),
             "{code}: events after Closed"
         );
-        assert_eq!(backend.connections(), 1, "{code}: no reconnect");
+        assert_eq!(backend.connections().len(), 1, "{code}: no reconnect");
     }
 }
 
 #[tokio::test]
 async fn an_abrupt_disconnect_reconnects() {
-    let backend = Backend::start().await;
-    let mut client = Client::builder(&backend.url())
-        .reconnect(quick_reconnect())
-        .connect()
-        .await
-        .unwrap();
+    let backend = TestBackend::start("echo").await;
+    let mut client = reconnecting(&backend.url()).await;
     assert_eq!(connected(&mut client).await, 1);
     backend.kill_connections();
     let (code, reason) = disconnected(&mut client).await;
@@ -131,7 +124,7 @@ async fn an_abrupt_disconnect_reconnects() {
 
 #[tokio::test]
 async fn a_message_over_max_message_size_drops_the_connection_with_1009_and_reconnects() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .reconnect(quick_reconnect())
         .max_message_size(1000)
@@ -147,8 +140,8 @@ async fn a_message_over_max_message_size_drops_the_connection_with_1009_and_reco
         reason.contains("the server sent something invalid"),
         "{reason}"
     );
-    eventually("the backend to see the 1009", || {
-        backend.log.closes.lock().unwrap().first().map(|c| c.0) == Some(1009)
+    wait_until("the backend to see the 1009", || {
+        backend.close_codes().first() == Some(&Some(1009))
     })
     .await;
     assert_eq!(connected(&mut client).await, 2);
@@ -158,11 +151,7 @@ async fn a_message_over_max_message_size_drops_the_connection_with_1009_and_reco
 
 #[tokio::test]
 async fn the_heartbeat_finds_a_silent_server_dead_and_reconnects() {
-    let backend = Backend::with(Mode {
-        silent: true,
-        ..Mode::default()
-    })
-    .await;
+    let backend = TestBackend::with_behavior("silent", BackendBehavior::silent()).await;
     let mut client = Client::builder(&backend.url())
         .reconnect(quick_reconnect())
         .heartbeat(Heartbeat {
@@ -177,12 +166,12 @@ async fn the_heartbeat_finds_a_silent_server_dead_and_reconnects() {
     assert_eq!(code, None);
     assert!(reason.contains("ping"), "{reason}");
     assert_eq!(connected(&mut client).await, 2);
-    assert_eq!(backend.connections(), 2);
+    assert_eq!(backend.connections().len(), 2);
 }
 
 #[tokio::test]
 async fn the_heartbeat_keeps_an_answering_server() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .heartbeat(Heartbeat {
             interval: Duration::from_millis(30),
@@ -196,12 +185,12 @@ async fn the_heartbeat_keeps_an_answering_server() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     client.send("alive").await.unwrap();
     assert_eq!(next_text(&mut client).await, "alive");
-    assert_eq!(backend.connections(), 1);
+    assert_eq!(backend.connections().len(), 1);
 }
 
 #[tokio::test]
 async fn a_buffer_queue_is_written_in_order_once_after_reconnecting_and_try_send_says_full() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .reconnect(quick_reconnect())
         .queue(QueuePolicy::Buffer { max_messages: 5 })
@@ -210,7 +199,7 @@ async fn a_buffer_queue_is_written_in_order_once_after_reconnecting_and_try_send
         .unwrap();
     client.send("before").await.unwrap();
     assert_eq!(next_text(&mut client).await, "before");
-    let (addr, log) = backend.stop();
+    let stopped = backend.stop();
     disconnected(&mut client).await;
     assert_ne!(client.state(), State::Connected);
     for n in 0..5 {
@@ -226,8 +215,7 @@ async fn a_buffer_queue_is_written_in_order_once_after_reconnecting_and_try_send
         other => panic!("expected Full, got {other:?}"),
     }
     // The client keeps retrying; the backend comes back on the same port.
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let backend = Backend::on(listener, Mode::default(), log);
+    let backend = stopped.restart().await;
     assert_eq!(connected(&mut client).await, 2);
     for n in 0..5 {
         assert_eq!(next_text(&mut client).await, format!("queued {n}"));
@@ -243,7 +231,7 @@ async fn a_buffer_queue_is_written_in_order_once_after_reconnecting_and_try_send
 
 #[tokio::test]
 async fn on_connect_messages_go_first_on_every_connection() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .reconnect(quick_reconnect())
         .on_connect(|c| vec![Message::text(format!("hello #{}", c.connection))])
@@ -251,10 +239,10 @@ async fn on_connect_messages_go_first_on_every_connection() {
         .await
         .unwrap();
     assert_eq!(next_text(&mut client).await, "hello #1");
-    let (addr, log) = backend.stop();
+    let stopped = backend.stop();
     disconnected(&mut client).await;
     client.send("queued").await.unwrap();
-    let backend = Backend::on(TcpListener::bind(addr).await.unwrap(), Mode::default(), log);
+    let backend = stopped.restart().await;
     assert_eq!(next_text(&mut client).await, "hello #2");
     assert_eq!(next_text(&mut client).await, "queued");
     assert_eq!(backend.texts(), ["hello #1", "hello #2", "queued"]);
@@ -262,7 +250,7 @@ async fn on_connect_messages_go_first_on_every_connection() {
 
 #[tokio::test]
 async fn fail_fast_refuses_while_disconnected() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .reconnect(quick_reconnect())
         .queue(QueuePolicy::FailFast)
@@ -271,7 +259,7 @@ async fn fail_fast_refuses_while_disconnected() {
         .unwrap();
     client.send("one").await.unwrap();
     assert_eq!(next_text(&mut client).await, "one");
-    let (addr, log) = backend.stop();
+    let stopped = backend.stop();
     disconnected(&mut client).await;
     match client.send("while down").await {
         Err(SendError::Disconnected { message, url }) => {
@@ -284,7 +272,7 @@ async fn fail_fast_refuses_while_disconnected() {
         client.try_send("also while down"),
         Err(SendError::Disconnected { .. })
     ));
-    let backend = Backend::on(TcpListener::bind(addr).await.unwrap(), Mode::default(), log);
+    let backend = stopped.restart().await;
     assert_eq!(connected(&mut client).await, 2);
     client.send("two").await.unwrap();
     assert_eq!(next_text(&mut client).await, "two");
@@ -294,7 +282,7 @@ async fn fail_fast_refuses_while_disconnected() {
 
 #[tokio::test]
 async fn close_sends_its_code_and_stops_the_client() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::connect(&backend.url()).await.unwrap();
     assert_eq!(connected(&mut client).await, 1);
     client.close(4000, "done").await;
@@ -303,8 +291,8 @@ async fn close_sends_its_code_and_stops_the_client() {
         CloseReason::Local { code, reason } => assert_eq!((code, reason.as_str()), (4000, "done")),
         other => panic!("{other:?}"),
     }
-    eventually("the backend to see the close", || {
-        backend.log.closes.lock().unwrap().clone() == [(4000, "done".to_owned())]
+    wait_until("the backend to see the close", || {
+        backend.closes() == [close_frame(4000, "done")]
     })
     .await;
     assert!(matches!(
@@ -315,27 +303,23 @@ async fn close_sends_its_code_and_stops_the_client() {
 
 #[tokio::test]
 async fn dropping_every_handle_closes_with_1000() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let client = Client::connect(&backend.url()).await.unwrap();
     let sender = client.sender();
     drop(client);
     // A sender keeps the connection up.
     sender.send("still sending").await.unwrap();
-    eventually("the message", || backend.texts() == ["still sending"]).await;
+    wait_until("the message", || backend.texts() == ["still sending"]).await;
     drop(sender);
-    eventually("the backend to see the close", || {
-        backend.log.closes.lock().unwrap().clone() == [(1000, "client dropped".to_owned())]
+    wait_until("the backend to see the close", || {
+        backend.closes() == [close_frame(1000, "client dropped")]
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_4xx_refusal_is_final_and_a_5xx_is_retried_after_its_retry_after() {
-    let forbidden = Backend::with(Mode {
-        refuse: Some((403, None)),
-        ..Mode::default()
-    })
-    .await;
+    let forbidden = TestBackend::with_behavior("forbidden", BackendBehavior::refusing(403)).await;
     let error = Client::connect(&forbidden.url()).await.unwrap_err();
     assert_eq!(error.status(), Some(403));
     assert!(error.is_permanent());
@@ -358,11 +342,8 @@ async fn a_4xx_refusal_is_final_and_a_5xx_is_retried_after_its_retry_after() {
     }
 
     // 503 with Retry-After: retried, the wait raised to the Retry-After (capped at max).
-    let busy = Backend::with(Mode {
-        refuse: Some((503, Some(1))),
-        ..Mode::default()
-    })
-    .await;
+    let busy =
+        TestBackend::with_behavior("busy", BackendBehavior::refusing(503).retry_after(1)).await;
     let mut client = Client::builder(&busy.url())
         .reconnect(
             Reconnect::default()
@@ -397,7 +378,7 @@ async fn a_4xx_refusal_is_final_and_a_5xx_is_retried_after_its_retry_after() {
 
 #[tokio::test]
 async fn reconnect_never_ends_the_client_with_the_first_loss() {
-    let backend = Backend::start().await;
+    let backend = TestBackend::start("echo").await;
     let mut client = Client::builder(&backend.url())
         .reconnect(Reconnect::never())
         .connect()
@@ -427,7 +408,7 @@ async fn a_bad_url_fails_before_any_socket() {
 /// attempt's delay is the seeded backoff's, within its bounds, and waited in full.
 #[tokio::test(start_paused = true)]
 async fn backoff_delays_follow_the_seeded_policy_under_a_paused_clock() {
-    let addr = unused_addr().await;
+    let addr = unused_addr();
     let connect_timeout = Duration::from_millis(50);
     let policy = Reconnect::default()
         .backoff(Duration::from_millis(100), Duration::from_secs(2))
@@ -496,7 +477,7 @@ async fn backoff_delays_follow_the_seeded_policy_under_a_paused_clock() {
 /// whatever each failed dial took (0 to the connect timeout).
 #[tokio::test(start_paused = true)]
 async fn attempts_in_a_minute_are_as_many_as_the_backoff_allows() {
-    let addr = unused_addr().await;
+    let addr = unused_addr();
     let connect_timeout = Duration::from_millis(100);
     let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
     let policy = Reconnect {

@@ -2,39 +2,17 @@
 //!
 //! Waits are bounded by generous deadlines; nothing asserts on elapsed time.
 
-use std::time::Duration;
+mod common;
 
+use common::stream_text;
 use futures_util::{SinkExt, StreamExt};
 use tungstenite::Message;
-use wsrelay_client::{MuxClient, MuxServer, MuxStream, OpenError};
+use wsrelay_client::{MuxClient, MuxServer, OpenError};
+use wsrelay_testkit::{wait_until, within};
 
 #[allow(dead_code)]
 #[path = "../examples/mux_echo_backend.rs"]
 mod mux_echo_backend;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .unwrap_or_else(|_| panic!("gave up waiting for {what}"))
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-}
-
-async fn next_text(stream: &mut MuxStream) -> String {
-    match within("a message", stream.next()).await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
 
 /// A server that answers each stream's first message with "<path>?<query> <client_addr>
 /// <header x-user>", then echoes; `/private/...` is rejected with 403.
@@ -99,13 +77,13 @@ async fn many_streams_with_their_own_paths_on_one_link() {
                 .unwrap();
             stream.send(Message::text("describe")).await.unwrap();
             assert_eq!(
-                next_text(&mut stream).await,
+                stream_text(&mut stream).await,
                 format!("/room/{i}?n={i} user=u{i} resumed=false")
             );
             for j in 0..10 {
                 let m = format!("{i}/{j}");
                 stream.send(Message::text(m.clone())).await.unwrap();
-                assert_eq!(next_text(&mut stream).await, m);
+                assert_eq!(stream_text(&mut stream).await, m);
             }
             stream.close().await.unwrap();
         }));
@@ -113,7 +91,7 @@ async fn many_streams_with_their_own_paths_on_one_link() {
     for t in tasks {
         within("a stream", t).await.unwrap();
     }
-    eventually("every stream to finish", || client.open_streams() == 0).await;
+    wait_until("every stream to finish", || client.open_streams() == 0).await;
     assert!(!client.is_closed());
 }
 
@@ -142,7 +120,10 @@ async fn accept_with_a_protocol_and_reject_with_a_status() {
         .unwrap();
     assert_eq!(stream.protocol(), Some("chat.v2"));
     stream.send(Message::text("first")).await.unwrap();
-    assert_eq!(next_text(&mut stream).await, "/public? user= resumed=false");
+    assert_eq!(
+        stream_text(&mut stream).await,
+        "/public? user= resumed=false"
+    );
     stream
         .send(Message::binary(b"\x00\x01".to_vec()))
         .await
@@ -163,8 +144,8 @@ async fn echo_backend_example_echoes_and_answers_whoami() {
     let mut b = client.open("/b?x=1", Vec::new()).await.unwrap();
     a.send(Message::text("hello")).await.unwrap();
     b.send(Message::text("whoami")).await.unwrap();
-    assert_eq!(next_text(&mut a).await, "hello");
-    assert_eq!(next_text(&mut b).await, "b7");
+    assert_eq!(stream_text(&mut a).await, "hello");
+    assert_eq!(stream_text(&mut b).await, "b7");
     a.send(Message::Close(None)).await.unwrap();
     match within("the close echo", a.next()).await {
         Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1000),
@@ -194,15 +175,15 @@ async fn links_from_several_clients_are_counted() {
     });
     let one = MuxClient::connect(&url).await.unwrap();
     let two = MuxClient::connect(&url).await.unwrap();
-    eventually("two links", || server.link_count() == 2).await;
+    wait_until("two links", || server.link_count() == 2).await;
     let mut s1 = one.open("/", Vec::new()).await.unwrap();
     let mut s2 = two.open("/", Vec::new()).await.unwrap();
-    let (l1, l2) = (next_text(&mut s1).await, next_text(&mut s2).await);
+    let (l1, l2) = (stream_text(&mut s1).await, stream_text(&mut s2).await);
     assert_ne!(l1, l2, "each client has its own link");
     // A client dropped with no stream left releases its link.
     drop(s1);
     drop(one);
-    eventually("the first link to go", || server.link_count() == 1).await;
+    wait_until("the first link to go", || server.link_count() == 1).await;
     s2.send(Message::text("still up")).await.unwrap();
     assert!(!two.is_closed());
 }

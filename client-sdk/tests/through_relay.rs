@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use wsrelay_client::{Client, ConnectError, Event, MuxClient, MuxServer, QueuePolicy, TlsError};
+use wsrelay_testkit::{TestBackend, TestCertificate, TestRelay, WAIT, retry, wait_until, within};
 
 #[allow(dead_code)]
 #[path = "../examples/chat_backend.rs"]
@@ -23,27 +24,15 @@ mod chat_cli;
 #[path = "../examples/mux_echo_backend.rs"]
 mod mux_echo_backend;
 
-/// A relay with one route `/` in per-client mode over `backend`.
-fn per_client(listen: &str, backend: &str, on_backend_loss: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "{listen}"
-shutdown_grace = "2s"
-
-[[route]]
-path = "/"
-upstream = "main"
-
-[upstream.main]
-backends = ["{backend}"]
-on_backend_loss = "{on_backend_loss}"
-"#
-    )
-}
-
-/// A relay with one route `path` in mux mode over the mux backend at `backend`.
-fn mux_route(listen: SocketAddr, path: &str, backend: &str) -> String {
+/// A relay on `listen` with one route `path` in `mode` over `backend`; `upstream_extra` goes
+/// into the upstream's table.
+fn one_route(
+    listen: SocketAddr,
+    path: &str,
+    mode: &str,
+    backend: &str,
+    upstream_extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -52,21 +41,38 @@ shutdown_grace = "2s"
 
 [[route]]
 path = "{path}"
-upstream = "mux"
-mode = "mux"
+upstream = "main"
+mode = "{mode}"
 
-[upstream.mux]
+[upstream.main]
 backends = ["{backend}"]
+{upstream_extra}
 "#
     )
+}
+
+/// A relay on a free port with one route `/` in per-client mode over `backend`.
+fn per_client(backend: &str, on_backend_loss: &str) -> String {
+    let policy = format!("on_backend_loss = \"{on_backend_loss}\"");
+    one_route(any_port(), "/", "per-client", backend, &policy)
+}
+
+/// A relay with one route `path` in mux mode over the mux backend at `backend`.
+fn mux_route(listen: SocketAddr, path: &str, backend: &str) -> String {
+    one_route(listen, path, "mux", backend, "")
+}
+
+/// Port 0: any free one.
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_relay_restarts_on_its_port_the_client_reconnects_and_sends_its_queue_once_in_order()
  {
-    let backend = Backend::start().await;
-    let relay = quick_relay("127.0.0.1:0".parse().unwrap(), &backend.url()).await;
-    let addr = relay.local_addr();
+    let backend = TestBackend::start("echo").await;
+    let relay = TestRelay::quick(any_port(), &backend.url()).await;
+    let addr = relay.addr();
     let mut client = Client::builder(&format!("ws://{addr}/chat"))
         .reconnect(quick_reconnect())
         .queue(QueuePolicy::Buffer { max_messages: 100 })
@@ -78,7 +84,7 @@ async fn after_the_relay_restarts_on_its_port_the_client_reconnects_and_sends_it
     assert_eq!(next_text(&mut client).await, "before");
 
     // The relay drains: the client is closed with 1001 and starts reconnecting.
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
     let (code, reason) = disconnected(&mut client).await;
     assert_eq!(code, Some(1001), "{reason}");
     // While the relay is down, messages wait in the queue.
@@ -100,7 +106,7 @@ async fn after_the_relay_restarts_on_its_port_the_client_reconnects_and_sends_it
     .await;
     assert!(retrying.1.contains("TCP connect"), "{retrying:?}");
 
-    let relay = quick_relay(addr, &backend.url()).await;
+    let relay = TestRelay::quick(addr, &backend.url()).await;
     assert_eq!(connected(&mut client).await, 2);
     for n in 0..20 {
         assert_eq!(next_text(&mut client).await, format!("queued {n}"));
@@ -113,24 +119,20 @@ async fn after_the_relay_restarts_on_its_port_the_client_reconnects_and_sends_it
         .collect();
     assert_eq!(backend.texts(), expected, "each message once, in order");
     client.close(1000, "done").await;
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_its_backend_dies_behind_the_relay_the_client_is_closed_1012_and_reconnects() {
-    let backend = Backend::start().await;
-    let relay = start_relay(&per_client("127.0.0.1:0", &backend.url(), "close")).await;
-    let mut client = Client::builder(&format!("ws://{}/", relay.local_addr()))
-        .reconnect(quick_reconnect())
-        .connect()
-        .await
-        .unwrap();
+    let backend = TestBackend::start("echo").await;
+    let relay = TestRelay::start(&per_client(&backend.url(), "close"), &[]).await;
+    let mut client = reconnecting(&relay.url("/")).await;
     assert_eq!(connected(&mut client).await, 1);
     client.send("one").await.unwrap();
     assert_eq!(next_text(&mut client).await, "one");
 
     // The backend process dies; it comes back on the same port a little later.
-    let (backend_addr, log) = backend.stop();
+    let stopped = backend.stop();
     let (code, reason) = disconnected(&mut client).await;
     assert_eq!(code, Some(1012), "{reason}");
     // Until it is back the relay answers 502: retried.
@@ -142,58 +144,27 @@ async fn when_its_backend_dies_behind_the_relay_the_client_is_closed_1012_and_re
     })
     .await;
     assert_eq!(refused, 502);
-    let listener = tokio::net::TcpListener::bind(backend_addr).await.unwrap();
-    let backend = Backend::on(listener, Mode::default(), log);
+    let backend = stopped.restart().await;
     assert_eq!(connected(&mut client).await, 2);
     client.send("two").await.unwrap();
     assert_eq!(next_text(&mut client).await, "two");
     assert_eq!(backend.texts(), ["one", "two"]);
-    relay.shutdown().await;
-}
-
-/// A self-signed certificate for `localhost`, as PEM files in a fresh temp dir.
-struct Certificate {
-    dir: std::path::PathBuf,
-    der: rustls_pki_types::CertificateDer<'static>,
-}
-
-impl Certificate {
-    fn new() -> Certificate {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = std::env::temp_dir().join(format!("wsrelay-client-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cert.pem"), generated.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), generated.signing_key.serialize_pem()).unwrap();
-        Certificate {
-            dir,
-            der: generated.cert.der().clone(),
-        }
-    }
-}
-
-impl Drop for Certificate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_through_the_relay_trusts_the_given_ca_and_only_it() {
-    let certificate = Certificate::new();
-    let backend = Backend::start().await;
-    let toml = per_client("127.0.0.1:0", &backend.url(), "reconnect").replace(
+    let certificate = TestCertificate::new();
+    let backend = TestBackend::start("echo").await;
+    let toml = per_client(&backend.url(), "reconnect").replace(
         "[server]\n",
-        &format!(
-            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            certificate.dir.join("cert.pem").display(),
-            certificate.dir.join("key.pem").display()
-        ),
+        &format!("[server]\n{}", certificate.server_lines()),
     );
-    let relay = start_relay(&toml).await;
-    let url = format!("wss://localhost:{}/secure", relay.local_addr().port());
+    let relay = TestRelay::start(&toml, &[]).await;
+    let url = format!("wss://localhost:{}/secure", relay.addr().port());
 
     let mut client = Client::builder(&url)
-        .tls_root_certificates(vec![certificate.der.clone()])
+        .tls_root_certificates(vec![certificate.der()])
         .connect()
         .await
         .unwrap();
@@ -202,7 +173,7 @@ async fn wss_through_the_relay_trusts_the_given_ca_and_only_it() {
     client.close(1000, "").await;
 
     let mut from_file = Client::builder(&url)
-        .tls_ca_file(certificate.dir.join("cert.pem"))
+        .tls_ca_file(certificate.cert_path())
         .connect()
         .await
         .unwrap();
@@ -217,7 +188,7 @@ async fn wss_through_the_relay_trusts_the_given_ca_and_only_it() {
         }) => {}
         other => panic!("expected a TLS error, got {:?}", other.map(|_| ())),
     }
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,8 +196,8 @@ async fn a_mux_client_redials_after_the_relay_restarts_and_open_waits_for_the_ne
     let server = MuxServer::bind("127.0.0.1:0").await.unwrap();
     let backend = format!("ws://{}", server.local_addr());
     tokio::spawn(mux_echo_backend::serve(server, "echo".into()));
-    let relay = start_relay(&mux_route("127.0.0.1:0".parse().unwrap(), "/", &backend)).await;
-    let addr = relay.local_addr();
+    let relay = TestRelay::start(&mux_route(any_port(), "/", &backend), &[]).await;
+    let addr = relay.addr();
     let client = MuxClient::builder(&format!("ws://{addr}/"))
         .reconnect(quick_reconnect())
         .open_timeout(WAIT)
@@ -236,11 +207,11 @@ async fn a_mux_client_redials_after_the_relay_restarts_and_open_waits_for_the_ne
     assert_eq!(client.links_established(), 1);
     let mut stream = open_when_ready(&client, "/a").await;
     stream.send(tungstenite::Message::text("hi")).await.unwrap();
-    assert_eq!(next_stream_text(&mut stream).await, "hi");
+    assert_eq!(stream_text(&mut stream).await, "hi");
 
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
     // The stream ends: a close from the draining relay, or an error when the link went.
-    let end = tokio::time::timeout(WAIT, async {
+    let end = within("the stream's end", async {
         loop {
             match stream.next().await {
                 Some(Ok(tungstenite::Message::Close(frame))) => break format!("close {frame:?}"),
@@ -250,13 +221,12 @@ async fn a_mux_client_redials_after_the_relay_restarts_and_open_waits_for_the_ne
             }
         }
     })
-    .await
-    .expect("the stream did not end");
+    .await;
     assert!(!end.is_empty());
-    eventually("the link to go", || !client.is_connected()).await;
+    wait_until("the link to go", || !client.is_connected()).await;
     assert!(!client.is_closed(), "a lost link is re-dialed, not the end");
 
-    let relay = start_relay(&mux_route(addr, "/", &backend)).await;
+    let relay = TestRelay::start(&mux_route(addr, "/", &backend), &[]).await;
     // `open` waits for the new link (and the relay's own link to the backend).
     let mut stream = open_when_ready(&client, "/b").await;
     assert_eq!(client.links_established(), 2);
@@ -264,34 +234,18 @@ async fn a_mux_client_redials_after_the_relay_restarts_and_open_waits_for_the_ne
         .send(tungstenite::Message::text("whoami"))
         .await
         .unwrap();
-    assert_eq!(next_stream_text(&mut stream).await, "echo");
+    assert_eq!(stream_text(&mut stream).await, "echo");
     client.go_away("test over");
     drop(stream);
     tokio::time::timeout(WAIT, client.closed())
         .await
         .expect("the client did not stop after go_away");
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 /// Opens `path`, retrying while the relay's own link to the backend comes up (502).
 async fn open_when_ready(client: &MuxClient, path: &str) -> wsrelay_client::MuxStream {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match client.open(path, Vec::new()).await {
-            Ok(stream) => return stream,
-            Err(error) => {
-                assert!(tokio::time::Instant::now() < deadline, "{path}: {error}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
-async fn next_stream_text(stream: &mut wsrelay_client::MuxStream) -> String {
-    match tokio::time::timeout(WAIT, stream.next()).await {
-        Ok(Some(Ok(tungstenite::Message::Text(text)))) => text.to_string(),
-        other => panic!("expected text, got {other:?}"),
-    }
+    retry(path, || client.open(path, Vec::new())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,13 +253,8 @@ async fn the_chat_cli_restores_its_session_after_a_relay_restart() {
     let server = MuxServer::bind("127.0.0.1:0").await.unwrap();
     let backend = format!("ws://{}", server.local_addr());
     tokio::spawn(chat_backend::serve(server));
-    let relay = start_relay(&mux_route(
-        "127.0.0.1:0".parse().unwrap(),
-        "/chat",
-        &backend,
-    ))
-    .await;
-    let addr = relay.local_addr();
+    let relay = TestRelay::start(&mux_route(any_port(), "/chat", &backend), &[]).await;
+    let addr = relay.addr();
     let url = format!("ws://{addr}/chat");
 
     let ann_session = chat_cli::Session::shared("ann", "rust");
@@ -327,7 +276,7 @@ async fn the_chat_cli_restores_its_session_after_a_relay_restart() {
     say_until_heard(&ann, &ann_session, &mut bob, "[rust] ann: hi bob").await;
     say_until_heard(&bob, &bob_session, &mut ann, "[rust] bob: hi ann").await;
 
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
     for client in [&mut ann, &mut bob] {
         let line = wait_for(client, "the disconnect", |event| match event {
             Event::Disconnected { .. } => chat_cli::render(event, &ann_session),
@@ -349,7 +298,7 @@ async fn the_chat_cli_restores_its_session_after_a_relay_restart() {
         Some("* not connected: queued, will be sent on reconnect")
     );
 
-    let relay = start_relay(&mux_route(addr, "/chat", &backend)).await;
+    let relay = TestRelay::start(&mux_route(addr, "/chat", &backend), &[]).await;
     // Ann hears her own queued line in her room, under her nick: the session came back
     // before the queue was sent.
     let line = wait_for(&mut ann, "ann's queued line", |event| {
@@ -359,7 +308,7 @@ async fn the_chat_cli_restores_its_session_after_a_relay_restart() {
     .await;
     assert_eq!(line, "[rust] ann: anyone still here?");
     say_until_heard(&bob, &bob_session, &mut ann, "[rust] bob: yes, back too").await;
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 /// Sends `expected`'s text from `speaker` until `listener` renders it (the listener may still

@@ -28,7 +28,6 @@ use crate::scenario::{CommonOpts, Measurement, RunTarget};
 use crate::targets::{
     self, Backend, ChildProcess, RelayBin, RelayMode, RelaySpec, StartError, TempDir,
 };
-use crate::units::{parse_duration, ser_duration};
 use crate::worker::WorkerLauncher;
 
 /// The scenarios `compare` can run.
@@ -124,20 +123,11 @@ pub struct CompareOpts {
     /// fanout: members per room.
     #[arg(long, default_value_t = 10)]
     pub room_size: usize,
-    /// hold: client ping interval ("0s": none).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub ping_interval: Duration,
-    /// hold: new connections per second (0: unlimited).
-    #[arg(long, default_value_t = 0.0)]
-    pub connect_rate: f64,
-    /// hold: connections per load-generator process.
-    #[arg(long, default_value_t = 15_000)]
-    pub per_process: usize,
-    /// hold and churn: pause before the memory readings after ramp and close.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub settle: Duration,
+    /// hold: its own options (`--ping-interval`, `--connect-rate`, `--per-process`,
+    /// `--settle`); churn takes `--settle` too.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub hold: HoldOpts,
 }
 
 impl CompareOpts {
@@ -158,10 +148,11 @@ impl CompareOpts {
             window: 1,
             rate: None,
             room_size: 4,
-            ping_interval: Duration::from_secs(1),
-            connect_rate: 0.0,
-            per_process: 15_000,
-            settle: Duration::from_millis(200),
+            hold: HoldOpts {
+                ping_interval: Duration::from_secs(1),
+                settle: Duration::from_millis(200),
+                ..HoldOpts::default()
+            },
         }
     }
 
@@ -184,14 +175,9 @@ impl CompareOpts {
                 room_size: self.room_size,
                 rate: self.rate.unwrap_or(200.0),
             }),
-            ScenarioKind::Hold => ScenarioOpts::Hold(HoldOpts {
-                ping_interval: self.ping_interval,
-                connect_rate: self.connect_rate,
-                per_process: self.per_process,
-                settle: self.settle,
-            }),
+            ScenarioKind::Hold => ScenarioOpts::Hold(self.hold.clone()),
             ScenarioKind::Churn => ScenarioOpts::Churn(ChurnOpts {
-                settle: self.settle.max(Duration::from_secs(1)),
+                settle: self.hold.settle.max(Duration::from_secs(1)),
                 max_cycles: 0,
             }),
         }

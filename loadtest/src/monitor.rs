@@ -49,11 +49,10 @@ pub struct Probe {
 impl Probe {
     /// Reads everything now.
     pub fn read(&self, counters: &Counters) -> Reading {
-        let group = |g: &ProcessGroup| (!g.is_empty()).then(|| g.sample());
         Reading {
             at: Instant::now(),
-            proxy: group(&self.watched.proxy),
-            backend: group(&self.watched.backend),
+            proxy: self.watched.proxy.sample_if_any(),
+            backend: self.watched.backend.sample_if_any(),
             loadgen_cpu_s: procstat::self_cpu_time().as_secs_f64(),
             machine: procstat::machine_cpu_ticks(),
             received: Counters::get(&counters.received),
@@ -183,7 +182,7 @@ impl Monitor {
                     Rate::Connected => Counters::get(&counters.connected),
                 };
                 let dt = now.duration_since(last_at).as_secs_f64();
-                let rss = (!watched.proxy.is_empty()).then(|| watched.proxy.sample().rss_kib);
+                let rss = watched.proxy.sample_if_any().map(|s| s.rss_kib);
                 if let Some(r) = rss {
                     outcome.peak_proxy_rss_kib =
                         Some(outcome.peak_proxy_rss_kib.unwrap_or(0).max(r));

@@ -124,6 +124,11 @@ impl ProcessGroup {
         pids.into_iter().collect()
     }
 
+    /// [`sample`](Self::sample), or `None` for an empty group (nothing to measure).
+    pub fn sample_if_any(&self) -> Option<GroupSample> {
+        (!self.is_empty()).then(|| self.sample())
+    }
+
     /// Reads CPU, RSS and fds of every process of the group and sums them.
     pub fn sample(&self) -> GroupSample {
         let mut sample = GroupSample::default();

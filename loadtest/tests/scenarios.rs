@@ -16,6 +16,7 @@ use wsrelay_loadtest::scenario::hold::HoldOpts;
 use wsrelay_loadtest::scenario::rate::{self, RateOpts};
 use wsrelay_loadtest::scenario::{self, CommonOpts, Measurement, RunTarget};
 use wsrelay_loadtest::worker::WorkerLauncher;
+use wsrelay_testkit::TestRelay;
 
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -38,10 +39,8 @@ fn assert_clean(m: &Measurement) {
     assert!(m.errors.is_empty(), "errors: {:?}", m.errors);
 }
 
-async fn relay_in_front_of(backend: &BackendServer) -> wsrelay::RelayHandle {
-    let config =
-        wsrelay::config::Config::quick_start(any_port(), &[backend.url()]).expect("config");
-    wsrelay::Relay::bind(config).await.expect("relay binds")
+async fn relay_in_front_of(backend: &BackendServer) -> TestRelay {
+    TestRelay::quick(any_port(), &backend.url()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +72,7 @@ async fn echo_text_through_the_relay_counts_match() {
     let relay = relay_in_front_of(&backend).await;
     let mut common = CommonOpts::tiny();
     common.text = true;
-    let url = format!("ws://{}/", relay.local_addr());
+    let url = relay.url("/");
     let m = scenario::echo::run(
         &common,
         &EchoOpts { window: 2 },
@@ -84,7 +83,7 @@ async fn echo_text_through_the_relay_counts_match() {
     assert_eq!(m.connections, 4);
     assert!(m.sent > 0);
     assert_eq!(m.sent, m.received);
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +165,7 @@ async fn fanout_through_the_relay() {
     let relay = relay_in_front_of(&backend).await;
     let mut common = CommonOpts::tiny();
     common.connections = 6;
-    let url = format!("ws://{}/", relay.local_addr());
+    let url = relay.url("/");
     let opts = FanoutOpts {
         room_size: 3,
         rate: 100.0,
@@ -178,7 +177,7 @@ async fn fanout_through_the_relay() {
         m.details["deliveries_expected"].as_u64().unwrap()
     );
     assert_eq!(m.received, m.sent * 3);
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +194,7 @@ async fn hold_keeps_connections_and_counts_pongs() {
         settle: Duration::from_millis(50),
         ..HoldOpts::default()
     };
-    let url = format!("ws://{}/", relay.local_addr());
+    let url = relay.url("/");
     let m = scenario::hold::run(&common, &opts, &target(&common, &url).await, None)
         .await
         .unwrap();
@@ -212,7 +211,7 @@ async fn hold_keeps_connections_and_counts_pongs() {
     );
     let memory = m.memory.unwrap();
     assert_eq!(memory.connections, 20);
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +258,7 @@ async fn churn_cycles_through_the_relay() {
         settle: Duration::from_millis(50),
         max_cycles: 1000,
     };
-    let url = format!("ws://{}/", relay.local_addr());
+    let url = relay.url("/");
     let m = scenario::churn::run(&common, &opts, &target(&common, &url).await).await;
     assert_clean(&m);
     assert!(m.received > 0);
@@ -268,7 +267,7 @@ async fn churn_cycles_through_the_relay() {
         m.details["cycles_completed"].as_u64(),
         m.details["cycles_attempted"].as_u64()
     );
-    relay.shutdown().await;
+    relay.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -477,6 +477,14 @@ impl RawPeer {
     }
 }
 
+/// Reads the peer's next batch of frames and asserts that it matches `pattern`.
+macro_rules! assert_next_frames {
+    ($peer:expr, $pattern:pat $(if $guard:expr)?) => {{
+        let frames = $peer.next_frames().await;
+        assert!(matches!(&frames[..], $pattern $(if $guard)?), "{frames:?}");
+    }};
+}
+
 /// A real acceptor end and a raw initiator peer.
 async fn raw_initiator(config: LinkConfig) -> (RawPeer, End) {
     let (client, server) = ws_pair().await;
@@ -484,8 +492,7 @@ async fn raw_initiator(config: LinkConfig) -> (RawPeer, End) {
     let mut peer = RawPeer { ws: client };
     peer.send_frames(&[Frame::Hello(Hello::new(1 << 20, 4 << 20))])
         .await;
-    let hello = peer.next_frames().await;
-    assert!(matches!(hello[..], [Frame::Hello(_)]), "{hello:?}");
+    assert_next_frames!(peer, [Frame::Hello(_)]);
     let (handle, driver) = accept.await.unwrap().expect("acceptor establishes");
     (
         peer,
@@ -514,8 +521,7 @@ async fn malformed_bytes_close_the_link_with_1002() {
     peer.send_frames(&[open_frame(1, "/x")]).await;
     let incoming: IncomingStream = within("the Open", end.handle.accept()).await.unwrap();
     let mut stream = incoming.accept(None);
-    let accepted = peer.next_frames().await;
-    assert!(matches!(accepted[..], [Frame::Accept { stream: 1, .. }]));
+    assert_next_frames!(peer, [Frame::Accept { stream: 1, .. }]);
 
     peer.ws
         .send(Message::binary(vec![0x42, 0x00, 0x01]))
@@ -619,10 +625,7 @@ async fn protocol_violations_are_named_in_the_1002_reason() {
         drop(s);
     });
     peer.ws.send(frames.remove(0)).await.unwrap();
-    assert!(matches!(
-        peer.next_frames().await[..],
-        [Frame::Accept { stream: 1, .. }]
-    ));
+    assert_next_frames!(peer, [Frame::Accept { stream: 1, .. }]);
     for m in frames {
         peer.ws.send(m).await.unwrap();
     }
@@ -685,41 +688,27 @@ async fn an_open_after_goaway_is_rejected_with_503() {
         .await
         .unwrap()
         .accept(None);
-    assert!(matches!(
-        peer.next_frames().await[..],
-        [Frame::Accept { stream: 1, .. }]
-    ));
+    assert_next_frames!(peer, [Frame::Accept { stream: 1, .. }]);
     end.handle.go_away("draining");
-    assert!(matches!(
-        &peer.next_frames().await[..],
-        [Frame::GoAway { reason }] if reason == "draining"
-    ));
+    assert_next_frames!(peer, [Frame::GoAway { reason }] if reason == "draining");
     peer.send_frames(&[open_frame(2, "/two")]).await;
-    let frames = peer.next_frames().await;
-    assert!(
-        matches!(
-            &frames[..],
-            [Frame::Reject {
-                stream: 2,
-                status: 503,
-                ..
-            }]
-        ),
-        "{frames:?}"
+    assert_next_frames!(
+        peer,
+        [Frame::Reject {
+            stream: 2,
+            status: 503,
+            ..
+        }]
     );
     // Dropping the last stream closes it (1001); the peer's answering Close ends the link.
     drop(one);
-    let frames = peer.next_frames().await;
-    assert!(
-        matches!(
-            &frames[..],
-            [Frame::Close {
-                stream: 1,
-                code: 1001,
-                ..
-            }]
-        ),
-        "{frames:?}"
+    assert_next_frames!(
+        peer,
+        [Frame::Close {
+            stream: 1,
+            code: 1001,
+            ..
+        }]
     );
     peer.send_frames(&[Frame::Close {
         stream: 1,
@@ -917,17 +906,13 @@ async fn invalid_utf8_in_a_text_message_closes_only_that_stream_with_1007() {
     assert_eq!(close_code(&next_msg(&mut bad).await), Some(1007));
     assert!(within("end of stream", bad.next()).await.is_none());
     assert_eq!(next_msg(&mut good).await, text("fine"));
-    let frames = peer.next_frames().await;
-    assert!(
-        matches!(
-            &frames[..],
-            [Frame::Close {
-                stream: 1,
-                code: 1007,
-                ..
-            }]
-        ),
-        "{frames:?}"
+    assert_next_frames!(
+        peer,
+        [Frame::Close {
+            stream: 1,
+            code: 1007,
+            ..
+        }]
     );
     assert!(!end.handle.is_closed());
 }

@@ -8,8 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsrelay_tests::*;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsrelay_testkit::*;
 
 /// A plain HTTP/1.1 request to the admin listener; returns (status, body).
 async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -63,12 +63,23 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
-async fn connect_as(relay: &TestRelay, user: &str) -> Client {
-    let mut request = relay.url("/chat/room").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    connect_request(request).await.unwrap()
+/// Connects to the relay's `/chat/room` as `user`.
+async fn chat_as(relay: &TestRelay, user: &str) -> Client {
+    connect_as(&relay.url("/chat/room"), user).await
+}
+
+type Tap = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a live tap of the route `/chat` on the admin listener at `addr`.
+async fn tap_chat(addr: SocketAddr) -> Tap {
+    let url = format!("ws://{addr}/api/tap?route=%2Fchat");
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// The next record of a tap.
+async fn next_record(tap: &mut Tap) -> serde_json::Value {
+    let message = within("a tap record", tap.next()).await.unwrap().unwrap();
+    serde_json::from_str(message.to_text().unwrap()).unwrap()
 }
 
 #[tokio::test]
@@ -83,7 +94,7 @@ async fn metrics_move_as_connections_come_and_go() {
 
     let mut clients = Vec::new();
     for n in 0..3 {
-        let mut client = connect_as(&relay, &format!("u{n}")).await;
+        let mut client = chat_as(&relay, &format!("u{n}")).await;
         for i in 0..4 {
             assert_eq!(
                 round_trip(&mut client, &format!("m{i}")).await,
@@ -149,7 +160,7 @@ async fn connections_and_backends_are_listed_as_json() {
     let relay = TestRelay::start(&config("", ""), &[&a, &b]).await;
     let addr = admin_addr(&relay);
     let urls = [a.url(), b.url()];
-    let mut client = connect_as(&relay, &user_ranked_first(&urls, 1)).await;
+    let mut client = chat_as(&relay, &user_ranked_first(&urls, 1)).await;
     assert_eq!(round_trip(&mut client, "hello").await, "hello");
 
     let (status, body) = admin(addr, "GET", "/api/connections", None).await;
@@ -190,11 +201,8 @@ async fn a_route_tap_streams_the_exact_frames_a_client_sent() {
     let backend = TestBackend::start("b").await;
     let relay = TestRelay::start(&config("", ""), &[&backend]).await;
     let addr = admin_addr(&relay);
-    let (mut tap, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/api/tap?route=%2Fchat"))
-            .await
-            .unwrap();
-    let mut client = connect_as(&relay, "ann").await;
+    let mut tap = tap_chat(addr).await;
+    let mut client = chat_as(&relay, "ann").await;
     assert_eq!(
         round_trip(&mut client, "{\"say\":\"hi\"}").await,
         "{\"say\":\"hi\"}"
@@ -207,12 +215,7 @@ async fn a_route_tap_streams_the_exact_frames_a_client_sent() {
 
     let mut records = Vec::new();
     while records.len() < 4 {
-        let message = tokio::time::timeout(WAIT, tap.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let record: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+        let record = next_record(&mut tap).await;
         if record["opcode"] == "text" || record["opcode"] == "binary" {
             records.push(record);
         }
@@ -237,7 +240,7 @@ async fn a_drained_backend_gets_no_new_clients_and_its_clients_move_after_the_gr
     let addr = admin_addr(&relay);
     let urls = [a.url(), b.url()];
     let user = user_ranked_first(&urls, 0);
-    let mut settled = connect_as(&relay, &user).await;
+    let mut settled = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut settled, "whoami").await, "a");
 
     let encoded = a.url().replace(':', "%3A").replace('/', "%2F");
@@ -250,7 +253,7 @@ async fn a_drained_backend_gets_no_new_clients_and_its_clients_move_after_the_gr
     .await;
     assert_eq!(status, 200);
     // New clients of the same user skip the draining backend at once.
-    let mut newcomer = connect_as(&relay, &user).await;
+    let mut newcomer = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut newcomer, "whoami").await, "b");
     // The settled client is moved once the grace period has passed, keeping its socket.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -342,8 +345,7 @@ backends = ["ws://127.0.0.1:9"]
 async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let path =
-        std::env::temp_dir().join(format!("wsrelay-admin-reload-{}.toml", std::process::id()));
+    let dir = TempDir::new();
     let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
     let one = format!(
         "[[route]]\npath = \"/\"\nupstream = \"one\"\n\n[upstream.one]\nbackends = [\"{}\"]\n",
@@ -353,7 +355,7 @@ async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
         "[[route]]\npath = \"/two\"\nupstream = \"two\"\n\n[upstream.two]\nbackends = [\"{}\"]\n",
         b.url()
     );
-    std::fs::write(&path, format!("{server}{one}")).unwrap();
+    let path = dir.write("relay.toml", &format!("{server}{one}"));
     let relay = TestRelay::start_with(&format!("{server}{one}"), &[], |builder| {
         builder.config_path(&path)
     })
@@ -368,7 +370,7 @@ async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
     };
     assert_eq!(whoami("/two/x").await, "a");
 
-    std::fs::write(&path, format!("{server}{two}\n{one}")).unwrap();
+    dir.write("relay.toml", &format!("{server}{two}\n{one}"));
     let (status, body) = admin(addr, "POST", "/api/reload", None).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -377,12 +379,11 @@ async fn post_reload_applies_a_new_route_and_refuses_a_broken_file() {
     assert_eq!(whoami("/two/x").await, "b");
     assert_eq!(whoami("/x").await, "a");
 
-    std::fs::write(&path, "[[route]]\npath = 7\n").unwrap();
+    dir.write("relay.toml", "[[route]]\npath = 7\n");
     let (status, body) = admin(addr, "POST", "/api/reload", None).await;
     assert_eq!(status, 400);
     assert!(body.contains("line 2"), "{body}");
     assert_eq!(whoami("/two/x").await, "b");
-    let _ = std::fs::remove_file(&path);
 }
 
 #[tokio::test]
@@ -394,22 +395,14 @@ async fn a_sensitive_route_taps_lengths_but_no_payload() {
     );
     let relay = TestRelay::start(&toml, &[&backend]).await;
     let addr = admin_addr(&relay);
-    let (mut tap, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/api/tap?route=%2Fchat"))
-            .await
-            .unwrap();
-    let mut client = connect_as(&relay, "ann").await;
+    let mut tap = tap_chat(addr).await;
+    let mut client = chat_as(&relay, "ann").await;
     assert_eq!(
         round_trip(&mut client, "secret-token").await,
         "secret-token"
     );
     let record = loop {
-        let message = tokio::time::timeout(WAIT, tap.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let record: serde_json::Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+        let record = next_record(&mut tap).await;
         if record["opcode"] == "text" {
             break record;
         }

@@ -2,19 +2,14 @@
 //! keeps its socket and moves to the next backend in its rank, with the messages the relay held
 //! replayed; with `"close"` it is closed 1012.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
 fn config(policy: &str, urls: &[String]) -> String {
-    let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     format!(
         r#"
 [keepalive]
@@ -26,30 +21,32 @@ upstream = "main"
 hash_key = "header:X-User"
 
 [upstream.main]
-backends = [{}]
+backends = {}
 connect_timeout = "2s"
 on_backend_loss = "{policy}"
 "#,
-        list.join(", ")
+        backend_list(urls)
     )
 }
 
-async fn connect_as(relay: &TestRelay, user: &str) -> Client {
-    let mut request = relay.url("/chat").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    connect_request(request).await.unwrap()
+/// A relay with `policy` over `backends` (in this order), and a user it ranks on the first.
+async fn relay_and_user(policy: &str, backends: &[&TestBackend]) -> (TestRelay, String) {
+    let urls: Vec<String> = backends.iter().map(|b| b.url()).collect();
+    let relay = TestRelay::start(&config(policy, &urls), &[]).await;
+    (relay, user_ranked_first(&urls, 0))
+}
+
+/// Connects to the relay's `/chat` as `user`.
+async fn chat_as(relay: &TestRelay, user: &str) -> Client {
+    connect_as(&relay.url("/chat"), user).await
 }
 
 #[tokio::test]
 async fn a_crashed_backend_moves_the_client_to_the_next_in_rank() {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let urls = [a.url(), b.url()];
-    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-    let user = user_ranked_first(&urls, 0);
-    let mut client = connect_as(&relay, &user).await;
+    let (relay, user) = relay_and_user("reconnect", &[&a, &b]).await;
+    let mut client = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut client, "whoami").await, "a");
 
     a.kill_connections();
@@ -74,49 +71,26 @@ async fn a_crashed_backend_moves_the_client_to_the_next_in_rank() {
 async fn a_backend_that_stops_listening_moves_its_clients_and_new_ones_skip_it() {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let urls = [a.url(), b.url()];
-    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-    let user = user_ranked_first(&urls, 0);
-    let mut client = connect_as(&relay, &user).await;
+    let (relay, user) = relay_and_user("reconnect", &[&a, &b]).await;
+    let mut client = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut client, "whoami").await, "a");
     a.stop();
     assert_eq!(round_trip(&mut client, "whoami").await, "b");
     // A new client of the same user can't reach a either and lands on b.
-    let mut again = connect_as(&relay, &user).await;
+    let mut again = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut again, "whoami").await, "b");
-}
-
-/// A backend that closes each connection with `code` after its first message.
-async fn closing_backend(code: u16) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                let _ = socket.next().await;
-                let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: "restarting".into(),
-                };
-                let _ = socket.close(Some(frame)).await;
-                while let Some(Ok(_)) = socket.next().await {}
-            });
-        }
-    });
-    (url, task)
 }
 
 #[tokio::test]
 async fn a_backend_going_away_with_1001_or_1012_moves_the_client() {
     for code in [1001, 1012, 1013] {
-        let (closing, _task) = closing_backend(code).await;
+        // Closes each connection with `code` after its first message.
+        let closing =
+            TestBackend::with_behavior("closing", BackendBehavior::closing(code, "restarting"))
+                .await;
         let b = TestBackend::start("b").await;
-        let urls = [closing, b.url()];
-        let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-        let user = user_ranked_first(&urls, 0);
-        let mut client = connect_as(&relay, &user).await;
+        let (relay, user) = relay_and_user("reconnect", &[&closing, &b]).await;
+        let mut client = chat_as(&relay, &user).await;
         // The first backend takes this message, then says it is going away before it
         // acknowledged it: the message is replayed to "b" (at-least-once), which echoes it.
         client.send(Message::text("first")).await.unwrap();
@@ -137,9 +111,8 @@ async fn a_backend_going_away_with_1001_or_1012_moves_the_client() {
 async fn with_on_backend_loss_close_the_client_gets_1012() {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let urls = [a.url(), b.url()];
-    let relay = TestRelay::start(&config("close", &urls), &[]).await;
-    let mut client = connect_as(&relay, &user_ranked_first(&urls, 0)).await;
+    let (relay, user) = relay_and_user("close", &[&a, &b]).await;
+    let mut client = chat_as(&relay, &user).await;
     assert_eq!(round_trip(&mut client, "whoami").await, "a");
     a.kill_connections();
     let frame = expect_close(&mut client).await.expect("a close frame");
@@ -150,9 +123,8 @@ async fn with_on_backend_loss_close_the_client_gets_1012() {
 #[tokio::test]
 async fn when_no_backend_is_left_the_client_gets_1012() {
     let a = TestBackend::start("a").await;
-    let urls = [a.url()];
-    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-    let mut client = connect_as(&relay, "anyone").await;
+    let relay = TestRelay::start(&config("reconnect", &[a.url()]), &[]).await;
+    let mut client = chat_as(&relay, "anyone").await;
     assert_eq!(round_trip(&mut client, "whoami").await, "a");
     a.stop();
     let frame = expect_close(&mut client).await.expect("a close frame");
@@ -162,10 +134,7 @@ async fn when_no_backend_is_left_the_client_gets_1012() {
 /// The sequence numbers of the `"NNNNNN ..."` messages a backend logged, in order.
 fn numbers(backend: &TestBackend) -> Vec<u32> {
     backend
-        .log
-        .messages
-        .lock()
-        .unwrap()
+        .messages()
         .iter()
         .filter_map(|m| m.to_text().ok()?.get(..6)?.parse().ok())
         .collect()
@@ -175,9 +144,8 @@ fn numbers(backend: &TestBackend) -> Vec<u32> {
 async fn messages_in_flight_when_a_backend_crashes_reach_the_replacement() {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let urls = [a.url(), b.url()];
-    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-    let client = connect_as(&relay, &user_ranked_first(&urls, 0)).await;
+    let (relay, user) = relay_and_user("reconnect", &[&a, &b]).await;
+    let client = chat_as(&relay, &user).await;
     let (mut sink, mut stream) = client.split();
     // Echoes must be read or back-pressure would stall the backends.
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
@@ -229,19 +197,10 @@ async fn messages_in_flight_when_a_backend_crashes_reach_the_replacement() {
 async fn a_stuck_backend_that_dies_closes_its_client_1012_rather_than_lose_messages() {
     // Backend "a" accepts and then never reads: it acknowledges nothing, the client's
     // messages pile up in kernel buffers, and the relay can't know what "a" would have read.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stuck_url = format!("ws://{}", listener.local_addr().unwrap());
-    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
-    let stuck = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        let _ = kill_rx.await;
-        drop(socket);
-    });
+    let stuck = TestBackend::with_behavior("stuck", BackendBehavior::silent()).await;
     let b = TestBackend::start("b").await;
-    let urls = [stuck_url, b.url()];
-    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
-    let mut client = connect_as(&relay, &user_ranked_first(&urls, 0)).await;
+    let (relay, user) = relay_and_user("reconnect", &[&stuck, &b]).await;
+    let mut client = chat_as(&relay, &user).await;
 
     let payload = "x".repeat(64 * 1024);
     let mut sent = 0u32;
@@ -255,9 +214,9 @@ async fn a_stuck_backend_that_dies_closes_its_client_1012_rather_than_lose_messa
         sent += 1;
         assert!(sent < 10_000, "no back-pressure");
     }
-    let _ = kill_tx.send(());
-    stuck.await.unwrap();
+    // "a" dies: its connection drops and its port closes.
+    stuck.stop();
     let frame = expect_close(&mut client).await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Restart);
-    assert_eq!(b.log.open.load(Ordering::SeqCst), 0);
+    assert_eq!(b.open(), 0);
 }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use wsrelay_tests::{Client, TestBackend, TestRelay, WAIT, connect, round_trip};
+use wsrelay_testkit::{Client, TestBackend, TestRelay, WAIT, connect, round_trip};
 
 const MIB: u64 = 1 << 20;
 const MESSAGE: usize = 256 * 1024;
@@ -80,10 +80,76 @@ fn check_numbered(index: usize, message: &Message) {
     );
 }
 
+/// What a reader of a numbered stream got so far.
+#[derive(Default)]
+struct Received {
+    messages: usize,
+    bytes: u64,
+}
+
+impl Received {
+    /// Checks that `message` is the next of the stream and counts it.
+    fn take(&mut self, message: &Message) {
+        check_numbered(self.messages, message);
+        self.messages += 1;
+        self.bytes += message.len() as u64;
+    }
+}
+
 fn big_messages() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MESSAGE * 2))
         .max_frame_size(Some(MESSAGE * 2))
+}
+
+/// Listens on a free port for the one connection a backend of these tests serves; returns its
+/// URL and the accept, to await in the backend's task.
+async fn listen_once() -> (String, impl Future<Output = WebSocketStream<TcpStream>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let accept = async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tokio_tungstenite::accept_async_with_config(tcp, Some(big_messages()))
+            .await
+            .unwrap()
+    };
+    (url, accept)
+}
+
+/// Reads and checks `count` numbered messages, pausing `pause` after each (if any); the
+/// relay's pings (keepalive, delivery acks) are skipped.
+async fn read_numbered(
+    socket: &mut WebSocketStream<TcpStream>,
+    count: usize,
+    pause: Option<Duration>,
+) -> Received {
+    let mut received = Received::default();
+    while received.messages < count {
+        let message = socket.next().await.expect("stream ended").unwrap();
+        if message.is_ping() || message.is_pong() {
+            continue;
+        }
+        received.take(&message);
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    received
+}
+
+/// Fails if the relay took more than back-pressure allows (`sent_at_stall` bytes) or grew
+/// its memory while `who` was stalled.
+fn assert_bounded(pusher: &str, who: &str, sent_at_stall: u64, rss_before: u64, rss_during: u64) {
+    assert!(
+        sent_at_stall < STALL_CEILING,
+        "{pusher} pushed {} MiB at {who} that reads nothing: the relay buffers",
+        sent_at_stall / MIB
+    );
+    assert!(
+        rss_during.saturating_sub(rss_before) < RSS_CEILING,
+        "memory grew by {} MiB while {who} was stalled",
+        (rss_during - rss_before) / MIB
+    );
 }
 
 /// This process's resident memory in bytes.
@@ -127,16 +193,12 @@ struct Pusher {
 }
 
 async fn pusher() -> Pusher {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (url, accept) = listen_once().await;
     let sent_bytes = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (bytes, stopped) = (sent_bytes.clone(), stop.clone());
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut socket = tokio_tungstenite::accept_async_with_config(tcp, Some(big_messages()))
-            .await
-            .unwrap();
+        let mut socket = accept.await;
         let mut sent = 0;
         while sent < MESSAGES && !stopped.load(Ordering::SeqCst) {
             socket.send(numbered(sent)).await.unwrap();
@@ -162,28 +224,12 @@ struct Sink {
 }
 
 async fn sink() -> Sink {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (url, accept) = listen_once().await;
     let (start_reading, expected) = oneshot::channel::<usize>();
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut socket = tokio_tungstenite::accept_async_with_config(tcp, Some(big_messages()))
-            .await
-            .unwrap();
+        let mut socket = accept.await;
         let expected = expected.await.unwrap();
-        let mut received = 0;
-        let mut index = 0;
-        while index < expected {
-            let message = socket.next().await.expect("stream ended").unwrap();
-            // The relay may ping a backend for its own reasons (keepalive, delivery acks).
-            if message.is_ping() || message.is_pong() {
-                continue;
-            }
-            check_numbered(index, &message);
-            received += message.len() as u64;
-            index += 1;
-        }
-        received
+        read_numbered(&mut socket, expected, None).await.bytes
     });
     Sink {
         url,
@@ -195,26 +241,13 @@ async fn sink() -> Sink {
 /// A backend that reads [`SLOW_MESSAGES`] numbered messages slower than a client can send
 /// them, and returns the bytes it got.
 async fn slow_reader() -> (String, JoinHandle<u64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (url, accept) = listen_once().await;
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut socket = tokio_tungstenite::accept_async_with_config(tcp, Some(big_messages()))
+        let mut socket = accept.await;
+        let pause = Duration::from_millis(2);
+        read_numbered(&mut socket, SLOW_MESSAGES, Some(pause))
             .await
-            .unwrap();
-        let mut received = 0;
-        let mut index = 0;
-        while index < SLOW_MESSAGES {
-            let message = socket.next().await.expect("stream ended").unwrap();
-            if message.is_ping() || message.is_pong() {
-                continue;
-            }
-            check_numbered(index, &message);
-            received += message.len() as u64;
-            index += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        received
+            .bytes
     });
     (url, task)
 }
@@ -230,6 +263,15 @@ fn sample_peak_rss() -> (Arc<AtomicU64>, JoinHandle<()>) {
         }
     });
     (peak, task)
+}
+
+/// A relay whose `/slow` goes to `slow_url` and `/` to `echo`, and a bystander client already
+/// served through `/`.
+async fn relay_with_bystander(slow_url: &str, echo: &TestBackend) -> (TestRelay, Client) {
+    let relay = TestRelay::start(&config(slow_url, echo), &[]).await;
+    let mut bystander = connect(&relay.url("/")).await;
+    assert_eq!(round_trip(&mut bystander, "warm up").await, "warm up");
+    (relay, bystander)
 }
 
 /// Echo round trips through the same relay while the other connection is stalled.
@@ -248,9 +290,7 @@ async fn a_client_that_stops_reading_stalls_its_backend_without_relay_buffering(
     let _alone = ONE_AT_A_TIME.lock().await;
     let echo = TestBackend::start("echo").await;
     let pusher = pusher().await;
-    let relay = TestRelay::start(&config(&pusher.url, &echo), &[]).await;
-    let mut bystander = connect(&relay.url("/")).await;
-    assert_eq!(round_trip(&mut bystander, "warm up").await, "warm up");
+    let (relay, mut bystander) = relay_with_bystander(&pusher.url, &echo).await;
     let rss_before = rss();
 
     // Handshake done, then never polled until the end of the test.
@@ -258,22 +298,18 @@ async fn a_client_that_stops_reading_stalls_its_backend_without_relay_buffering(
     let sent_at_stall = wait_for_stall("the pushing backend", &pusher.sent_bytes).await;
     let rss_during = rss();
 
-    assert!(
-        sent_at_stall < STALL_CEILING,
-        "the backend pushed {} MiB at a client that reads nothing: the relay buffers",
-        sent_at_stall / MIB
-    );
-    assert!(
-        rss_during.saturating_sub(rss_before) < RSS_CEILING,
-        "memory grew by {} MiB while a client was stalled",
-        (rss_during - rss_before) / MIB
+    assert_bounded(
+        "the backend",
+        "a client",
+        sent_at_stall,
+        rss_before,
+        rss_during,
     );
     bystander_round_trips(&mut bystander).await;
 
     // Now read everything: what the backend sent arrives whole, in order, nothing lost.
     pusher.stop.store(true, Ordering::SeqCst);
-    let mut received_bytes = 0u64;
-    let mut received = 0usize;
+    let mut received = Received::default();
     let sending = pusher.task;
     tokio::pin!(sending);
     let (_socket, sent) = loop {
@@ -284,24 +320,20 @@ async fn a_client_that_stops_reading_stalls_its_backend_without_relay_buffering(
                     .expect("the stalled client got nothing once it read again")
                     .expect("stream ended")
                     .unwrap();
-                check_numbered(received, &message);
-                received += 1;
-                received_bytes += message.len() as u64;
+                received.take(&message);
             }
         }
     };
-    while received < sent {
+    while received.messages < sent {
         let message = tokio::time::timeout(WAIT, stalled.next())
             .await
             .expect("messages the backend sent did not all arrive")
             .expect("stream ended")
             .unwrap();
-        check_numbered(received, &message);
-        received += 1;
-        received_bytes += message.len() as u64;
+        received.take(&message);
     }
-    assert_eq!(received, sent);
-    assert_eq!(received_bytes, pusher.sent_bytes.load(Ordering::SeqCst));
+    assert_eq!(received.messages, sent);
+    assert_eq!(received.bytes, pusher.sent_bytes.load(Ordering::SeqCst));
     assert!(sent < MESSAGES, "the stop came too late to test anything");
 }
 
@@ -310,9 +342,7 @@ async fn a_backend_that_stops_reading_stalls_its_client_without_relay_buffering(
     let _alone = ONE_AT_A_TIME.lock().await;
     let echo = TestBackend::start("echo").await;
     let sink = sink().await;
-    let relay = TestRelay::start(&config(&sink.url, &echo), &[]).await;
-    let mut bystander = connect(&relay.url("/")).await;
-    assert_eq!(round_trip(&mut bystander, "warm up").await, "warm up");
+    let (relay, mut bystander) = relay_with_bystander(&sink.url, &echo).await;
     let rss_before = rss();
 
     let mut pushing = connect(&relay.url("/slow")).await;
@@ -331,15 +361,12 @@ async fn a_backend_that_stops_reading_stalls_its_client_without_relay_buffering(
     let rss_during = rss();
 
     let sent_at_stall = (completed * MESSAGE) as u64;
-    assert!(
-        sent_at_stall < STALL_CEILING,
-        "the client pushed {} MiB at a backend that reads nothing: the relay buffers",
-        sent_at_stall / MIB
-    );
-    assert!(
-        rss_during.saturating_sub(rss_before) < RSS_CEILING,
-        "memory grew by {} MiB while a backend was stalled",
-        (rss_during - rss_before) / MIB
+    assert_bounded(
+        "the client",
+        "a backend",
+        sent_at_stall,
+        rss_before,
+        rss_during,
     );
     bystander_round_trips(&mut bystander).await;
 

@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -13,9 +12,9 @@ use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsrelay_tests::{
-    Client, RawClient, TestBackend, WAIT, connect, expect_close, find_close_code, read_until_quiet,
-    round_trip, wait_until,
+use wsrelay_testkit::{
+    Client, RawClient, TempDir, TestBackend, WAIT, backend_list, connect, expect_close, round_trip,
+    unused_addr, wait_until,
 };
 
 /// The `wsrelay` binary, built once per test process. `CARGO_BIN_EXE_wsrelay` exists only for
@@ -48,46 +47,6 @@ fn binary() -> &'static Path {
         assert!(binary.exists(), "{} was not built", binary.display());
         binary
     })
-}
-
-/// A directory of config files under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "wsrelay-cli-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs `wsrelay ARGS` to completion (for commands that exit by themselves).
@@ -221,13 +180,9 @@ fn keep_reading(mut client: Client) {
 
 /// Builds a config file; `extra_server` goes under `[server]`, `route_extra` into the route.
 fn config(extra_server: &str, route_extra: &str, backends: &[String]) -> String {
-    let list = backends
-        .iter()
-        .map(|url| format!("\"{url}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = backend_list(backends);
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{extra_server}\n\n[[route]]\npath = \"/\"\nupstream = \"chat\"\n{route_extra}\n\n[upstream.chat]\nbackends = [{list}]\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\n{extra_server}\n\n[[route]]\npath = \"/\"\nupstream = \"chat\"\n{route_extra}\n\n[upstream.chat]\nbackends = {list}\n"
     )
 }
 
@@ -321,7 +276,7 @@ async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_k
 async fn drains_on(signal: &str, use_config: bool) {
     let alpha = TestBackend::start("alpha").await;
     let bravo = TestBackend::start("bravo").await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let listen = addr.to_string();
     let dir = TempDir::new();
     let mut args = vec!["--listen".to_owned(), listen];
@@ -347,15 +302,10 @@ async fn drains_on(signal: &str, use_config: bool) {
     let frame = expect_close(&mut client).await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Away);
     keep_reading(client);
-    backend
-        .wait_for("the backend to get Close 1001", |log| {
-            log.closes
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|f| matches!(f, Some(f) if f.code == CloseCode::Away))
-        })
-        .await;
+    wait_until("the backend to get Close 1001", || {
+        backend.close_codes().contains(&Some(1001))
+    })
+    .await;
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());
 }
@@ -373,7 +323,7 @@ async fn sigint_closes_both_legs_1001_and_exits_0_from_a_config_with_a_grace() {
 #[tokio::test]
 async fn a_client_that_never_answers_the_close_still_gets_1001_and_the_relay_exits_0() {
     let backend = TestBackend::start("alpha").await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let dir = TempDir::new();
     let path = dir.write(
         "grace.toml",
@@ -391,17 +341,12 @@ async fn a_client_that_never_answers_the_close_still_gets_1001_and_the_relay_exi
     relay.wait_listening(addr).await;
     // A raw client never answers the relay's Close, so only the grace period ends its session.
     let mut stuck = RawClient::connect(addr, "/").await;
-    backend
-        .wait_for("the backend leg", |log| {
-            log.open.load(std::sync::atomic::Ordering::SeqCst) == 1
-        })
-        .await;
+    wait_until("the backend leg", || backend.open() == 1).await;
 
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());
-    let bytes = read_until_quiet(&mut stuck.tcp, WAIT).await;
-    assert_eq!(find_close_code(&bytes), Some(1001));
+    assert_eq!(stuck.close_code().await, Some(1001));
 }
 
 /// Parses every stderr line as a JSON object.
@@ -422,7 +367,7 @@ fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
 /// returns its stderr lines.
 async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
     let backend = TestBackend::start("alpha").await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let mut relay = Process::spawn(
         &[
             "--log-format",
@@ -440,12 +385,10 @@ async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
     client.close(None).await.unwrap();
     expect_close(&mut client).await;
     // The session's closing line is written after the client's close completes.
-    backend
-        .wait_for("the backend leg to end", |log| {
-            log.open.load(std::sync::atomic::Ordering::SeqCst) == 0
-                && !log.closes.lock().unwrap().is_empty()
-        })
-        .await;
+    wait_until("the backend leg to end", || {
+        backend.open() == 0 && !backend.closes().is_empty()
+    })
+    .await;
     if rust_log == "info" {
         relay
             .wait_stderr("the session closed line", |l| l.contains("session closed"))
@@ -487,7 +430,7 @@ async fn rust_log_warn_suppresses_the_info_lines() {
 #[tokio::test]
 async fn sighup_without_a_config_file_keeps_the_relay_running() {
     let backend = TestBackend::start("alpha").await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let mut relay = Process::spawn(
         &["--listen", &addr.to_string(), "--backend", &backend.url()],
         "info",
@@ -514,7 +457,7 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config(
     let alpha = TestBackend::start("alpha").await;
     let bravo = TestBackend::start("bravo").await;
     let dir = TempDir::new();
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let with = |backend: &TestBackend| {
         config("shutdown_grace = \"1s\"", "", &[backend.url()])
             .replace("127.0.0.1:0", &addr.to_string())
@@ -559,7 +502,7 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config(
 
 #[tokio::test]
 async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_backend() {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = unused_addr();
     let mut relay = Process::spawn(&["demo", "--listen", &addr.to_string()], "info");
     relay.wait_listening(addr).await;
     let url = format!("ws://{addr}");
@@ -590,8 +533,8 @@ async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_backend() {
 async fn tap_prints_one_readable_line_per_frame_of_the_route() {
     let backend = TestBackend::start("alpha").await;
     let dir = TempDir::new();
-    let port = free_port();
-    let admin_port = free_port();
+    let port = unused_addr().port();
+    let admin_port = unused_addr().port();
     let source = config(
         &format!("admin = \"127.0.0.1:{admin_port}\""),
         "",

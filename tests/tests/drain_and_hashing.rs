@@ -1,14 +1,12 @@
 //! Graceful drain (DESIGN 7) in-process, and rendezvous hashing seen from outside: every hash
 //! key type sends a client to the backend the published ranking names.
 
-use std::sync::atomic::Ordering;
-
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsrelay::hashing::Ranking;
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
 #[tokio::test]
 async fn drain_closes_clients_1001_and_backends_then_stops_accepting() {
@@ -33,12 +31,8 @@ async fn drain_closes_clients_1001_and_backends_then_stops_accepting() {
     let report = report.await.unwrap();
     assert_eq!(report.sessions_at_drain, 5);
     assert_eq!(report.sessions_aborted, 0);
-    backend
-        .wait_for("every backend leg closed", |log| {
-            log.open.load(Ordering::SeqCst) == 0
-        })
-        .await;
-    let closes = backend.log.closes.lock().unwrap().clone();
+    wait_until("every backend leg closed", || backend.open() == 0).await;
+    let closes = backend.closes();
     assert_eq!(closes.len(), 5);
     assert!(
         closes
@@ -92,15 +86,9 @@ async fn every_hash_key_type_lands_where_the_ranking_says() {
     let urls: Vec<String> = backends.iter().map(TestBackend::url).collect();
     let ranking = Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
     let expected = |key: &str| format!("b{}", ranking.rank(key.as_bytes())[0]);
-    let config = |hash_key: &str| {
-        SIMPLE.replace(
-            "upstream = \"main\"",
-            &format!("upstream = \"main\"\nhash_key = \"{hash_key}\""),
-        )
-    };
     let refs: Vec<&TestBackend> = backends.iter().collect();
 
-    let relay = TestRelay::start(&config("header:X-User"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("header:X-User"), &refs).await;
     for user in ["ann", "bob", "cat", "dan", "eve", "fay"] {
         let got = whoami_with(&relay, "/", Some(("x-user", user))).await;
         assert_eq!(got, expected(user), "header {user}");
@@ -108,7 +96,7 @@ async fn every_hash_key_type_lands_where_the_ranking_says() {
         assert_eq!(whoami_with(&relay, "/", Some(("x-user", user))).await, got);
     }
 
-    let relay = TestRelay::start(&config("cookie:sid"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("cookie:sid"), &refs).await;
     for sid in ["s1", "s2", "s3", "s4", "s5"] {
         let cookie = format!("theme=dark; sid={sid}");
         assert_eq!(
@@ -117,21 +105,21 @@ async fn every_hash_key_type_lands_where_the_ranking_says() {
         );
     }
 
-    let relay = TestRelay::start(&config("query:room"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("query:room"), &refs).await;
     for room in ["r1", "r2", "r3", "r4", "r5"] {
         let path = format!("/chat?x=1&room={room}");
         assert_eq!(whoami_with(&relay, &path, None).await, expected(room));
     }
 
-    let relay = TestRelay::start(&config("path"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("path"), &refs).await;
     for path in ["/a", "/b", "/c", "/d", "/e"] {
         assert_eq!(whoami_with(&relay, path, None).await, expected(path));
     }
 
     // remote_addr hashes the IP without the port, and a missing key falls back to it.
-    let relay = TestRelay::start(&config("remote_addr"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("remote_addr"), &refs).await;
     assert_eq!(whoami_with(&relay, "/", None).await, expected("127.0.0.1"));
-    let relay = TestRelay::start(&config("header:X-User"), &refs).await;
+    let relay = TestRelay::start(&simple_hashed("header:X-User"), &refs).await;
     assert_eq!(whoami_with(&relay, "/", None).await, expected("127.0.0.1"));
 }
 
@@ -144,10 +132,7 @@ async fn two_relays_with_the_same_backends_agree_without_coordination() {
         TestBackend::start("b3").await,
     ];
     let refs: Vec<&TestBackend> = backends.iter().collect();
-    let config = SIMPLE.replace(
-        "upstream = \"main\"",
-        "upstream = \"main\"\nhash_key = \"header:X-User\"",
-    );
+    let config = simple_hashed("header:X-User");
     let first = TestRelay::start(&config, &refs).await;
     let second = TestRelay::start(&config, &refs).await;
     for n in 0..20 {

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsrelay::hashing::Ranking;
-use wsrelay_tests::{
+use wsrelay_testkit::{
     BackendBehavior, Client, SIMPLE, SeenConnection, TestBackend, TestRelay, WAIT, connect,
-    connect_request, expect_close, refused_status, round_trip, upgrade_request,
+    connect_request, expect_close, refused_status, request_as, round_trip, unused_addr,
+    upgrade_request, user_ranked_first,
 };
 
 /// The key every raw request below sends; the backend must get a different one.
@@ -117,18 +117,9 @@ fn plain_request(method: &str, path: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn seen_header(seen: &SeenConnection, name: &str) -> Option<String> {
-    seen.headers
-        .get(name)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-}
-
 /// A `ws://` URL nothing listens on: bound, then released.
-async fn dead_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("ws://{addr}")
+fn dead_url() -> String {
+    format!("ws://{}", unused_addr())
 }
 
 /// Retries while the relay answers 503, since a slot is freed only once the closed session's
@@ -293,15 +284,9 @@ async fn oversized_request_headers_get_431_and_others_are_still_served() {
 #[tokio::test]
 async fn a_backend_refusal_reaches_the_client_with_its_status_and_headers() {
     for status in [401u16, 403, 404] {
+        let backend =
+            TestBackend::with_behavior("refuser", BackendBehavior::refusing(status)).await;
         let status = StatusCode::from_u16(status).unwrap();
-        let backend = TestBackend::with_behavior(
-            "refuser",
-            BackendBehavior {
-                refuse: Some(status),
-                ..BackendBehavior::default()
-            },
-        )
-        .await;
         let relay = TestRelay::simple(&[&backend]).await;
         match connect_request(relay.url("/").into_client_request().unwrap()).await {
             Err(WsError::Http(response)) => {
@@ -324,14 +309,7 @@ async fn a_backend_refusal_reaches_the_client_with_its_status_and_headers() {
 
 #[tokio::test]
 async fn the_client_gets_the_subprotocol_the_backend_picked() {
-    let backend = TestBackend::with_behavior(
-        "picky",
-        BackendBehavior {
-            protocol: Some("superchat".into()),
-            ..BackendBehavior::default()
-        },
-    )
-    .await;
+    let backend = TestBackend::with_behavior("picky", BackendBehavior::picking("superchat")).await;
     let relay = TestRelay::simple(&[&backend]).await;
     let mut request = relay.url("/").into_client_request().unwrap();
     request
@@ -370,7 +348,7 @@ async fn the_client_gets_no_subprotocol_when_the_backend_picked_none() {
     );
     let seen = backend.connections();
     assert_eq!(
-        seen_header(&seen[0], "sec-websocket-protocol").as_deref(),
+        seen[0].header("sec-websocket-protocol").as_deref(),
         Some("chat, superchat"),
         "the backend must see the client's offer"
     );
@@ -379,13 +357,9 @@ async fn the_client_gets_no_subprotocol_when_the_backend_picked_none() {
 #[tokio::test]
 async fn an_unreachable_top_ranked_backend_hands_the_client_to_the_next() {
     let live = TestBackend::start("live").await;
-    let dead = dead_url().await;
+    let dead = dead_url();
     let live_url = live.url();
-    let ranking = Ranking::new([(dead.as_str(), 1.0), (live_url.as_str(), 1.0)]);
-    let user = (0..1000)
-        .map(|i| format!("user-{i}"))
-        .find(|user| ranking.rank(user.as_bytes())[0] == 0)
-        .expect("some key ranks the dead backend first");
+    let user = user_ranked_first(&[dead.clone(), live_url.clone()], 0);
     let config = format!(
         r#"
 [[route]]
@@ -399,11 +373,7 @@ backends = ["{dead}", "{live_url}"]
     );
     let relay = TestRelay::start(&config, &[]).await;
 
-    let mut request = relay.url("/").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    let mut client = connect_request(request)
+    let mut client = connect_request(request_as(&relay.url("/"), &user))
         .await
         .expect("the next backend in rank should have served the client");
     assert_eq!(round_trip(&mut client, "whoami").await, "live");
@@ -412,8 +382,8 @@ backends = ["{dead}", "{live_url}"]
 
 #[tokio::test]
 async fn no_reachable_backend_gets_502() {
-    let first = dead_url().await;
-    let second = dead_url().await;
+    let first = dead_url();
+    let second = dead_url();
     let config = format!(
         r#"
 [[route]]
@@ -459,14 +429,7 @@ fn forwarding_request(path: &str) -> Vec<u8> {
 async fn the_backend_gets_the_forwarded_headers_of_design_4_3() {
     // The backend accepts one of the offered subprotocols so this test does not depend on
     // how the relay treats a backend that picks none (see the test above).
-    let backend = TestBackend::with_behavior(
-        "a",
-        BackendBehavior {
-            protocol: Some("chat".into()),
-            ..BackendBehavior::default()
-        },
-    )
-    .await;
+    let backend = TestBackend::with_behavior("a", BackendBehavior::picking("chat")).await;
     let config = r#"
 [[route]]
 path = "/chat"
@@ -497,17 +460,14 @@ backends = BACKENDS
 
     assert_eq!(kept.target, "/chat/room?x=1&y=2");
     assert_eq!(plain.target, "/plain/room?x=1&y=2");
+    assert_eq!(kept.header("host").as_deref(), Some("relay.test:8080"));
     assert_eq!(
-        seen_header(kept, "host").as_deref(),
-        Some("relay.test:8080")
-    );
-    assert_eq!(
-        seen_header(plain, "host"),
+        plain.header("host"),
         Some(backend.addr.to_string()),
         "preserve_host = false sends the backend's own host:port"
     );
     for conn in [kept, plain] {
-        let header = |name| seen_header(conn, name);
+        let header = |name| conn.header(name);
         assert_eq!(
             header("x-forwarded-for").as_deref(),
             Some("1.2.3.4, 127.0.0.1")
@@ -538,7 +498,7 @@ backends = BACKENDS
             "Connection is regenerated, not forwarded"
         );
     }
-    let id = |conn: &SeenConnection| seen_header(conn, "x-relay-conn-id").expect("X-Relay-Conn-Id");
+    let id = |conn: &SeenConnection| conn.header("x-relay-conn-id").expect("X-Relay-Conn-Id");
     assert_ne!(id(kept), id(plain), "each connection has its own id");
 }
 

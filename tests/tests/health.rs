@@ -6,7 +6,7 @@ use http::StatusCode;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsrelay::hashing::Ranking;
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
 fn config() -> String {
     r#"
@@ -26,11 +26,7 @@ health_check = { interval = "100ms", timeout = "1s", unhealthy_after = 2, health
 }
 
 async fn whoami(relay: &TestRelay, user: &str) -> Result<String, StatusCode> {
-    let mut request = relay.url("/").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    match connect_request(request).await {
+    match connect_request(request_as(&relay.url("/"), user)).await {
         Ok(mut client) => Ok(round_trip(&mut client, "whoami").await),
         Err(WsError::Http(response)) => Err(response.status()),
         Err(other) => panic!("{other}"),
@@ -38,10 +34,7 @@ async fn whoami(relay: &TestRelay, user: &str) -> Result<String, StatusCode> {
 }
 
 fn refusing() -> BackendBehavior {
-    BackendBehavior {
-        refuse: Some(StatusCode::SERVICE_UNAVAILABLE),
-        ..BackendBehavior::default()
-    }
+    BackendBehavior::refusing(503)
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsrelay::inspect::{
     ConnectionInfo, Direction, FrameContext, Inspector, InspectorFactory, Verdict,
 };
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
 /// Prefixes client text with the connection's route, and hides backend messages that say
 /// "secret": the kind of inspector an application writes in a few lines.
@@ -67,7 +67,7 @@ async fn a_custom_inspector_rewrites_what_the_backend_gets_and_drops_what_the_cl
     // The backend gets the rewritten text and echoes it.
     assert_eq!(round_trip(&mut client, "hello").await, "[/chat] hello");
     assert_eq!(
-        backend.log.messages.lock().unwrap().last().cloned(),
+        backend.messages().last().cloned(),
         Some(Message::text("[/chat] hello"))
     );
     // The echo of "secret" is dropped on its way back; the next message still flows.
@@ -109,12 +109,7 @@ async fn a_json_route_closes_1007_on_invalid_json_and_json_drop_drops_it() {
     client.send(Message::binary(vec![1, 2, 3])).await.unwrap();
     assert_eq!(round_trip(&mut client, "[1,2]").await, "[1,2]");
     assert!(
-        !backend
-            .log
-            .messages
-            .lock()
-            .unwrap()
-            .contains(&Message::text("not json")),
+        !backend.messages().contains(&Message::text("not json")),
         "the invalid message reached the backend"
     );
 }
@@ -132,7 +127,7 @@ async fn a_client_over_the_message_rate_is_closed_1008() {
     }
     let frame = expect_close(&mut client).await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Policy);
-    let forwarded = backend.log.messages.lock().unwrap().len();
+    let forwarded = backend.messages().len();
     assert!((20..100).contains(&forwarded), "{forwarded} forwarded");
 }
 

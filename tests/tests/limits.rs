@@ -3,16 +3,13 @@
 //! closes that connection's backend leg; a well-behaved client of the same relay and backend
 //! keeps working throughout.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use wsrelay_tests::{
-    RawClient, TestBackend, TestRelay, WAIT, connect, find_close_code, next_data, raw_exchange,
-    round_trip, status_of, wait_until,
+use wsrelay_testkit::{
+    RawClient, TestBackend, TestRelay, connect, next_data, raw_exchange, round_trip, status_of,
+    wait_until,
 };
 
 const KIB: usize = 1024;
@@ -52,50 +49,6 @@ fn frame(first_byte: u8, payload: impl Into<Vec<u8>>) -> Frame {
     }
 }
 
-/// Reads until the relay's Close frame arrives and returns its code, or `None` if the
-/// connection ends without one. Returns as soon as the Close is complete instead of waiting
-/// for the relay to give up on the close handshake.
-async fn read_close_code(raw: &mut RawClient) -> Option<u16> {
-    let deadline = Instant::now() + WAIT;
-    let mut bytes = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        if let Some(code) = find_close_code(&bytes) {
-            return Some(code);
-        }
-        match tokio::time::timeout_at(deadline, raw.tcp.read(&mut buffer)).await {
-            Err(_) => panic!("no close from the relay in time; got {bytes:02x?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return None,
-            Ok(Ok(n)) => bytes.extend_from_slice(&buffer[..n]),
-        }
-    }
-}
-
-fn close_codes(backend: &TestBackend) -> Vec<Option<u16>> {
-    backend
-        .log
-        .closes
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|frame| frame.as_ref().map(|f| u16::from(f.code)))
-        .collect()
-}
-
-fn texts_seen(backend: &TestBackend) -> Vec<String> {
-    backend
-        .log
-        .messages
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            Message::Text(text) => text.as_str().to_owned(),
-            other => format!("{other:?}"),
-        })
-        .collect()
-}
-
 /// Sends `frames` from a raw client next to a well-behaved bystander and checks that the
 /// raw client alone is closed with `expected`, its backend leg is closed with 1001, nothing
 /// of the offending message reached the backend, and the bystander still gets echoes.
@@ -105,28 +58,23 @@ async fn assert_violation_closes_only_the_sender(limits: &str, frames: &[Frame],
     let mut bystander = connect(&relay.url("/")).await;
     assert_eq!(round_trip(&mut bystander, "before").await, "before");
     let mut raw = RawClient::connect(relay.addr(), "/").await;
-    backend
-        .wait_for("both backend legs to open", |log| {
-            log.open.load(Ordering::SeqCst) == 2
-        })
-        .await;
+    wait_until("both backend legs to open", || backend.open() == 2).await;
 
     for f in frames {
         raw.send_frame(f.first_byte, &f.payload, f.masked).await;
     }
-    let code = read_close_code(&mut raw).await;
+    let code = raw.close_code().await;
     assert_eq!(code, Some(expected));
     // Completes the close handshake so the relay finishes at once.
     raw.send_frame(0x88, &expected.to_be_bytes(), true).await;
 
-    backend
-        .wait_for("the offender's backend leg to close", |log| {
-            log.open.load(Ordering::SeqCst) == 1
-        })
-        .await;
-    assert_eq!(close_codes(&backend), [Some(1001)]);
+    wait_until("the offender's backend leg to close", || {
+        backend.open() == 1
+    })
+    .await;
+    assert_eq!(backend.close_codes(), [Some(1001)]);
     assert_eq!(round_trip(&mut bystander, "after").await, "after");
-    assert_eq!(texts_seen(&backend), ["before", "after"]);
+    assert_eq!(backend.texts(), ["before", "after"]);
     wait_until("the offender's session to end", || {
         relay.handle.open_sessions() == 1
     })
@@ -219,24 +167,16 @@ async fn a_backend_message_over_max_message_size_closes_the_client_with_1014() {
     // Raw, because tungstenite's client turns a received 1014 (which it does not know) into
     // 1002 before the application sees it; the wire is what this contract is about.
     let mut raw = RawClient::connect(relay.addr(), "/").await;
-    backend
-        .wait_for("the backend leg to open", |log| {
-            log.open.load(Ordering::SeqCst) == 1
-        })
-        .await;
+    wait_until("the backend leg to open", || backend.open() == 1).await;
 
     backend
         .push_to_all(Message::binary(vec![0u8; 64 * KIB + 1]))
         .await;
 
-    assert_eq!(read_close_code(&mut raw).await, Some(1014));
+    assert_eq!(raw.close_code().await, Some(1014));
     raw.send_frame(0x88, &1014u16.to_be_bytes(), true).await;
-    backend
-        .wait_for("the backend leg to close", |log| {
-            log.open.load(Ordering::SeqCst) == 0
-        })
-        .await;
-    assert_eq!(close_codes(&backend), [Some(1009)]);
+    wait_until("the backend leg to close", || backend.open() == 0).await;
+    assert_eq!(backend.close_codes(), [Some(1009)]);
 
     let mut next = connect(&relay.url("/")).await;
     assert_eq!(
@@ -285,7 +225,7 @@ async fn a_message_exactly_at_the_default_limit_arrives_whole_with_its_type() {
         other => panic!("text came back as another kind of {} bytes", other.len()),
     }
 
-    let seen = backend.log.messages.lock().unwrap().clone();
+    let seen = backend.messages();
     assert_eq!(seen.len(), 2);
     assert!(seen[0].is_binary() && seen[0].len() == limit);
     assert!(seen[1].is_text() && seen[1].len() == limit);

@@ -1,20 +1,17 @@
 //! Mux mode end to end (DESIGN 5): clients carried as streams over a few shared links.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsrelay_tests::mux::MuxBackend;
-use wsrelay_tests::*;
+use wsrelay::hashing::Ranking;
+use wsrelay_client::{MuxClient, OpenError};
+use wsrelay_testkit::*;
+use wsrelay_tests::MuxBackend;
 
 fn config(backends: &[&MuxBackend], policy: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|b| format!("\"{}\"", b.url()))
-        .collect();
+    let urls: Vec<String> = backends.iter().map(|b| b.url()).collect();
     format!(
         r#"
 [server]
@@ -30,40 +27,36 @@ mode = "mux"
 hash_key = "header:X-User"
 
 [upstream.mux]
-backends = [{}]
+backends = {}
 mux_links = 2
 connect_timeout = "2s"
 on_backend_loss = "{policy}"
 "#,
-        list.join(", ")
+        backend_list(&urls)
     )
 }
 
 async fn wait_links(backends: &[&MuxBackend], per_backend: usize) {
     wait_until("mux links", || {
-        backends
-            .iter()
-            .all(|b| b.log.links_open.load(Ordering::SeqCst) == per_backend)
+        backends.iter().all(|b| b.links_open() == per_backend)
     })
     .await;
 }
 
-async fn connect_as(relay: &TestRelay, path: &str, user: &str) -> Client {
-    let mut request = relay.url(path).into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    connect_request(request).await.unwrap()
+/// A relay over `backends` (see [`config`]), once its two links to each are up.
+async fn mux_relay(backends: &[&MuxBackend], policy: &str) -> TestRelay {
+    let relay = TestRelay::start(&config(backends, policy), &[]).await;
+    wait_links(backends, 2).await;
+    relay
 }
 
 #[tokio::test]
 async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_order() {
     let a = MuxBackend::start("a").await;
     let b = MuxBackend::start("b").await;
-    let relay = TestRelay::start(&config(&[&a, &b], "reconnect"), &[]).await;
-    wait_links(&[&a, &b], 2).await;
+    let relay = mux_relay(&[&a, &b], "reconnect").await;
     let urls = [a.url(), b.url()];
-    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    let ranking = Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
 
     let mut tasks = Vec::new();
     for n in 0..2_000 {
@@ -71,11 +64,7 @@ async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_orde
         let user = format!("user-{n}");
         let expected = ["a", "b"][ranking.rank(user.as_bytes())[0]];
         tasks.push(tokio::spawn(async move {
-            let mut request = url.into_client_request().unwrap();
-            request
-                .headers_mut()
-                .insert("x-user", user.parse().unwrap());
-            let mut client = connect_request(request).await.unwrap();
+            let mut client = connect_as(&url, &user).await;
             for i in 0..5 {
                 client
                     .send(Message::text(format!("{n}:{i}")))
@@ -98,12 +87,9 @@ async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_orde
     }
     // The backends saw 2,000 streams, and only the four link sockets.
     assert_eq!(a.streams().len() + b.streams().len(), 2_000);
-    assert_eq!(a.log.links_accepted.load(Ordering::SeqCst), 2);
-    assert_eq!(b.log.links_accepted.load(Ordering::SeqCst), 2);
-    assert_eq!(
-        a.log.messages.load(Ordering::SeqCst) + b.log.messages.load(Ordering::SeqCst),
-        2_000 * 6
-    );
+    assert_eq!(a.links_accepted(), 2);
+    assert_eq!(b.links_accepted(), 2);
+    assert_eq!(a.messages() + b.messages(), 2_000 * 6);
     // The Open carried the path, query, forwarded headers and client address.
     let seen = &a.streams()[0];
     assert!(seen.path.starts_with("/chat/"), "{seen:?}");
@@ -118,7 +104,7 @@ async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_orde
         client.close(None).await.unwrap();
     }
     wait_until("streams to close", || {
-        a.log.streams_open.load(Ordering::SeqCst) + b.log.streams_open.load(Ordering::SeqCst) == 0
+        a.streams_open() + b.streams_open() == 0
     })
     .await;
     wait_until("sessions to end", || relay.handle.open_sessions() == 0).await;
@@ -127,10 +113,9 @@ async fn two_thousand_clients_share_four_links_and_every_message_arrives_in_orde
 #[tokio::test]
 async fn a_client_that_never_reads_stops_only_its_own_stream() {
     let a = MuxBackend::start("a").await;
-    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
-    wait_links(&[&a], 2).await;
+    let relay = mux_relay(&[&a], "reconnect").await;
     // One stuck client: it sends a lot and never reads the echoes.
-    let mut stuck = connect_as(&relay, "/stuck", "stuck").await;
+    let mut stuck = connect_as(&relay.url("/stuck"), "stuck").await;
     let payload = "s".repeat(64 * 1024);
     let mut sent = 0;
     while let Ok(Ok(())) = tokio::time::timeout(
@@ -147,11 +132,7 @@ async fn a_client_that_never_reads_stops_only_its_own_stream() {
     for n in 0..1_999 {
         let relay_url = relay.url("/busy");
         tasks.push(tokio::spawn(async move {
-            let mut request = relay_url.into_client_request().unwrap();
-            request
-                .headers_mut()
-                .insert("x-user", format!("busy-{n}").parse().unwrap());
-            let mut client = connect_request(request).await.unwrap();
+            let mut client = connect_as(&relay_url, &format!("busy-{n}")).await;
             for i in 0..5 {
                 let text = format!("{n}/{i}");
                 assert_eq!(round_trip(&mut client, &text).await, text);
@@ -171,18 +152,10 @@ async fn a_client_that_never_reads_stops_only_its_own_stream() {
 async fn a_lost_link_moves_its_streams_to_the_next_backend_flagged_resumed() {
     let a = MuxBackend::start("a").await;
     let b = MuxBackend::start("b").await;
-    let relay = TestRelay::start(&config(&[&a, &b], "reconnect"), &[]).await;
-    wait_links(&[&a, &b], 2).await;
-    let urls = [a.url(), b.url()];
-    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
-    let users: Vec<String> = (0..)
-        .map(|n| format!("user-{n}"))
-        .filter(|user| ranking.rank(user.as_bytes())[0] == 0)
-        .take(20)
-        .collect();
+    let relay = mux_relay(&[&a, &b], "reconnect").await;
     let mut clients = Vec::new();
-    for user in users {
-        let mut client = connect_as(&relay, "/room", &user).await;
+    for user in users_ranked_first(&[a.url(), b.url()], 0, 20) {
+        let mut client = connect_as(&relay.url("/room"), &user).await;
         assert_eq!(round_trip(&mut client, "whoami").await, "a");
         clients.push(client);
     }
@@ -208,9 +181,8 @@ async fn a_lost_link_moves_its_streams_to_the_next_backend_flagged_resumed() {
 #[tokio::test]
 async fn with_on_backend_loss_close_a_lost_link_closes_its_clients_1012() {
     let a = MuxBackend::start("a").await;
-    let relay = TestRelay::start(&config(&[&a], "close"), &[]).await;
-    wait_links(&[&a], 2).await;
-    let mut client = connect_as(&relay, "/room", "u").await;
+    let relay = mux_relay(&[&a], "close").await;
+    let mut client = connect_as(&relay.url("/room"), "u").await;
     assert_eq!(round_trip(&mut client, "whoami").await, "a");
     a.kill_links();
     let frame = expect_close(&mut client).await.expect("a close frame");
@@ -220,8 +192,7 @@ async fn with_on_backend_loss_close_a_lost_link_closes_its_clients_1012() {
 #[tokio::test]
 async fn a_backend_reject_reaches_the_client_as_its_status() {
     let a = MuxBackend::start("a").await;
-    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
-    wait_links(&[&a], 2).await;
+    let relay = mux_relay(&[&a], "reconnect").await;
     a.reject_with(Some(403));
     assert_eq!(refused_status(&relay.url("/private")).await, 403);
     a.reject_with(None);
@@ -267,7 +238,7 @@ async fn malformed_frames_from_a_backend_close_that_link_1002_and_the_relay_keep
     wait_links(&[&good], 2).await;
     // Clients whatever their rank are served by the good backend.
     for n in 0..10 {
-        let mut client = connect_as(&relay, "/x", &format!("user-{n}")).await;
+        let mut client = connect_as(&relay.url("/x"), &format!("user-{n}")).await;
         assert_eq!(round_trip(&mut client, "whoami").await, "good");
     }
 }
@@ -275,8 +246,7 @@ async fn malformed_frames_from_a_backend_close_that_link_1002_and_the_relay_keep
 #[tokio::test]
 async fn link_and_stream_metrics_follow_the_clients() {
     let a = MuxBackend::start("a").await;
-    let relay = TestRelay::start(&config(&[&a], "reconnect"), &[]).await;
-    wait_links(&[&a], 2).await;
+    let relay = mux_relay(&[&a], "reconnect").await;
     let admin = relay.handle.admin_addr().unwrap();
     let scrape = || async move {
         let response = raw_exchange(
@@ -291,7 +261,7 @@ async fn link_and_stream_metrics_follow_the_clients() {
     let streams = |n: usize| format!("wsrelay_mux_streams{{backend=\"{}\"}} {n}", a.url());
     let mut clients = Vec::new();
     for n in 0..3 {
-        let mut client = connect_as(&relay, "/m", &format!("u{n}")).await;
+        let mut client = connect_as(&relay.url("/m"), &format!("u{n}")).await;
         assert_eq!(round_trip(&mut client, "hi").await, "hi");
         clients.push(client);
     }
@@ -337,30 +307,22 @@ backends = ["{}"]
     );
     let relay = TestRelay::start(&toml, &[]).await;
     wait_links(&[&two], 2).await;
-    let link = wsrelay_tests::mux::mux_client(&relay.url("/")).await;
+    let link = MuxClient::connect(&relay.url("/")).await.unwrap();
 
     let mut streams = Vec::new();
     for (path, expected) in [("/a/x?n=1", "one"), ("/b/y", "two"), ("/c", "two")] {
         let stream = link
-            .open(wsrelay_protocol::OpenRequest::new(path))
+            .open(path, Vec::new())
             .await
             .unwrap_or_else(|e| panic!("{path}: {e}"));
         streams.push((path, expected, stream));
     }
     for (path, expected, stream) in &mut streams {
         stream.send(Message::text("whoami")).await.unwrap();
-        let reply = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let reply = within("a reply", stream.next()).await.unwrap().unwrap();
         assert_eq!(reply.to_text().unwrap(), *expected, "{path}");
         stream.send(Message::binary(vec![1, 2, 3])).await.unwrap();
-        let echo = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let echo = within("a reply", stream.next()).await.unwrap().unwrap();
         assert_eq!(echo, Message::binary(vec![1, 2, 3]), "{path}");
     }
     // The per-client backend saw its stream as an ordinary WebSocket, with its path; the mux
@@ -374,12 +336,9 @@ backends = ["{}"]
 
     // A path no route serves is rejected like an HTTP 404.
     let short = TestRelay::start(&toml.replace("path = \"/\"\n", "path = \"/only\"\n"), &[]).await;
-    let link = wsrelay_tests::mux::mux_client(&short.url("/only")).await;
-    match link
-        .open(wsrelay_protocol::OpenRequest::new("/nowhere"))
-        .await
-    {
-        Err(wsrelay_protocol::OpenError::Rejected { status, .. }) => assert_eq!(status, 404),
+    let link = MuxClient::connect(&short.url("/only")).await.unwrap();
+    match link.open("/nowhere", Vec::new()).await {
+        Err(OpenError::Rejected { status, .. }) => assert_eq!(status, 404),
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
@@ -414,30 +373,15 @@ async fn the_sdk_mux_server_and_mux_client_talk_through_the_relay() {
         "[[route]]\npath = \"/\"\nupstream = \"sdk\"\nmode = \"mux\"\n\n[upstream.sdk]\nbackends = [\"{backend_url}\"]\n"
     );
     let relay = TestRelay::start(&toml, &[]).await;
-    let client = wsrelay_client::MuxClient::connect(&relay.url("/"))
-        .await
-        .unwrap();
+    let client = MuxClient::connect(&relay.url("/")).await.unwrap();
     let mut streams = Vec::new();
     for room in ["/room/1", "/room/2", "/room/3"] {
         // The relay's link to the backend may still be coming up: retry while it says 502.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let stream = loop {
-            match client.open(room, Vec::new()).await {
-                Ok(stream) => break stream,
-                Err(error) => {
-                    assert!(tokio::time::Instant::now() < deadline, "{room}: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
+        let stream = retry(room, || client.open(room, Vec::new())).await;
         streams.push((room, stream));
     }
     for (room, stream) in &mut streams {
-        let greeting = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let greeting = within("a reply", stream.next()).await.unwrap().unwrap();
         let greeting = greeting.to_text().unwrap().to_owned();
         assert!(
             greeting.starts_with(&format!("hello {room} from 127.0.0.1:")),
@@ -447,11 +391,7 @@ async fn the_sdk_mux_server_and_mux_client_talk_through_the_relay() {
             .send(Message::text(format!("echo {room}")))
             .await
             .unwrap();
-        let echo = tokio::time::timeout(WAIT, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let echo = within("a reply", stream.next()).await.unwrap().unwrap();
         assert_eq!(echo.to_text().unwrap(), format!("echo {room}"));
     }
 }

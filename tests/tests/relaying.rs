@@ -2,12 +2,11 @@
 //! text, binary stays binary, boundaries are kept, large messages arrive whole, close codes and
 //! reasons cross both ways.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
 #[tokio::test]
 async fn text_stays_text_and_binary_stays_binary_in_order() {
@@ -52,16 +51,11 @@ async fn a_message_at_the_size_limit_arrives_whole_even_when_fragmented() {
     raw.send_frame(0x00, &quarter, true).await;
     raw.send_frame(0x00, &quarter, true).await;
     raw.send_frame(0x80, &quarter, true).await;
-    backend
-        .wait_for("the reassembled message", |log| {
-            log.messages
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|m| m.len() == 1 << 20)
-        })
-        .await;
-    let messages = backend.log.messages.lock().unwrap().clone();
+    wait_until("the reassembled message", || {
+        backend.messages().iter().any(|m| m.len() == 1 << 20)
+    })
+    .await;
+    let messages = backend.messages();
     assert_eq!(messages.len(), 1, "one message, not four");
     assert!(messages[0].is_text());
 
@@ -88,21 +82,14 @@ async fn the_clients_close_code_and_reason_reach_the_backend() {
     let echoed = expect_close(&mut client).await.expect("a close frame");
     assert_eq!(echoed.code, CloseCode::Library(4001));
     // ...and the backend sees the same code and reason.
-    backend
-        .wait_for("the backend to see the close", |log| {
-            !log.closes.lock().unwrap().is_empty()
-        })
-        .await;
-    let seen = backend.log.closes.lock().unwrap()[0]
-        .clone()
-        .expect("a close frame");
+    wait_until("the backend to see the close", || {
+        !backend.closes().is_empty()
+    })
+    .await;
+    let seen = backend.closes()[0].clone().expect("a close frame");
     assert_eq!(seen.code, CloseCode::Library(4001));
     assert_eq!(seen.reason.as_str(), "bye now");
-    backend
-        .wait_for("the backend leg to end", |log| {
-            log.open.load(std::sync::atomic::Ordering::SeqCst) == 0
-        })
-        .await;
+    wait_until("the backend leg to end", || backend.open() == 0).await;
 }
 
 #[tokio::test]
@@ -112,45 +99,19 @@ async fn a_close_without_status_crosses_as_no_status() {
     let mut client = connect(&relay.url("/")).await;
     assert_eq!(round_trip(&mut client, "hi").await, "hi");
     client.close(None).await.unwrap();
-    backend
-        .wait_for("the backend to see the close", |log| {
-            !log.closes.lock().unwrap().is_empty()
-        })
-        .await;
-    assert_eq!(backend.log.closes.lock().unwrap()[0], None);
-}
-
-/// A backend that closes every connection with a given code after the first message.
-async fn closing_backend(
-    code: u16,
-    reason: &'static str,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                let _ = socket.next().await;
-                let _ = socket
-                    .close(Some(CloseFrame {
-                        code: CloseCode::from(code),
-                        reason: reason.into(),
-                    }))
-                    .await;
-                while let Some(Ok(_)) = socket.next().await {}
-            });
-        }
-    });
-    (addr, task)
+    wait_until("the backend to see the close", || {
+        !backend.closes().is_empty()
+    })
+    .await;
+    assert_eq!(backend.closes()[0], None);
 }
 
 #[tokio::test]
 async fn the_backends_close_code_and_reason_reach_the_client() {
-    let (addr, _backend) = closing_backend(4403, "kicked by admin").await;
-    let toml = SIMPLE.replace("BACKENDS", &format!("[\"ws://{addr}\"]"));
-    let relay = TestRelay::start(&toml, &[]).await;
+    let closing =
+        TestBackend::with_behavior("closing", BackendBehavior::closing(4403, "kicked by admin"))
+            .await;
+    let relay = TestRelay::simple(&[&closing]).await;
     let mut client = connect(&relay.url("/")).await;
     client.send(Message::text("hello")).await.unwrap();
     let frame = expect_close(&mut client).await.expect("a close frame");
@@ -161,22 +122,12 @@ async fn the_backends_close_code_and_reason_reach_the_client() {
 #[tokio::test]
 async fn a_normal_backend_close_is_forwarded_not_reconnected() {
     // 1000 means "this conversation is over": the client must see it, not be moved.
-    let (addr, _backend) = closing_backend(1000, "done").await;
+    let closing =
+        TestBackend::with_behavior("closing", BackendBehavior::closing(1000, "done")).await;
     let other = TestBackend::start("other").await;
-    let urls = [format!("ws://{addr}"), other.url()];
-    let toml = SIMPLE
-        .replace("BACKENDS", &format!("[\"{}\", \"{}\"]", urls[0], urls[1]))
-        .replace(
-            "upstream = \"main\"",
-            "upstream = \"main\"\nhash_key = \"header:X-User\"",
-        );
-    let relay = TestRelay::start(&toml, &[]).await;
-    let user = user_ranked_first(&urls, 0);
-    let mut request = relay.url("/").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-user", user.parse().unwrap());
-    let mut client = connect_request(request).await.unwrap();
+    let relay = TestRelay::start(&simple_hashed("header:X-User"), &[&closing, &other]).await;
+    let user = user_ranked_first(&[closing.url(), other.url()], 0);
+    let mut client = connect_as(&relay.url("/"), &user).await;
     client.send(Message::text("whoami")).await.unwrap();
     let frame = expect_close(&mut client).await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Normal);
@@ -190,14 +141,7 @@ async fn a_normal_backend_close_is_forwarded_not_reconnected() {
 #[tokio::test]
 async fn many_clients_at_once_each_get_their_own_answers() {
     let backends = [TestBackend::start("a").await, TestBackend::start("b").await];
-    let relay = TestRelay::start(
-        &SIMPLE.replace(
-            "upstream = \"main\"",
-            "upstream = \"main\"\nhash_key = \"query:user\"",
-        ),
-        &[&backends[0], &backends[1]],
-    )
-    .await;
+    let relay = TestRelay::start(&simple_hashed("query:user"), &[&backends[0], &backends[1]]).await;
     let mut tasks = Vec::new();
     for n in 0..100 {
         let url = relay.url(&format!("/chat?user=u{n}"));

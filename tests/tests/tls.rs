@@ -8,62 +8,33 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsrelay_tests::*;
+use wsrelay_testkit::*;
 
-/// A self-signed certificate for `localhost`, written as PEM files in a fresh temp dir.
-struct Certificate {
-    dir: std::path::PathBuf,
-    der: rustls_pki_types::CertificateDer<'static>,
+/// The relay's config: [`SIMPLE`] served as `wss://` with `certificate`.
+fn tls_config(certificate: &TestCertificate) -> String {
+    format!("[server]\n{}{SIMPLE}", certificate.server_lines())
 }
 
-impl Certificate {
-    fn new(tag: &str) -> Certificate {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = std::env::temp_dir().join(format!("wsrelay-tls-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cert.pem"), generated.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), generated.signing_key.serialize_pem()).unwrap();
-        Certificate {
-            dir,
-            der: generated.cert.der().clone(),
-        }
-    }
-
-    fn config(&self) -> String {
-        format!(
-            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{SIMPLE}",
-            self.dir.join("cert.pem").display(),
-            self.dir.join("key.pem").display()
-        )
-    }
-
-    fn connector(&self) -> TlsConnector {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.der.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        TlsConnector::from(Arc::new(config))
-    }
-}
-
-impl Drop for Certificate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A TLS client that trusts `certificate` alone.
+fn connector(certificate: &TestCertificate) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(certificate.der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
 }
 
 #[tokio::test]
 async fn a_wss_client_talks_to_its_backend_through_the_tls_listener() {
-    let certificate = Certificate::new("ok");
+    let certificate = TestCertificate::new();
     let backend = TestBackend::start("b").await;
-    let relay = TestRelay::start(&certificate.config(), &[&backend]).await;
+    let relay = TestRelay::start(&tls_config(&certificate), &[&backend]).await;
     let tcp = TcpStream::connect(relay.addr()).await.unwrap();
-    let tls = certificate
-        .connector()
+    let tls = connector(&certificate)
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap();
@@ -89,9 +60,9 @@ async fn a_wss_client_talks_to_its_backend_through_the_tls_listener() {
 
 #[tokio::test]
 async fn plain_text_on_the_tls_listener_is_refused_and_others_are_served() {
-    let certificate = Certificate::new("plain");
+    let certificate = TestCertificate::new();
     let backend = TestBackend::start("b").await;
-    let relay = TestRelay::start(&certificate.config(), &[&backend]).await;
+    let relay = TestRelay::start(&tls_config(&certificate), &[&backend]).await;
     let answer = raw_exchange(
         relay.addr(),
         &upgrade_request("/", ""),
@@ -105,8 +76,7 @@ async fn plain_text_on_the_tls_listener_is_refused_and_others_are_served() {
     // A TLS client still gets in.
     let tcp = TcpStream::connect(relay.addr()).await.unwrap();
     assert!(
-        certificate
-            .connector()
+        connector(&certificate)
             .connect("localhost".try_into().unwrap(), tcp)
             .await
             .is_ok()
@@ -115,16 +85,10 @@ async fn plain_text_on_the_tls_listener_is_refused_and_others_are_served() {
 
 #[tokio::test]
 async fn a_key_that_does_not_match_the_certificate_is_refused_at_start() {
-    let certificate = Certificate::new("mismatch");
+    let certificate = TestCertificate::new();
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    std::fs::write(
-        certificate.dir.join("key.pem"),
-        other.signing_key.serialize_pem(),
-    )
-    .unwrap();
-    let source = certificate
-        .config()
-        .replace("BACKENDS", "[\"ws://127.0.0.1:9\"]");
+    std::fs::write(certificate.key_path(), other.signing_key.serialize_pem()).unwrap();
+    let source = tls_config(&certificate).replace("BACKENDS", "[\"ws://127.0.0.1:9\"]");
     let source = format!(
         "{}\n",
         source.replacen("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n", 1)

@@ -68,29 +68,7 @@ pub fn render(report: &RunReport) -> String {
     }
     out.push_str(&grid(&headers, &rows));
 
-    let ratio_rows: Vec<Vec<String>> = report
-        .targets
-        .iter()
-        .filter(|t| t.is_ok())
-        .flat_map(|t| {
-            [("direct", t.ratio_to_direct), ("nginx", t.ratio_to_nginx)]
-                .into_iter()
-                .filter(|(reference, r)| r.is_some() && t.name != *reference)
-                .map(|(reference, r)| {
-                    let r = r.expect("filtered");
-                    vec![
-                        format!("{} / {reference}", t.name),
-                        ratio(r.throughput),
-                        ratio(r.p50),
-                        ratio(r.p99),
-                        ratio(r.p999),
-                        ratio(r.proxy_cpu_s_per_million_msgs),
-                        ratio(r.rss_kib_per_conn),
-                    ]
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let ratio_rows = ratio_rows(report);
     if !ratio_rows.is_empty() {
         let _ = writeln!(
             out,
@@ -358,25 +336,37 @@ pub fn markdown(report: &RunReport) -> String {
         "\n| ratio | throughput | p50 | p99 | p99.9 | proxy CPU / M | RSS / conn |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for t in report.targets.iter().filter(|t| t.is_ok()) {
-        for (reference, r) in [("direct", t.ratio_to_direct), ("nginx", t.ratio_to_nginx)] {
-            let Some(r) = r.filter(|_| t.name != reference) else {
-                continue;
-            };
-            let _ = writeln!(
-                out,
-                "| {} / {reference} | {} | {} | {} | {} | {} | {} |",
-                t.name,
-                ratio(r.throughput),
-                ratio(r.p50),
-                ratio(r.p99),
-                ratio(r.p999),
-                ratio(r.proxy_cpu_s_per_million_msgs),
-                ratio(r.rss_kib_per_conn),
-            );
-        }
+    for row in ratio_rows(report) {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
     }
     out
+}
+
+/// The ratio rows of both tables: for each target that ran, against direct and nginx (when
+/// measured, and not itself), its label (`per-client / nginx`) and the throughput, p50, p99,
+/// p99.9, proxy CPU per million and RSS per connection ratios.
+fn ratio_rows(report: &RunReport) -> Vec<Vec<String>> {
+    report
+        .targets
+        .iter()
+        .filter(|t| t.is_ok())
+        .flat_map(|t| {
+            [("direct", t.ratio_to_direct), ("nginx", t.ratio_to_nginx)]
+                .into_iter()
+                .filter_map(move |(reference, r)| {
+                    let r = r.filter(|_| t.name != reference)?;
+                    Some(vec![
+                        format!("{} / {reference}", t.name),
+                        ratio(r.throughput),
+                        ratio(r.p50),
+                        ratio(r.p99),
+                        ratio(r.p999),
+                        ratio(r.proxy_cpu_s_per_million_msgs),
+                        ratio(r.rss_kib_per_conn),
+                    ])
+                })
+        })
+        .collect()
 }
 
 /// The table row of a target (used by tests and the HTML page).

@@ -14,9 +14,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, driver};
-use crate::monitor::{Monitor, Probe, Rate, WindowDelta};
-use crate::payload::{self, Clock, Header};
+use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, Schedule, driver};
+use crate::monitor::{Rate, WindowDelta};
+use crate::payload::{self, Header};
 use crate::stats::{Counters, ErrorLog, LatencyRecorder};
 use crate::units::{parse_duration, ser_duration};
 
@@ -47,25 +47,16 @@ pub async fn run(common: &CommonOpts, opts: &ChurnOpts, target: &RunTarget) -> M
     let errors = ErrorLog::default();
     let handshake = LatencyRecorder::default();
     let cycle = LatencyRecorder::default();
-    let probe = Probe {
-        watched: target.watched.clone(),
-    };
-    let proxy = &target.watched.proxy;
-    let sample = || (!proxy.is_empty()).then(|| proxy.sample());
-    let before = sample();
-    let clock = Clock::start();
-    let start = Instant::now();
-    let measure_from = start + common.warmup;
-    let measure_until = measure_from + common.duration;
-    let monitor = Monitor::start(
-        &target.label,
-        common.warmup + common.duration,
-        Rate::Received,
-        counters.clone(),
-        errors.clone(),
-        target.watched.clone(),
-        target.show_progress,
-    );
+    let probe = target.probe();
+    let before = target.proxy_sample();
+    let Schedule {
+        clock,
+        measure_from,
+        measure_until,
+        ..
+    } = Schedule::new(common, Duration::ZERO);
+    let expected = common.warmup + common.duration;
+    let monitor = target.monitor(expected, Rate::Received, &counters, &errors);
     let mut loops = JoinSet::new();
     for index in 0..common.connections {
         let connector = target.connector.clone();
@@ -156,7 +147,7 @@ pub async fn run(common: &CommonOpts, opts: &ChurnOpts, target: &RunTarget) -> M
         }
     }
     tokio::time::sleep(opts.settle).await;
-    let after = sample();
+    let after = target.proxy_sample();
     let outcome = monitor.finish().await;
     let completed = Counters::get(&counters.received);
     let mut details = serde_json::Map::new();

@@ -22,9 +22,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, connect_all, driver};
+use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, Schedule, connect_all, driver};
 use crate::conn::Ws;
-use crate::monitor::{Monitor, Probe, Rate, WindowDelta};
+use crate::monitor::Rate;
 use crate::pacer::Pacer;
 use crate::payload::{self, Clock, Header};
 use crate::stats::{Counters, ErrorLog, LatencyRecorder};
@@ -77,10 +77,7 @@ pub async fn run(common: &CommonOpts, opts: &FanoutOpts, target: &RunTarget) -> 
     let handshake = LatencyRecorder::default();
     let latency = LatencyRecorder::default();
     let send_lag = LatencyRecorder::default();
-    let probe = Probe {
-        watched: target.watched.clone(),
-    };
-    let before = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
+    let before = target.proxy_sample();
 
     let slots = connect_all(
         &target.connector,
@@ -128,24 +125,16 @@ pub async fn run(common: &CommonOpts, opts: &FanoutOpts, target: &RunTarget) -> 
         })
         .collect();
 
-    let clock = Clock::start();
-    let start = Instant::now() + Duration::from_millis(20);
-    let measure_from = start + common.warmup;
-    let measure_until = measure_from + common.duration;
-    let drain_until = measure_until + common.drain_timeout;
-    let monitor = Monitor::start(
-        &target.label,
-        common.warmup + common.duration,
-        Rate::Received,
-        counters.clone(),
-        errors.clone(),
-        target.watched.clone(),
-        target.show_progress,
-    );
-    let window = (
-        clock.ns_of(measure_from.into_std()),
-        clock.ns_of(measure_until.into_std()),
-    );
+    let schedule = Schedule::new(common, Duration::from_millis(20));
+    let Schedule {
+        clock,
+        start,
+        drain_until,
+        ..
+    } = schedule;
+    let expected = common.warmup + common.duration;
+    let monitor = target.monitor(expected, Rate::Received, &counters, &errors);
+    let window = schedule.window_ns();
     let mut ticks = Vec::new();
     let mut tasks = JoinSet::new();
     let connected = members.len();
@@ -177,14 +166,7 @@ pub async fn run(common: &CommonOpts, opts: &FanoutOpts, target: &RunTarget) -> 
         ticks,
     );
 
-    tokio::time::sleep_until(measure_from).await;
-    let reading_a = probe.read(&counters);
-    // Memory "loaded" mid-window: every connection open and busy (at the end they close
-    // within microseconds of the last reply).
-    tokio::time::sleep_until(measure_from + common.duration / 2).await;
-    let loaded = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
-    tokio::time::sleep_until(measure_until).await;
-    let reading_b = probe.read(&counters);
+    let readings = schedule.measure(target, &counters).await;
 
     let mut measured = 0;
     let mut received = 0;
@@ -198,7 +180,7 @@ pub async fn run(common: &CommonOpts, opts: &FanoutOpts, target: &RunTarget) -> 
         }
     }
     let scheduled = pacer.finish();
-    let after = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
+    let after = target.proxy_sample();
     let outcome = monitor.finish().await;
     let says: u64 = rooms.values().map(|r| r.sent.load(Ordering::Relaxed)).sum();
 
@@ -223,24 +205,13 @@ pub async fn run(common: &CommonOpts, opts: &FanoutOpts, target: &RunTarget) -> 
         sent: says,
         received,
         messages: measured,
-        window: WindowDelta::between(&reading_a, &reading_b),
+        window: readings.delta(),
         latency: latency.snapshot(),
         latency_kind: "delivery: say -> each member's said, from the intended send time".into(),
         extra_latency,
         errors: errors.snapshot(),
         timeline: outcome.timeline,
-        memory: match (before, loaded, after) {
-            (Some(b), Some(l), Some(a)) => Some(MemoryFigures {
-                before_kib: b.rss_kib,
-                loaded_kib: l.rss_kib,
-                after_kib: a.rss_kib,
-                connections: connected as u64,
-                fds_before: b.fds,
-                fds_loaded: l.fds,
-                fds_after: a.fds,
-            }),
-            _ => None,
-        },
+        memory: MemoryFigures::from_samples(before, readings.loaded, after, connected as u64),
         cpu_per_item: true,
         details,
     }

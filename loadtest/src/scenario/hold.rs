@@ -26,9 +26,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, driver};
+use super::{Attempts, CommonOpts, Measurement, MemoryFigures, RunTarget, driver};
 use crate::conn::{Connector, Ws};
-use crate::monitor::{Monitor, Probe, Rate, WindowDelta};
+use crate::monitor::{Rate, WindowDelta};
 use crate::stats::{self, Counters, ErrorKind, ErrorLog, LatencyRecorder};
 use crate::units::{parse_duration, ser_duration};
 use crate::worker::{WorkerFleet, WorkerLauncher};
@@ -152,24 +152,26 @@ impl HeldSet {
         let (close, closing) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let started = Instant::now();
-        let attempts = futures_util::stream::iter(0..share.connections)
-            .map(|i| async move {
-                if share.connect_rate > 0.0 {
-                    let at = started + Duration::from_secs_f64(i as f64 / share.connect_rate);
-                    tokio::time::sleep_until(at).await;
-                }
-                let index = share.first_index + i;
-                let t0 = std::time::Instant::now();
-                let result = connector.connect(index, None).await;
-                (index, t0.elapsed(), result)
-            })
-            .buffer_unordered(concurrency.max(1));
-        tokio::pin!(attempts);
-        while let Some((index, took, result)) = attempts.next().await {
-            match result {
-                Ok(ws) => {
-                    handshake.record(index, took);
-                    Counters::bump(&counters.connected);
+        let pace = |n: usize| async move {
+            if share.connect_rate > 0.0 {
+                let at = started + Duration::from_secs_f64(n as f64 / share.connect_rate);
+                tokio::time::sleep_until(at).await;
+            }
+        };
+        let attempts = Attempts {
+            connector,
+            concurrency,
+            errors: &errors,
+            counters: &counters,
+            handshake: &handshake,
+        };
+        let indices = share.first_index..share.first_index + share.connections;
+        attempts
+            .run(
+                indices,
+                |_| None,
+                pace,
+                |index, ws| {
                     tasks.spawn(hold_one(
                         ws,
                         index,
@@ -179,13 +181,9 @@ impl HeldSet {
                         errors.clone(),
                         counters.clone(),
                     ));
-                }
-                Err(error) => {
-                    Counters::bump(&counters.failed);
-                    errors.record(&error.kind(), &error);
-                }
-            }
-        }
+                },
+            )
+            .await;
         HeldSet {
             counters,
             errors,
@@ -297,23 +295,11 @@ pub async fn run(
     launcher: Option<&WorkerLauncher>,
 ) -> anyhow::Result<Measurement> {
     let counters = Arc::new(Counters::default());
-    let probe = Probe {
-        watched: target.watched.clone(),
-    };
-    let proxy = &target.watched.proxy;
-    let sample = || (!proxy.is_empty()).then(|| proxy.sample());
-    let before = sample();
+    let probe = target.probe();
+    let before = target.proxy_sample();
     let workers = common.connections.div_ceil(opts.per_process.max(1));
     let expected = opts.settle * 2 + common.duration + Duration::from_secs(5);
-    let monitor = Monitor::start(
-        &target.label,
-        expected,
-        Rate::Connected,
-        counters.clone(),
-        ErrorLog::default(),
-        target.watched.clone(),
-        target.show_progress,
-    );
+    let monitor = target.monitor(expected, Rate::Connected, &counters, &ErrorLog::default());
 
     let reading_0 = probe.read(&counters);
     enum Fleet {
@@ -351,7 +337,7 @@ pub async fn run(
     };
     let reading_ramped = probe.read(&counters);
     tokio::time::sleep(opts.settle).await;
-    let loaded = sample();
+    let loaded = target.proxy_sample();
     let hold_start = probe.read(&counters);
     tokio::time::sleep(common.duration).await;
     let hold_end = probe.read(&counters);
@@ -360,7 +346,7 @@ pub async fn run(
         Fleet::Workers(fleet) => fleet.close().await?,
     };
     tokio::time::sleep(opts.settle).await;
-    let after = sample();
+    let after = target.proxy_sample();
     let outcome = monitor.finish().await;
 
     let mut window = WindowDelta::between(&reading_0, &reading_ramped);
@@ -400,18 +386,7 @@ pub async fn run(
         extra_latency: BTreeMap::from([("handshake".to_owned(), handshake)]),
         errors: summary.errors.clone(),
         timeline: outcome.timeline,
-        memory: match (before, loaded, after) {
-            (Some(b), Some(l), Some(a)) => Some(MemoryFigures {
-                before_kib: b.rss_kib,
-                loaded_kib: l.rss_kib,
-                after_kib: a.rss_kib,
-                connections: held,
-                fds_before: b.fds,
-                fds_loaded: l.fds,
-                fds_after: a.fds,
-            }),
-            _ => None,
-        },
+        memory: MemoryFigures::from_samples(before, loaded, after, held),
         cpu_per_item: false,
         details,
     })

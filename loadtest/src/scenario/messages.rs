@@ -13,13 +13,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use super::driver::{self, DriverCtx, Trigger};
-use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, connect_all};
-use crate::monitor::{Monitor, Probe, Rate, WindowDelta};
+use super::{CommonOpts, Measurement, MemoryFigures, RunTarget, Schedule, connect_all};
+use crate::monitor::Rate;
 use crate::pacer::Pacer;
-use crate::payload::Clock;
 use crate::stats::{Counters, ErrorLog, LatencyRecorder};
 
 /// How messages are sent.
@@ -43,10 +41,7 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
     let open = matches!(load, Load::Open { .. });
     let uncorrected = open.then(LatencyRecorder::default);
     let send_lag = open.then(LatencyRecorder::default);
-    let probe = Probe {
-        watched: target.watched.clone(),
-    };
-    let before = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
+    let before = target.proxy_sample();
 
     let slots = connect_all(
         &target.connector,
@@ -60,20 +55,16 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
     .await;
     let connected = slots.iter().filter(|s| s.is_some()).count();
 
-    let clock = Clock::start();
-    let start = Instant::now() + START_DELAY;
-    let measure_from = start + common.warmup;
-    let measure_until = measure_from + common.duration;
-    let drain_until = measure_until + common.drain_timeout;
-    let monitor = Monitor::start(
-        &target.label,
-        common.warmup + common.duration,
-        Rate::Received,
-        counters.clone(),
-        errors.clone(),
-        target.watched.clone(),
-        target.show_progress,
-    );
+    let schedule = Schedule::new(common, START_DELAY);
+    let Schedule {
+        clock,
+        start,
+        measure_until,
+        ..
+    } = schedule;
+    let (measure_from_ns, measure_until_ns) = schedule.window_ns();
+    let expected = common.warmup + common.duration;
+    let monitor = target.monitor(expected, Rate::Received, &counters, &errors);
 
     let mut tick_senders = Vec::new();
     let mut tasks = JoinSet::new();
@@ -95,9 +86,9 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
             clock,
             size: common.size,
             text: common.text,
-            measure_from_ns: clock.ns_of(measure_from.into_std()),
-            measure_until_ns: clock.ns_of(measure_until.into_std()),
-            drain_until,
+            measure_from_ns,
+            measure_until_ns,
+            drain_until: schedule.drain_until,
             counters: counters.clone(),
             errors: errors.clone(),
             latency: latency.clone(),
@@ -114,20 +105,13 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
             clock,
             rate,
             clock.ns_of(start.into_std()),
-            clock.ns_of(measure_until.into_std()),
+            measure_until_ns,
             tick_senders,
         )),
         Load::Closed { .. } => None,
     };
 
-    tokio::time::sleep_until(measure_from).await;
-    let reading_a = probe.read(&counters);
-    // Memory "loaded" mid-window: every connection open and busy (at the end they close
-    // within microseconds of the last reply).
-    tokio::time::sleep_until(measure_from + common.duration / 2).await;
-    let loaded = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
-    tokio::time::sleep_until(measure_until).await;
-    let reading_b = probe.read(&counters);
+    let window = schedule.measure(target, &counters).await;
 
     let mut sent = 0;
     let mut received = 0;
@@ -143,21 +127,10 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
         }
     }
     let ticks = pacer.map(Pacer::finish);
-    let after = (!target.watched.proxy.is_empty()).then(|| target.watched.proxy.sample());
+    let after = target.proxy_sample();
     let outcome = monitor.finish().await;
 
-    let memory = match (before, loaded, after) {
-        (Some(b), Some(l), Some(a)) => Some(MemoryFigures {
-            before_kib: b.rss_kib,
-            loaded_kib: l.rss_kib,
-            after_kib: a.rss_kib,
-            connections: connected as u64,
-            fds_before: b.fds,
-            fds_loaded: l.fds,
-            fds_after: a.fds,
-        }),
-        _ => None,
-    };
+    let memory = MemoryFigures::from_samples(before, window.loaded, after, connected as u64);
     let mut extra_latency = BTreeMap::new();
     extra_latency.insert("handshake".to_owned(), handshake.snapshot());
     if let Some(u) = &uncorrected {
@@ -183,7 +156,7 @@ pub(crate) async fn run(common: &CommonOpts, target: &RunTarget, load: Load) -> 
         sent,
         received,
         messages: measured,
-        window: WindowDelta::between(&reading_a, &reading_b),
+        window: window.delta(),
         latency: latency.snapshot(),
         latency_kind: if open {
             "round trip from the intended send time (corrected for coordinated omission)".into()

@@ -20,6 +20,7 @@ mod messages;
 pub mod rate;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +28,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::conn::{Connector, Ws};
-use crate::monitor::{Watched, WindowDelta};
+use crate::monitor::{Monitor, Probe, Rate, Reading, Watched, WindowDelta};
+use crate::payload::Clock;
+use crate::procstat::GroupSample;
 use crate::stats::{Counters, ErrorKind, ErrorLog, LatencyRecorder, TimelinePoint};
 use crate::units::{parse_duration, parse_size, ser_duration};
 
@@ -155,6 +159,117 @@ pub struct RunTarget {
     pub show_progress: bool,
 }
 
+impl RunTarget {
+    /// A reader of the watched processes.
+    pub(crate) fn probe(&self) -> Probe {
+        Probe {
+            watched: self.watched.clone(),
+        }
+    }
+
+    /// The proxy's CPU, memory and open files now, if a proxy is watched.
+    pub(crate) fn proxy_sample(&self) -> Option<GroupSample> {
+        self.watched.proxy.sample_if_any()
+    }
+
+    /// Starts the progress bar and timeline of a run expected to last `expected`, showing
+    /// `rate` from `counters`.
+    pub(crate) fn monitor(
+        &self,
+        expected: Duration,
+        rate: Rate,
+        counters: &Arc<Counters>,
+        errors: &ErrorLog,
+    ) -> Monitor {
+        Monitor::start(
+            &self.label,
+            expected,
+            rate,
+            counters.clone(),
+            errors.clone(),
+            self.watched.clone(),
+            self.show_progress,
+        )
+    }
+}
+
+/// The phases of a measured run: the load starts, warms up, is measured, then the replies
+/// still in flight are waited for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Schedule {
+    /// The clock every timestamp of the run is taken on.
+    pub clock: Clock,
+    /// When the load starts.
+    pub start: Instant,
+    /// Start of the measured window (after the warmup).
+    pub measure_from: Instant,
+    /// End of the measured window: no new load after it.
+    pub measure_until: Instant,
+    /// Replies not in by then are lost.
+    pub drain_until: Instant,
+}
+
+impl Schedule {
+    /// Starts the clock; the load starts `delay` from now, is measured after `common.warmup`
+    /// for `common.duration`, and its replies are awaited `common.drain_timeout` longer.
+    pub(crate) fn new(common: &CommonOpts, delay: Duration) -> Schedule {
+        let clock = Clock::start();
+        let start = Instant::now() + delay;
+        let measure_from = start + common.warmup;
+        let measure_until = measure_from + common.duration;
+        Schedule {
+            clock,
+            start,
+            measure_from,
+            measure_until,
+            drain_until: measure_until + common.drain_timeout,
+        }
+    }
+
+    /// The measured window on the clock, in nanoseconds.
+    pub(crate) fn window_ns(&self) -> (u64, u64) {
+        (
+            self.clock.ns_of(self.measure_from.into_std()),
+            self.clock.ns_of(self.measure_until.into_std()),
+        )
+    }
+
+    /// Waits through the measured window, reading everything at its start and end and the
+    /// proxy's memory "loaded" in its middle, when every connection is open and busy (at the
+    /// end they close within microseconds of the last reply).
+    pub(crate) async fn measure(&self, target: &RunTarget, counters: &Counters) -> Window {
+        let probe = target.probe();
+        tokio::time::sleep_until(self.measure_from).await;
+        let start = probe.read(counters);
+        let half = (self.measure_until - self.measure_from) / 2;
+        tokio::time::sleep_until(self.measure_from + half).await;
+        let loaded = target.proxy_sample();
+        tokio::time::sleep_until(self.measure_until).await;
+        Window {
+            start,
+            loaded,
+            end: probe.read(counters),
+        }
+    }
+}
+
+/// What [`Schedule::measure`] read.
+pub(crate) struct Window {
+    /// Everything at the window's start.
+    pub start: Reading,
+    /// The proxy mid-window, if one is watched.
+    pub loaded: Option<GroupSample>,
+    /// Everything at the window's end.
+    pub end: Reading,
+}
+
+impl Window {
+    /// What changed over the window.
+    pub(crate) fn delta(&self) -> WindowDelta {
+        WindowDelta::between(&self.start, &self.end)
+    }
+}
+
 /// Resident memory of the proxy around a run.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MemoryFigures {
@@ -175,6 +290,26 @@ pub struct MemoryFigures {
 }
 
 impl MemoryFigures {
+    /// The figures of the proxy's samples before a run, with `connections` open, and after
+    /// it; `None` unless all three were taken (no proxy is watched).
+    pub fn from_samples(
+        before: Option<GroupSample>,
+        loaded: Option<GroupSample>,
+        after: Option<GroupSample>,
+        connections: u64,
+    ) -> Option<MemoryFigures> {
+        let (b, l, a) = (before?, loaded?, after?);
+        Some(MemoryFigures {
+            before_kib: b.rss_kib,
+            loaded_kib: l.rss_kib,
+            after_kib: a.rss_kib,
+            connections,
+            fds_before: b.fds,
+            fds_loaded: l.fds,
+            fds_after: a.fds,
+        })
+    }
+
     /// `(loaded - before) / connections`, in KiB.
     pub fn rss_kib_per_conn(&self) -> Option<f64> {
         (self.connections > 0)
@@ -288,29 +423,75 @@ pub async fn connect_all(
     handshake: &LatencyRecorder,
 ) -> Vec<Option<Ws>> {
     let mut slots: Vec<Option<Ws>> = (0..count).map(|_| None).collect();
-    let attempts = futures_util::stream::iter(0..count)
-        .map(|index| {
-            let q = query(index);
-            async move {
-                let started = std::time::Instant::now();
-                let result = connector.connect(index, q.as_deref()).await;
-                (index, started.elapsed(), result)
-            }
-        })
-        .buffer_unordered(concurrency.max(1));
-    tokio::pin!(attempts);
-    while let Some((index, took, result)) = attempts.next().await {
-        match result {
-            Ok(ws) => {
-                handshake.record(index, took);
-                Counters::bump(&counters.connected);
-                slots[index] = Some(ws);
-            }
-            Err(error) => {
-                Counters::bump(&counters.failed);
-                errors.record(&error.kind(), &error);
+    let attempts = Attempts {
+        connector,
+        concurrency,
+        errors,
+        counters,
+        handshake,
+    };
+    attempts
+        .run(
+            0..count,
+            query,
+            |_| async {},
+            |index, ws| slots[index] = Some(ws),
+        )
+        .await;
+    slots
+}
+
+/// Connection attempts: how to make them and where their outcomes are counted.
+pub(crate) struct Attempts<'a> {
+    /// Opens the connections.
+    pub connector: &'a Connector,
+    /// Handshakes in progress at once.
+    pub concurrency: usize,
+    /// Where failures are recorded.
+    pub errors: &'a ErrorLog,
+    /// `connected` and `failed` are bumped here.
+    pub counters: &'a Arc<Counters>,
+    /// The handshake time of each connection that opened.
+    pub handshake: &'a LatencyRecorder,
+}
+
+impl Attempts<'_> {
+    /// Connects every index of `indices` (with `query(index)`), each attempt first awaiting
+    /// `pace(n)` for its position `n` in `indices`; each connection that opens goes to
+    /// `opened`, as it opens.
+    pub(crate) async fn run<P: Future<Output = ()>>(
+        &self,
+        indices: Range<usize>,
+        query: impl Fn(usize) -> Option<String>,
+        pace: impl Fn(usize) -> P,
+        mut opened: impl FnMut(usize, Ws),
+    ) {
+        let first = indices.start;
+        let attempts = futures_util::stream::iter(indices)
+            .map(|index| {
+                let q = query(index);
+                let paced = pace(index - first);
+                async move {
+                    paced.await;
+                    let started = std::time::Instant::now();
+                    let result = self.connector.connect(index, q.as_deref()).await;
+                    (index, started.elapsed(), result)
+                }
+            })
+            .buffer_unordered(self.concurrency.max(1));
+        tokio::pin!(attempts);
+        while let Some((index, took, result)) = attempts.next().await {
+            match result {
+                Ok(ws) => {
+                    self.handshake.record(index, took);
+                    Counters::bump(&self.counters.connected);
+                    opened(index, ws);
+                }
+                Err(error) => {
+                    Counters::bump(&self.counters.failed);
+                    self.errors.record(&error.kind(), &error);
+                }
             }
         }
     }
-    slots
 }

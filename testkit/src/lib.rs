@@ -1,0 +1,41 @@
+//! Test support shared by wsrelay's test suites (`tests/`, `client-sdk/tests`,
+//! `loadtest/tests`): one configurable WebSocket backend ([`TestBackend`]), a relay started in
+//! this process from a TOML snippet ([`TestRelay`]), WebSocket clients ([`connect`] and
+//! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
+//! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
+//! certificate ([`TestCertificate`]), a way to run a server apart from the test's own tasks
+//! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
+//!
+//! Everything listens on 127.0.0.1, port 0 unless a test asks for a port. No wait asserts on
+//! elapsed time: each is bounded by [`WAIT`] and fails the test with what it waited for.
+//!
+//! This crate does not depend on `wsrelay-client`: the SDK's own tests use it, and a
+//! dependency back would build a second copy of the SDK whose types would not match.
+
+// tungstenite's handshake callback fixes its (large) error type.
+#![allow(clippy::result_large_err)]
+#![warn(missing_docs)]
+
+mod backend;
+mod client;
+mod files;
+mod isolated;
+mod proxy;
+mod raw;
+mod relay;
+mod wait;
+
+pub use backend::{BackendBehavior, BackendLog, SeenConnection, StoppedBackend, TestBackend};
+pub use client::{
+    Client, connect, connect_as, connect_request, expect_close, next_data, refused_status,
+    request_as, round_trip, user_ranked_first, users_ranked_first,
+};
+pub use files::{TempDir, TestCertificate};
+pub use isolated::{Isolated, spawn_isolated};
+pub use proxy::KillableProxy;
+pub use raw::{
+    RawClient, find_close_code, raw_exchange, read_until_quiet, status_of, unused_addr,
+    upgrade_request,
+};
+pub use relay::{SIMPLE, TestRelay, backend_list, init_logs, simple_hashed};
+pub use wait::{WAIT, retry, wait_until, within};

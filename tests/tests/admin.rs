@@ -421,7 +421,7 @@ async fn metrics_move_while_a_connection_stays_open() {
     );
     let relay = TestRelay::start(&toml, &[&backend]).await;
     let addr = admin_addr(&relay);
-    let mut client = connect_as(&relay, "steady").await;
+    let mut client = chat_as(&relay, "steady").await;
     for expected in 1..=3u32 {
         assert_eq!(round_trip(&mut client, "12345").await, "12345");
         let (_, metrics) = admin(addr, "GET", "/metrics", None).await;
@@ -457,7 +457,7 @@ async fn handshake_metrics_tell_refusals_apart() {
     };
 
     // The one slot taken: the next client gets 503 for capacity.
-    let mut held = connect_as(&relay, "first").await;
+    let mut held = chat_as(&relay, "first").await;
     assert_eq!(round_trip(&mut held, "hi").await, "hi");
     assert_eq!(refused_status(&relay.url("/chat")).await, 503);
     held.close(None).await.unwrap();

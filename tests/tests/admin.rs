@@ -1,4 +1,4 @@
-//! The admin listener (DESIGN 6): metrics that move as connections come and go, the
+//! The admin listener (docs/operations.md, "Admin API"): metrics that move as connections come and go, the
 //! connections and backends API, the live tap, backend drains, readiness and the token.
 
 use std::net::SocketAddr;

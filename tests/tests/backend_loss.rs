@@ -1,4 +1,4 @@
-//! A backend's death or departure (DESIGN 4.5): with `on_backend_loss = "reconnect"` the client
+//! A backend's death or departure (docs/operations.md, "Backend loss"): with `on_backend_loss = "reconnect"` the client
 //! keeps its socket and moves to the next backend in its rank, with the messages the relay held
 //! replayed; with `"close"` it is closed 1012.
 

@@ -1,4 +1,4 @@
-//! Bounded buffering (DESIGN 4.4, 8): a side that stops reading stalls the side writing to
+//! Bounded buffering: a side that stops reading stalls the side writing to
 //! it through TCP back-pressure instead of making the relay buffer, other clients of the same
 //! relay are unaffected, and once the slow side reads again everything arrives intact.
 

@@ -1,4 +1,4 @@
-//! The `wsrelay` command as users run it (DESIGN 2): `check`, refusing unimplemented keys,
+//! The `wsrelay` command as users run it (docs/operations.md, "Running"): `check`, refusing unimplemented keys,
 //! quick start, signals, log formats and `demo`. Every test drives the real binary.
 
 use std::io::{BufRead, BufReader, Read};
@@ -271,7 +271,7 @@ async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_k
     }
 }
 
-/// Starts a relay, relays through it, sends `signal`, and checks the drain of DESIGN 7: the
+/// Starts a relay, relays through it, sends `signal`, and checks the drain: the
 /// client and its backend both get 1001 and the process exits 0.
 async fn drains_on(signal: &str, use_config: bool) {
     let alpha = TestBackend::start("alpha").await;

@@ -1,4 +1,4 @@
-//! Graceful drain (DESIGN 7) in-process, and rendezvous hashing seen from outside: every hash
+//! Graceful drain in-process, and rendezvous hashing seen from outside: every hash
 //! key type sends a client to the backend the published ranking names.
 
 use futures_util::SinkExt;

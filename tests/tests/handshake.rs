@@ -1,4 +1,4 @@
-//! The client handshake end to end (DESIGN 4.1 and 4.3): what a client is refused with, what
+//! The client handshake end to end (docs/operations.md, "What a client sees"): what a client is refused with, what
 //! the backend is sent, and how the relay picks a backend that answers.
 
 use std::net::SocketAddr;
@@ -401,7 +401,7 @@ backends = ["{first}", "{second}"]
     );
 }
 
-/// What the forwarded-headers test sends: every kind of header DESIGN 4.3 names.
+/// What the forwarded-headers test sends: every kind of header the forwarding rules name.
 fn forwarding_request(path: &str) -> Vec<u8> {
     format!(
         "GET {path} HTTP/1.1\r\n\
@@ -601,6 +601,13 @@ backends = ["{url}"]
     TestRelay::start(&config, &[]).await
 }
 
+/// What a client of a relay in front of a [`raw_backend`] answering `parts` receives.
+async fn refusal_through_relay(parts: &[&[u8]], after: AfterAnswer) -> RawResponse {
+    let url = raw_backend(parts.iter().map(|part| part.to_vec()).collect(), after).await;
+    let relay = relay_to(&url).await;
+    whole_refusal(&relay).await
+}
+
 /// Sends an upgrade that asks the relay to close after answering, and reads everything up to
 /// that close: the whole response, so any framing left in the body would show.
 async fn whole_refusal(relay: &TestRelay) -> RawResponse {
@@ -659,39 +666,33 @@ fn assert_hello_world_refusal(response: &RawResponse, what: &str) {
 
 #[tokio::test]
 async fn a_refusal_with_a_sized_body_reaches_the_client_intact() {
-    let url = raw_backend(
-        vec![
-            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 11\r\nX-Backend-Reason: sized\r\n\r\n"
-                .to_vec(),
-            b"hello".to_vec(),
-            b" world".to_vec(),
+    let response = refusal_through_relay(
+        &[
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 11\r\nX-Backend-Reason: sized\r\n\r\n",
+            b"hello",
+            b" world",
         ],
         AfterAnswer::Linger,
     )
     .await;
-    let relay = relay_to(&url).await;
-    let response = whole_refusal(&relay).await;
     assert_hello_world_refusal(&response, "sized");
     assert_eq!(response.header("x-backend-reason"), Some("sized"));
 }
 
 #[tokio::test]
 async fn a_refusal_with_a_chunked_body_reaches_the_client_decoded() {
-    let url = raw_backend(
-        vec![
+    let response = refusal_through_relay(
+        &[
             b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\
               Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
-              Sec-WebSocket-Version: 13\r\nX-Backend-Reason: chunked\r\n\r\n"
-                .to_vec(),
-            b"5\r\nhello\r\n".to_vec(),
-            b"6\r\n world\r\n".to_vec(),
-            b"0\r\n\r\n".to_vec(),
+              Sec-WebSocket-Version: 13\r\nX-Backend-Reason: chunked\r\n\r\n",
+            b"5\r\nhello\r\n",
+            b"6\r\n world\r\n",
+            b"0\r\n\r\n",
         ],
         AfterAnswer::Linger,
     )
     .await;
-    let relay = relay_to(&url).await;
-    let response = whole_refusal(&relay).await;
     assert_hello_world_refusal(&response, "chunked");
     assert_eq!(response.header("x-backend-reason"), Some("chunked"));
     for hop in ["x-hop", "keep-alive", "sec-websocket-version"] {
@@ -709,17 +710,9 @@ async fn a_refusal_with_a_close_delimited_body_reaches_the_client_intact() {
         ("HTTP/1.0", "HTTP/1.0 403 Forbidden\r\n\r\n"),
     ];
     for (what, head) in heads {
-        let url = raw_backend(
-            vec![
-                head.as_bytes().to_vec(),
-                b"hello".to_vec(),
-                b" world".to_vec(),
-            ],
-            AfterAnswer::Close,
-        )
-        .await;
-        let relay = relay_to(&url).await;
-        assert_hello_world_refusal(&whole_refusal(&relay).await, what);
+        let parts: [&[u8]; 3] = [head.as_bytes(), b"hello", b" world"];
+        let response = refusal_through_relay(&parts, AfterAnswer::Close).await;
+        assert_hello_world_refusal(&response, what);
     }
 }
 
@@ -729,13 +722,9 @@ async fn a_refusal_body_cut_short_or_stalled_passes_what_arrived() {
         ("cut", AfterAnswer::Close),
         ("stalled", AfterAnswer::Linger),
     ] {
-        let url = raw_backend(
-            vec![b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nhello world".to_vec()],
-            after,
-        )
-        .await;
-        let relay = relay_to(&url).await;
-        assert_hello_world_refusal(&whole_refusal(&relay).await, what);
+        let answer: &[u8] = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nhello world";
+        let response = refusal_through_relay(&[answer], after).await;
+        assert_hello_world_refusal(&response, what);
     }
 }
 
@@ -743,13 +732,8 @@ async fn a_refusal_body_cut_short_or_stalled_passes_what_arrived() {
 async fn an_oversized_refusal_body_is_cut_at_64_kib() {
     let size = 200 * 1024;
     let head = format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {size}\r\n\r\n");
-    let url = raw_backend(
-        vec![head.into_bytes(), vec![b'a'; size]],
-        AfterAnswer::Linger,
-    )
-    .await;
-    let relay = relay_to(&url).await;
-    let response = whole_refusal(&relay).await;
+    let body = vec![b'a'; size];
+    let response = refusal_through_relay(&[head.as_bytes(), &body], AfterAnswer::Linger).await;
     assert_eq!(response.status, 403);
     assert_eq!(response.body.len(), 64 * 1024);
     assert!(response.body.iter().all(|&b| b == b'a'));

@@ -1,4 +1,4 @@
-//! Active health checks (DESIGN 7): an unhealthy backend leaves the ranking, so only its own
+//! Health (docs/operations.md, "Health"): an unhealthy backend leaves the ranking, so only its own
 //! clients move; it comes back after `healthy_after` good probes; with none healthy, clients
 //! get 503 with Retry-After.
 

@@ -1,4 +1,4 @@
-//! Keepalive on both legs (DESIGN 3 `[keepalive]`, 4.5): pings keep quiet but live peers
+//! Keepalive on both legs (`[keepalive]`): pings keep quiet but live peers
 //! connected, silent peers are detected and their other leg is closed, client pings stay
 //! between the client and the relay, and idle connections are closed when configured.
 

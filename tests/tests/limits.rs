@@ -1,4 +1,4 @@
-//! Bad input gets a clear answer and nothing else breaks (DESIGN 8): each protocol violation
+//! Bad input gets a clear answer and nothing else breaks: each protocol violation
 //! or oversized message closes only its own connection, with the RFC 6455 close code, and
 //! closes that connection's backend leg; a well-behaved client of the same relay and backend
 //! keeps working throughout.

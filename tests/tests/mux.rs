@@ -1,4 +1,4 @@
-//! Mux mode end to end (DESIGN 5): clients carried as streams over a few shared links.
+//! Mux mode end to end: clients carried as streams over a few shared links.
 
 use std::time::Duration;
 

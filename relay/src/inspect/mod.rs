@@ -8,7 +8,8 @@
 //!
 //! Adding your own takes a few lines: implement [`Inspector`] (override only what you need) and
 //! an [`InspectorFactory`], register it with [`crate::RelayBuilder::inspector`], and name it in a
-//! route's `inspect` list.
+//! route's `inspect` list. The built-ins and their arguments: `docs/configuration.md`
+//! (Inspectors).
 
 mod json;
 mod log;

@@ -4,7 +4,8 @@
 //! are counted where they happen, once per connection or per ping, never per message. Everything
 //! that describes state (connections, traffic, backend health, mux links and streams) is derived
 //! at scrape time from the state itself ([`Figures`]), so it is current within a scrape and never
-//! stored twice; the data path counts traffic in its own session entry only.
+//! stored twice; the data path counts traffic in its own session entry only. The series and
+//! their labels are listed in `docs/operations.md` (Metrics).
 
 use std::sync::Mutex;
 

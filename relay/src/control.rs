@@ -107,11 +107,18 @@ impl Shared {
         self.generations.replace(new);
         old.retired.cancel();
         self.start_generation();
+        let list = |urls: &[String]| {
+            if urls.is_empty() {
+                "none".to_owned()
+            } else {
+                urls.join(", ")
+            }
+        };
         tracing::info!(
-            ?added,
-            ?removed,
+            added = %list(&added),
+            removed = %list(&removed),
             routes,
-            ?restart_needed,
+            restart_needed = %list(&restart_needed),
             "configuration reloaded"
         );
         Ok(ReloadReport {
@@ -125,9 +132,9 @@ impl Shared {
     /// Reloads from the file the relay was started with.
     pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
-        let source = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+        let source = std::fs::read_to_string(path).map_err(|error| ReloadError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         let config =
             Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
@@ -148,6 +155,26 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
 }
 
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                "none".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        write!(
+            f,
+            "{} routes; added: {}; removed: {}; restart needed for: {}",
+            self.routes,
+            list(&self.added),
+            list(&self.removed),
+            list(&self.restart_needed)
+        )
+    }
+}
+
 /// Why a reload was refused; the running configuration stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -155,12 +182,12 @@ pub enum ReloadError {
     #[error("nothing to reload: the relay was not started with --config")]
     NoFile,
     /// The file could not be read.
-    #[error("read {path}: {source}")]
+    #[error("read {path}: {error}")]
     Read {
         /// The configuration file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The new configuration is invalid.
     #[error(transparent)]

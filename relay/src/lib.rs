@@ -71,12 +71,12 @@ pub enum RelayError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The client-facing listener could not be bound.
-    #[error("listen on {addr}: {source}")]
+    #[error("listen on {addr}: {error}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
-        /// Why binding failed.
-        source: std::io::Error,
+        /// Why binding failed (not a `source`: the message says it once).
+        error: std::io::Error,
     },
 }
 
@@ -128,16 +128,16 @@ impl RelayBuilder {
     /// Binds the client listener and starts serving.
     pub async fn bind(self) -> Result<RelayHandle, RelayError> {
         let addr = self.config.listen_addr();
-        let listener = listen(addr).map_err(|source| RelayError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|error| RelayError::Bind { addr, error })?;
         self.serve(listener)
     }
 
     /// Serves on an already bound listener (e.g. one bound with `SO_REUSEPORT`).
     pub fn serve(self, listener: TcpListener) -> Result<RelayHandle, RelayError> {
         self.config.check_inspectors(&self.inspectors)?;
-        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+        let local_addr = listener.local_addr().map_err(|error| RelayError::Bind {
             addr: self.config.listen_addr(),
-            source,
+            error,
         })?;
         let admin = match &self.config.server.admin {
             Some(addr) => {
@@ -147,7 +147,7 @@ impl RelayBuilder {
                     listener.set_nonblocking(true)?;
                     TcpListener::from_std(listener)
                 };
-                Some(bind().map_err(|source| RelayError::Bind { addr, source })?)
+                Some(bind().map_err(|error| RelayError::Bind { addr, error })?)
             }
             None => None,
         };

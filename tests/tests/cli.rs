@@ -1,11 +1,12 @@
-//! The `wsrelay` command as users run it (docs/operations.md, "Running"): `check`, refusing unimplemented keys,
-//! quick start, signals, log formats and `demo`. Every test drives the real binary.
+//! The `wsrelay` command as users run it (docs/operations.md, "Running"): `check`, refusing
+//! unimplemented keys, quick start, signals, log formats, `tap` and `demo`, and what each says
+//! when something is wrong. Every test drives the real binary.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,39 +15,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsrelay_testkit::{
     Client, RawClient, TempDir, TestBackend, WAIT, backend_list, connect, expect_close, round_trip,
-    unused_addr, wait_until,
+    unused_addr, wait_until, wsrelay_binary,
 };
 
-/// The `wsrelay` binary, built once per test process. `CARGO_BIN_EXE_wsrelay` exists only for
-/// tests of the binary's own package, so this package builds and finds it itself; building
-/// every run (not only when missing) keeps the tests from exercising a stale binary.
 fn binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ lives in the workspace");
-        let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-            Some(dir) if dir.is_absolute() => dir,
-            Some(dir) => workspace.join(dir),
-            None => workspace.join("target"),
-        };
-        let binary = target.join("debug").join("wsrelay");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let built = Command::new(cargo)
-            .args(["build", "-q", "-p", "wsrelay", "--bin", "wsrelay"])
-            .current_dir(workspace)
-            .status();
-        match built {
-            Ok(status) if status.success() => {}
-            other if binary.exists() => {
-                eprintln!("cargo build of wsrelay failed ({other:?}); using the existing binary")
-            }
-            other => panic!("cannot build the wsrelay binary: {other:?}"),
-        }
-        assert!(binary.exists(), "{} was not built", binary.display());
-        binary
-    })
+    wsrelay_binary()
 }
 
 /// Runs `wsrelay ARGS` to completion (for commands that exit by themselves).
@@ -227,33 +200,28 @@ fn check_accepts_a_good_config_and_prints_ok() {
 }
 
 #[test]
-fn check_names_the_key_and_line_of_a_bad_duration() {
-    let (code, stdout, stderr) = check(&GOOD.replace("\"10s\"", "\"ten\""));
-    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(
-        stdout.contains("line 7: handshake_timeout"),
-        "stdout: {stdout}"
-    );
-    assert!(stdout.contains("\"ten\""), "stdout: {stdout}");
-}
-
-#[test]
-fn check_names_an_unknown_key_and_its_line() {
-    let (code, stdout, stderr) = check(&GOOD.replace("preserve_host", "preserve_hots"));
-    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("line 12"), "stdout: {stdout}");
-    assert!(stdout.contains("preserve_hots"), "stdout: {stdout}");
-}
-
-#[test]
-fn check_names_a_route_to_a_missing_upstream_and_its_line() {
-    let (code, stdout, stderr) = check(&GOOD.replace("upstream = \"chat\"", "upstream = \"chta\""));
-    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(
-        stdout.contains("line 11: route[0].upstream"),
-        "stdout: {stdout}"
-    );
-    assert!(stdout.contains("chta"), "stdout: {stdout}");
+fn check_names_each_problem_with_its_key_and_line() {
+    let cases = [
+        (
+            ("\"10s\"", "\"ten\""),
+            ["line 7: handshake_timeout", "\"ten\""],
+        ),
+        (
+            ("preserve_host", "preserve_hots"),
+            ["line 12", "preserve_hots"],
+        ),
+        (
+            ("upstream = \"chat\"", "upstream = \"chta\""),
+            ["line 11: route[0].upstream", "chta"],
+        ),
+    ];
+    for ((from, to), expected) in cases {
+        let (code, stdout, stderr) = check(&GOOD.replace(from, to));
+        assert_eq!(code, Some(1), "{to}: stdout: {stdout}\nstderr: {stderr}");
+        for text in expected {
+            assert!(stdout.contains(text), "{to}: {text:?} missing in: {stdout}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -366,12 +334,18 @@ fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
 /// Runs a quick-start relay with JSON logs, passes one session through it and stops it;
 /// returns its stderr lines.
 async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
+    one_session("json", rust_log).await.1
+}
+
+/// Runs a quick-start relay with `log_format`, passes one session through it and stops it;
+/// returns the relay's address and its stderr lines.
+async fn one_session(log_format: &str, rust_log: &str) -> (SocketAddr, Vec<String>) {
     let backend = TestBackend::start("alpha").await;
     let addr = unused_addr();
     let mut relay = Process::spawn(
         &[
             "--log-format",
-            "json",
+            log_format,
             "--listen",
             &addr.to_string(),
             "--backend",
@@ -397,7 +371,7 @@ async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());
-    relay.stderr()
+    (addr, relay.stderr())
 }
 
 #[tokio::test]
@@ -549,7 +523,7 @@ async fn tap_prints_one_readable_line_per_frame_of_the_route() {
     relay.wait_listening(listen.parse().unwrap()).await;
     let admin = format!("127.0.0.1:{admin_port}");
     let mut tap = Process::spawn(&["tap", "--admin", &admin, "--route", "/"], "info");
-    tap.wait_stderr("the tap to open", |line| line.contains("tapping route=/"))
+    tap.wait_stderr("the tap to open", |line| line.contains("tapping route / "))
         .await;
     // The tap subscribes just after it prints; retry until a frame shows up in it.
     let mut client = connect(&format!("ws://{listen}/room")).await;
@@ -577,4 +551,145 @@ async fn tap_prints_one_readable_line_per_frame_of_the_route() {
     keep_reading(client);
     relay.signal("TERM");
     assert!(relay.wait_exit().await.success());
+}
+
+#[test]
+fn check_lists_every_problem_of_a_file_in_one_run() {
+    let source = r#"[server]
+listen = "127.0.0.1:0"
+admin = "0.0.0.0:9090"
+max_connections = "many"
+
+[[route]]
+path = "/"
+upstream = "chat"
+hash_key = "bogus"
+
+[upstream.chat]
+backends = ["http://127.0.0.1:9001", "ws://127.0.0.1:9002"]
+"#;
+    let (code, stdout, stderr) = check(source);
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    // Types, values inside a list, and a cross-key rule, each with its line and the line.
+    for (line, says) in [
+        (3, "needs server.admin_token"),
+        (4, "\"many\""),
+        (9, "invalid hash_key \"bogus\""),
+        (12, "must start with ws://"),
+    ] {
+        let found = stdout
+            .lines()
+            .any(|l| l.contains(&format!("line {line}:")) && l.contains(says));
+        assert!(found, "line {line} ({says}) missing in:\n{stdout}");
+    }
+    assert!(stderr.contains("4 problems"), "{stderr}");
+}
+
+#[test]
+fn commands_show_and_take_only_the_options_they_use() {
+    let demo = run_to_end(&["demo", "--config", "/nonexistent.toml"]);
+    assert_eq!(demo.status.code(), Some(2));
+    assert!(
+        text(&demo.stderr).contains("unexpected argument '--config'"),
+        "{}",
+        text(&demo.stderr)
+    );
+    let check = run_to_end(&["check"]);
+    assert_eq!(check.status.code(), Some(2));
+    assert!(
+        text(&check.stderr).contains("--config <FILE>"),
+        "{}",
+        text(&check.stderr)
+    );
+    let help = text(&run_to_end(&["tap", "--help"]).stdout);
+    assert!(!help.contains("--config"), "{help}");
+    assert!(help.contains("--admin"), "{help}");
+    let help = text(&run_to_end(&["--help"]).stdout);
+    assert!(
+        help.contains("0.0.0.0:8080"),
+        "the quick start's default address: {help}"
+    );
+}
+
+#[test]
+fn a_taken_port_is_named_once_with_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = run_to_end(&["--listen", &addr, "--backend", "ws://127.0.0.1:9"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(stderr.contains("--listen"), "says what to do: {stderr}");
+}
+
+// Multi-threaded: the blocking `wsrelay tap` runs must not stall the test's backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_says_when_nothing_matches_or_it_is_not_at_the_admin_listener() {
+    let backend = TestBackend::start("alpha").await;
+    let dir = TempDir::new();
+    let listen = unused_addr();
+    let admin = unused_addr();
+    let source = config(&format!("admin = \"{admin}\""), "", &[backend.url()]);
+    let path = dir.write("tap.toml", &source);
+    let listen_text = listen.to_string();
+    let mut relay = Process::spawn(
+        &["--config", path.to_str().unwrap(), "--listen", &listen_text],
+        "info",
+    );
+    relay.wait_listening(listen).await;
+    relay.wait_listening(admin).await;
+    let admin = admin.to_string();
+
+    let nothing = run_to_end(&["tap", "--admin", &admin, "--route", "/nothing-here"]);
+    let stderr = text(&nothing.stderr);
+    assert_eq!(nothing.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no route has the path \"/nothing-here\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the routes are: /"), "{stderr}");
+
+    // The client listener passes /api/tap to its backend, which upgrades: not a tap.
+    let wrong = run_to_end(&["tap", "--admin", &listen_text, "--route", "/"]);
+    let stderr = text(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a relay's admin listener"), "{stderr}");
+
+    let nobody = unused_addr().to_string();
+    let refused = run_to_end(&["tap", "--admin", &nobody, "--route", "/"]);
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+    assert!(stderr.contains("[server] admin"), "{stderr}");
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain_with_values_in_their_display_form() {
+    let (addr, lines) = one_session("text", "info").await;
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains("Some(")),
+        "debug forms in {lines:?}"
+    );
+    let closed = lines.iter().find(|l| l.contains("session closed")).unwrap();
+    let seconds = closed
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("seconds="))
+        .unwrap_or_else(|| panic!("no seconds in {closed}"));
+    let decimals = seconds.split_once('.').map_or(0, |(_, d)| d.len());
+    assert_eq!(decimals, 3, "rounded to milliseconds: {closed}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("local_addr={addr}"))),
+        "addresses plain: {lines:?}"
+    );
 }

@@ -38,6 +38,9 @@ pub(super) fn open(
         (None, Some(route)) => TapFilter::Route(percent_decode(route)),
         (None, None) => return text(StatusCode::BAD_REQUEST, "give ?conn=ID or ?route=/path\n"),
     };
+    if let Err(nothing) = exists(shared, &filter) {
+        return text(StatusCode::NOT_FOUND, &(nothing + "\n"));
+    }
     let upgrade = match check_upgrade(&request) {
         Ok(upgrade) => upgrade,
         Err(refusal) => return text(refusal.status, &(refusal.reason + "\n")),
@@ -52,11 +55,44 @@ pub(super) fn open(
         };
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        info!(%peer, ?filter, "tap opened");
+        info!(%peer, %filter, "tap opened");
         stream_tap(&shared, socket, subscription, filter).await;
         info!(%peer, "tap closed");
     });
-    switching_protocols(&upgrade, None)
+    let mut response = switching_protocols(&upgrade, None);
+    // Tells `wsrelay tap` it reached a tap, not a backend behind the client listener.
+    response
+        .headers_mut()
+        .insert("x-wsrelay-tap", http::HeaderValue::from_static("1"));
+    response
+}
+
+/// `Err` saying what there is instead when `filter` can match nothing: a route that isn't
+/// configured, a connection that isn't open.
+fn exists(shared: &Shared, filter: &TapFilter) -> Result<(), String> {
+    match filter {
+        TapFilter::Route(path) => {
+            let generation = shared.generations.current();
+            let paths: Vec<&str> = generation.routes.iter().map(|r| r.path.as_str()).collect();
+            if paths.contains(&path.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no route has the path {path:?}; the routes are: {}",
+                    paths.join(", ")
+                ))
+            }
+        }
+        TapFilter::Connection(id) => {
+            if shared.observe().sessions.contains(*id) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no open connection has the id {id}; GET /api/connections lists them"
+                ))
+            }
+        }
+    }
 }
 
 async fn stream_tap<S>(

@@ -80,17 +80,115 @@ impl ConfigError {
             })
         }
     }
+}
 
-    /// The error for a file `toml` could not read as a configuration.
-    pub(super) fn unparsable(source: &str, origin: &str, error: &toml::de::Error) -> Self {
-        ConfigError {
-            origin: origin.to_owned(),
-            problems: vec![ConfigProblem {
-                line: error.span().map(|span| line_of(source, span.start)),
-                key: key_of_parse_error(source, error.span()),
-                message: error.message().trim().to_owned(),
-            }],
+/// Most syntax and type problems one file reports; past this, the rest is likely one mistake
+/// seen many times.
+const MAX_PARSE_PROBLEMS: usize = 20;
+
+/// Reads `source` as a configuration, reporting every syntax and type problem it can find, not
+/// only the first: after each problem the offending entry (a `key = value`, an array element,
+/// or a whole table) is blanked out with spaces, so lines and offsets stay those of the file,
+/// and the file is read again. Returns the configuration when what is left parses cleanly
+/// (then cross-key checks can run on it, problems or not), and the problems, each with its
+/// line.
+pub(super) fn parse_all(source: &str) -> (Option<Config>, Vec<ConfigProblem>) {
+    let mut text = source.to_owned();
+    let mut problems = Vec::new();
+    let mut blanked_keys: Vec<String> = Vec::new();
+    loop {
+        let error = match toml::from_str::<Config>(&text) {
+            // What is left parses: its cross-key checks can run too.
+            Ok(config) => return (Some(config), problems),
+            Err(error) => error,
+        };
+        let message = error.message().trim().to_owned();
+        // A required key we blanked ourselves is reported already, as the problem it had.
+        if let Some(missing) = missing_field(&message)
+            && blanked_keys.iter().any(|key| key == missing)
+        {
+            return (None, problems);
         }
+        problems.push(ConfigProblem {
+            line: error.span().map(|span| line_of(source, span.start)),
+            key: key_of_parse_error(&text, error.span()),
+            message,
+        });
+        let next = error.span().and_then(|span| blank_offender(&text, span));
+        match next {
+            Some((next, key)) if problems.len() < MAX_PARSE_PROBLEMS => {
+                blanked_keys.extend(key);
+                text = next;
+            }
+            _ => return (None, problems),
+        }
+    }
+}
+
+/// `X` of serde's "missing field `X`".
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.strip_suffix('`')
+}
+
+/// `text` with the entry at `span` replaced by spaces (newlines kept), and the key it held:
+/// an array element with one neighbouring comma, a whole table when the span is its header, or
+/// the whole lines of a `key = value`. `None` when nothing can be taken out (an empty span,
+/// as syntax errors have).
+fn blank_offender(text: &str, span: Range<usize>) -> Option<(String, Option<String>)> {
+    if span.is_empty() || span.end > text.len() {
+        return None;
+    }
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let before = text[line_start..span.start].trim_start();
+    let header = text[line_start..].trim_start().starts_with('[')
+        && before.chars().all(|c| c == '[' || c.is_whitespace());
+    let (range, key) = if let Some(range) = array_element(text, &span).filter(|_| !header) {
+        (range, None)
+    } else if header {
+        // A table's header (or its name in it): the table runs to the next header.
+        let mut end = span.end;
+        while end < text.len() {
+            let next = text[end..].find('\n').map_or(text.len(), |i| end + i + 1);
+            if text[next..].trim_start().starts_with('[') || next == text.len() {
+                end = next;
+                break;
+            }
+            end = next;
+        }
+        (line_start..end, None)
+    } else {
+        let line_end = |at: usize| text[at..].find('\n').map_or(text.len(), |i| at + i);
+        let end = line_end(span.end.saturating_sub(1).max(span.start));
+        let key = text[line_start..end]
+            .split_once('=')
+            .map(|(key, _)| key.trim().to_owned());
+        (line_start..end, key)
+    };
+    let blanked: String = text[range.clone()]
+        .chars()
+        .map(|c| if c == '\n' { c } else { ' ' })
+        .collect();
+    let mut next = text.to_owned();
+    next.replace_range(range, &blanked);
+    (next != text).then_some((next, key))
+}
+
+/// The element of an array at `span` with one neighbouring comma, if `span` is one.
+fn array_element(text: &str, span: &Range<usize>) -> Option<Range<usize>> {
+    let before = text[..span.start].trim_end();
+    let after_start = span.end + (text[span.end..].len() - text[span.end..].trim_start().len());
+    let after = &text[after_start..];
+    if !(before.ends_with('[') || before.ends_with(',')) {
+        return None;
+    }
+    if after.starts_with(',') {
+        Some(span.start..after_start + 1)
+    } else if after.starts_with(']') && before.ends_with(',') {
+        Some(before.len() - 1..span.end)
+    } else if after.starts_with(']') {
+        Some(span.clone())
+    } else {
+        None
     }
 }
 
@@ -146,9 +244,7 @@ pub(super) fn problems(
     for (name, upstream) in &config.upstreams {
         upstream_problems(name, upstream, &mut report);
     }
-    let mut problems = report.problems;
-    problems.sort_by_key(|problem| problem.line);
-    problems
+    report.problems
 }
 
 fn server_problems(config: &Config, report: &mut Report<'_>) {
@@ -307,5 +403,66 @@ fn key_of_parse_error(source: &str, span: Option<Range<usize>>) -> String {
     match line.split_once('=') {
         Some((key, _)) => key.trim().to_owned(),
         None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(source: &str) -> Vec<(Option<usize>, String)> {
+        let (_, mut problems) = parse_all(source);
+        problems.sort_by_key(|problem| problem.line);
+        problems.into_iter().map(|p| (p.line, p.message)).collect()
+    }
+
+    #[test]
+    fn every_bad_value_of_a_file_is_reported_with_its_line() {
+        let source = "[server]\nmax_connections = \"many\"\n\n[[route]]\npath = \"/\"\nupstream = \"u\"\nhash_key = \"bad\"\nmode = \"bogus\"\n\n[upstream.u]\nbackends = [\"http://x\", \"ws://a:1\", { url = \"ws://b:1\", weight = -1 }]\n";
+        let found = messages(source);
+        let lines: Vec<Option<usize>> = found.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines.len(), 5, "{found:?}");
+        for line in [2, 7, 8, 11] {
+            assert!(lines.contains(&Some(line)), "line {line} in {found:?}");
+        }
+        assert!(
+            found.iter().any(|(_, m)| m.contains("http://x")),
+            "{found:?}"
+        );
+        assert!(found.iter().any(|(_, m)| m.contains("weight")), "{found:?}");
+    }
+
+    #[test]
+    fn an_unknown_table_and_keys_after_it_are_reported_once_each() {
+        let found = messages("[srever]\nlisten = \"x\"\n\n[limits]\nmax_frame_size = \"big\"\n");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].0, Some(1));
+        assert_eq!(found[1].0, Some(5));
+    }
+
+    #[test]
+    fn a_bad_required_value_is_not_reported_again_as_missing() {
+        let found = messages("[[route]]\npath = \"/\"\nupstream = 5\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, Some(3));
+    }
+
+    #[test]
+    fn a_syntax_error_ends_the_search() {
+        let found = messages("[server]\nlisten = [1,\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+    }
+
+    #[test]
+    fn blanking_keeps_offsets() {
+        let text = "a = [1, \"x\", 3]\n";
+        let span = text.find("\"x\"").unwrap();
+        let (next, _) = blank_offender(text, span..span + 3).unwrap();
+        assert_eq!(next.len(), text.len());
+        assert!(toml::from_str::<toml::Table>(&next).is_ok(), "{next:?}");
+        let last = "a = [1, \"x\"]\n";
+        let span = last.find("\"x\"").unwrap();
+        let (next, _) = blank_offender(last, span..span + 3).unwrap();
+        assert!(toml::from_str::<toml::Table>(&next).is_ok(), "{next:?}");
     }
 }

@@ -229,10 +229,14 @@ impl Config {
         origin: &str,
         inspectors: &dyn InspectorCatalog,
     ) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(source)
-            .map_err(|error| ConfigError::unparsable(source, origin, &error))?;
-        ConfigError::from_problems(origin, check::problems(&config, Some(source), inspectors))?;
-        Ok(config)
+        // Cross-key checks run on what parses, so one run reports every kind of problem.
+        let (parsed, mut problems) = check::parse_all(source);
+        if let Some(config) = &parsed {
+            problems.extend(check::problems(config, Some(source), inspectors));
+        }
+        problems.sort_by_key(|problem| problem.line);
+        ConfigError::from_problems(origin, problems)?;
+        Ok(parsed.expect("a configuration without problems was parsed"))
     }
 
     /// Builds the quick-start configuration: one route `/` in per-client mode over `backends`.

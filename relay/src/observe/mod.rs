@@ -92,15 +92,23 @@ impl SessionObserver {
 impl PumpHooks for SessionObserver {
     #[inline]
     fn on_message(&mut self, direction: Direction, message: &mut Message) -> Verdict {
-        self.publish(direction, message);
-        match &mut self.inspectors {
+        let verdict = match &mut self.inspectors {
             Some(chain) => chain.on_message(&self.backend, direction, message),
             None => Verdict::Forward,
+        };
+        // Taps show what crossed: a message as the inspectors passed it on, none they held back.
+        if verdict == Verdict::Forward {
+            self.publish(direction, message);
         }
+        verdict
     }
 
     fn on_control(&mut self, direction: Direction, message: &Message) {
-        self.publish(direction, message);
+        // Pings and pongs end at the relay (it answers pings and sends its own); only a
+        // Close crosses to the other leg.
+        if matches!(message, Message::Close(_)) {
+            self.publish(direction, message);
+        }
         if let Some(chain) = &mut self.inspectors {
             chain.on_control(&self.backend, direction, message);
         }

@@ -190,6 +190,11 @@ impl SessionRegistry {
         rows
     }
 
+    /// True while session `id` is open.
+    pub fn contains(&self, id: u64) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
     /// Sessions currently on `backend`.
     pub fn count_on(&self, backend: &str) -> usize {
         self.sessions

@@ -49,6 +49,15 @@ pub enum TapFilter {
     Route(String),
 }
 
+impl std::fmt::Display for TapFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TapFilter::Connection(id) => write!(f, "connection {id}"),
+            TapFilter::Route(route) => write!(f, "route {route}"),
+        }
+    }
+}
+
 impl TapFilter {
     /// True if `record` is for this tap.
     pub fn matches(&self, record: &TapRecord) -> bool {

@@ -64,6 +64,33 @@ pub enum PumpEnd {
     Inspector(Direction, CloseCode, String),
 }
 
+impl std::fmt::Display for PumpEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let close = |frame: &Option<CloseFrame>| match frame {
+            Some(frame) => format!("{} {:?}", u16::from(frame.code), frame.reason.as_str()),
+            None => "no status".to_owned(),
+        };
+        match self {
+            PumpEnd::ClientClosed(frame) => write!(f, "client closed ({})", close(frame)),
+            PumpEnd::ClientGone(reason) => write!(f, "client gone: {reason}"),
+            PumpEnd::ClientViolation(code, reason) => {
+                write!(f, "client violation ({code}: {reason})")
+            }
+            PumpEnd::BackendClosed(frame) => write!(f, "backend closed ({})", close(frame)),
+            PumpEnd::BackendGone(reason) => write!(f, "backend gone: {reason}"),
+            PumpEnd::BackendViolation(code, reason) => {
+                write!(f, "backend violation ({code}: {reason})")
+            }
+            PumpEnd::Idle => f.write_str("idle timeout"),
+            PumpEnd::Drain => f.write_str("relay draining"),
+            PumpEnd::BackendDrained => f.write_str("backend drained"),
+            PumpEnd::Inspector(direction, code, reason) => {
+                write!(f, "inspector on {} ({code}: {reason})", direction.as_str())
+            }
+        }
+    }
+}
+
 impl PumpEnd {
     fn gone(side: Side, reason: String) -> PumpEnd {
         match side {

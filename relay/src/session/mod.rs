@@ -209,7 +209,7 @@ impl Session {
                 Next::Drain => draining = true,
                 Next::Close(closing) => return closing,
                 Next::Reoriginate { farewell } => {
-                    info!(backend = %self.backend_url(), ?end, "backend lost; re-originating the client");
+                    info!(backend = %self.backend_url(), %end, "backend lost; re-originating the client");
                     if let Err(closing) = Box::pin(self.reoriginate(farewell)).await {
                         return closing;
                     }
@@ -283,7 +283,7 @@ impl Session {
         info!(
             peer = %self.peer,
             how = %closing.how,
-            seconds = self.started.elapsed().as_secs_f64(),
+            seconds = %format_args!("{:.3}", self.started.elapsed().as_secs_f64()),
             messages_in = traffic.client_messages,
             bytes_in = traffic.client_bytes,
             messages_out = traffic.backend_messages,

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::Acceptor;
+use crate::admission::Admission;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::generation::{self, Generation, Generations};
 use crate::inspect::InspectorRegistry;
@@ -58,7 +58,7 @@ impl Shared {
             config_path,
             acceptor: Arc::new(Acceptor {
                 sessions,
-                slots: Arc::new(Semaphore::new(max_connections)),
+                admission: Admission::new(max_connections),
                 next_conn_id: AtomicU64::new(1),
                 tasks: TaskTracker::new(),
                 tls,

@@ -111,13 +111,15 @@ impl Generation {
         );
     }
 
-    /// A client's walk down `upstream`'s ranking, reaching backends as `mode` says.
+    /// A client's walk down `upstream`'s ranking, reaching backends as `mode` says, within
+    /// `deadline` if the client waits for its handshake.
     pub fn walk<'a>(
         &'a self,
         upstream: &'a Upstream,
         mode: Mode,
         request: &'a BackendRequest,
         peer: SocketAddr,
+        deadline: Option<tokio::time::Instant>,
     ) -> Walk<'a> {
         Walk {
             upstream,
@@ -128,6 +130,7 @@ impl Generation {
             },
             request,
             peer,
+            deadline,
         }
     }
 

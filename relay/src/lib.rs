@@ -26,6 +26,7 @@
 
 mod accept;
 mod admin;
+mod admission;
 pub mod config;
 mod control;
 mod generation;

@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsrelay_testkit::{
     BackendBehavior, Client, SIMPLE, SeenConnection, TestBackend, TestRelay, WAIT, connect,
-    connect_request, expect_close, refused_status, request_as, round_trip, unused_addr,
-    upgrade_request, user_ranked_first,
+    connect_request, expect_close, raw_exchange, refused_status, request_as, round_trip, status_of,
+    unused_addr, upgrade_request, user_ranked_first,
 };
 
 /// The key every raw request below sends; the backend must get a different one.
@@ -752,4 +752,37 @@ async fn an_oversized_backend_response_head_gets_502() {
         refused_status(&relay.url("/")).await,
         StatusCode::BAD_GATEWAY
     );
+}
+
+#[tokio::test]
+async fn backends_that_never_answer_get_the_client_a_504_within_its_handshake_timeout() {
+    // Listening sockets nobody accepts on: the kernel completes every TCP connect, and then
+    // nothing is ever answered. Two of them at 5 s each outlast the 1 s handshake.
+    let silent: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let urls: Vec<String> = silent
+        .iter()
+        .map(|listener| format!("\"ws://{}\"", listener.local_addr().unwrap()))
+        .collect();
+    let config = format!(
+        r#"
+[server]
+handshake_timeout = "1s"
+
+[[route]]
+path = "/"
+upstream = "main"
+
+[upstream.main]
+backends = [{}]
+connect_timeout = "5s"
+"#,
+        urls.join(", ")
+    );
+    let relay = TestRelay::start(&config, &[]).await;
+    let response = raw_exchange(relay.addr(), &upgrade_request("/", ""), WAIT).await;
+    let text = String::from_utf8_lossy(&response);
+    assert_eq!(status_of(&response), 504, "{text}");
+    assert!(text.contains("handshake_timeout"), "says why: {text}");
 }

@@ -9,7 +9,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use wsrelay_testkit::{
     RawClient, TestBackend, TestRelay, connect, next_data, raw_exchange, round_trip, status_of,
-    wait_until,
+    upgrade_request, wait_until,
 };
 
 const KIB: usize = 1024;
@@ -229,4 +229,116 @@ async fn a_message_exactly_at_the_default_limit_arrives_whole_with_its_type() {
     assert_eq!(seen.len(), 2);
     assert!(seen[0].is_binary() && seen[0].len() == limit);
     assert!(seen[1].is_text() && seen[1].len() == limit);
+}
+
+/// Sends an upgrade from `local` (a loopback address standing in for a client host) and reads
+/// the answer's head; the socket stays open with the connection it holds.
+async fn upgrade_from(
+    local: &str,
+    relay: std::net::SocketAddr,
+) -> (u16, String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(relay).await.unwrap();
+    tcp.write_all(&upgrade_request("/", "")).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = wsrelay_testkit::within("an answer", tcp.read(&mut byte)).await;
+        if read.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    // A refusal's body follows its head; a short read is enough to see its reason.
+    let mut body = vec![0u8; 512];
+    let mut text = String::from_utf8_lossy(&head).into_owned();
+    if status_of(&head) != 101 {
+        let read = wsrelay_testkit::within("a body", tcp.read(&mut body)).await;
+        text.push_str(&String::from_utf8_lossy(&body[..read.unwrap_or(0)]));
+    }
+    (status_of(&head), text, tcp)
+}
+
+#[tokio::test]
+async fn an_address_over_max_connections_per_ip_gets_503_and_others_are_untouched() {
+    let backend = TestBackend::start("b").await;
+    let limits = "max_connections_per_ip = 2\n\n[server]\nadmin = \"127.0.0.1:0\"";
+    let relay = TestRelay::start(&config(limits), &[&backend]).await;
+    let addr = relay.addr();
+    let (first, _, held) = upgrade_from("127.0.0.1", addr).await;
+    let (second, _, _also_held) = upgrade_from("127.0.0.1", addr).await;
+    assert_eq!((first, second), (101, 101));
+    let (third, text, _) = upgrade_from("127.0.0.1", addr).await;
+    assert_eq!(third, 503, "{text}");
+    assert!(text.contains("max_connections_per_ip"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 1"),
+        "{text}"
+    );
+    // Another host is not limited by this one's connections.
+    let (elsewhere, text, _elsewhere_held) = upgrade_from("127.0.0.2", addr).await;
+    assert_eq!(elsewhere, 101, "{text}");
+    assert_eq!(handshakes(&relay, "over_ip_limit").await, 1.0);
+    // A connection that ends gives its share back.
+    drop(held);
+    wait_until("the closed connection to free its share", || {
+        relay.handle.open_sessions() == 2
+    })
+    .await;
+    let mut admitted = None;
+    for _ in 0..100 {
+        let (status, _, tcp) = upgrade_from("127.0.0.1", addr).await;
+        if status == 101 {
+            admitted = Some(tcp);
+            break;
+        }
+    }
+    assert!(admitted.is_some(), "the address never got its share back");
+}
+
+#[tokio::test]
+async fn handshakes_over_max_handshakes_per_second_get_503() {
+    let backend = TestBackend::start("b").await;
+    let limits = "max_handshakes_per_second = 1\n\n[server]\nadmin = \"127.0.0.1:0\"";
+    let relay = TestRelay::start(&config(limits), &[&backend]).await;
+    let addr = relay.addr();
+    // Twenty at once against a pace of one a second: however slow this machine, most wait.
+    let attempts = (0..20).map(|_| upgrade_from("127.0.0.1", addr));
+    let answers = futures_util::future::join_all(attempts).await;
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|(status, _, _)| *status == 503)
+        .map(|(_, text, _)| text)
+        .collect();
+    assert!(!refused.is_empty(), "none refused");
+    assert!(
+        answers.iter().any(|(status, _, _)| *status == 101),
+        "none admitted"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|text| text.contains("max_handshakes_per_second")),
+        "{refused:?}"
+    );
+    let counted = handshakes(&relay, "over_handshake_rate").await;
+    assert_eq!(counted, refused.len() as f64);
+}
+
+/// `wsrelay_handshakes_total{outcome=OUTCOME,status="503"}` on the relay's admin listener.
+async fn handshakes(relay: &TestRelay, outcome: &str) -> f64 {
+    let admin = relay.handle.admin_addr().expect("admin listener");
+    let response = raw_exchange(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&response);
+    let series = format!("wsrelay_handshakes_total{{outcome=\"{outcome}\",status=\"503\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
 }

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::connect::route_client;
+use super::connect::{ClientRequest, route_client};
 use super::outcome::{Answer, Outcome, text_response};
 use super::upgrade::{self, Refusal};
 use super::{Acceptor, Slot, mux_client};
+use crate::admission::NotAdmitted;
 use crate::config::Mode;
 use crate::headers;
 use crate::session::ClientStart;
@@ -25,6 +27,7 @@ pub(super) async fn answer(
     peer: SocketAddr,
     scheme: &'static str,
     slot: &Slot,
+    deadline: Instant,
     mut request: Request<Incoming>,
 ) -> Answer {
     let headers = request.headers();
@@ -39,22 +42,32 @@ pub(super) async fn answer(
             },
         );
     }
-    if slot.lock().expect("slot lock").is_none() {
-        let mut refusal = Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections (max_connections)",
-        );
-        refusal.headers = vec![
-            (header::CONNECTION, HeaderValue::from_static("close")),
-            (header::RETRY_AFTER, HeaderValue::from_static("1")),
-        ];
-        return Answer::refusal(Outcome::OverCapacity, refusal);
+    if let Some(refused) = slot.refusal() {
+        let (outcome, reason) = match refused {
+            NotAdmitted::OverCapacity => (
+                Outcome::OverCapacity,
+                "too many connections (max_connections)",
+            ),
+            NotAdmitted::OverIpLimit => (
+                Outcome::OverIpLimit,
+                "too many connections from your address (max_connections_per_ip)",
+            ),
+        };
+        return Answer::refusal(outcome, retry_soon(reason, true));
     }
     let upgrade = match upgrade::check_upgrade(&request) {
         Ok(upgrade) => upgrade,
         Err(refusal) => return Answer::refusal(Outcome::Refused, refusal),
     };
     let generation = acceptor.sessions.generations.current();
+    let pace = &generation.config.limits.max_handshakes_per_second;
+    if !acceptor
+        .admission
+        .handshake_allowed(*pace.get_ref(), std::time::Instant::now())
+    {
+        let reason = "too many new connections right now (max_handshakes_per_second)";
+        return Answer::refusal(Outcome::OverHandshakeRate, retry_soon(reason, false));
+    }
     let path = request.uri().path();
     let Some(route) = generation.routes.find(path) else {
         let refusal = Refusal::new(StatusCode::NOT_FOUND, format!("no route serves {path}"));
@@ -73,29 +86,37 @@ pub(super) async fn answer(
             Some(HeaderValue::from_static(LINK_SUBPROTOCOL)),
         );
         let on_upgrade = hyper::upgrade::on(&mut request);
-        let permit = slot.lock().expect("slot lock").take();
-        let link = mux_client::serve(acceptor.clone(), on_upgrade, peer, scheme, permit);
+        let link = mux_client::serve(acceptor.clone(), on_upgrade, peer, scheme, slot.take());
         acceptor.tasks.spawn(link);
         return Answer::new(Outcome::MuxClient, response);
     }
     let client = ClientStart::Upgrade(hyper::upgrade::on(&mut request));
-    let (span, pending) = match route_client(
-        acceptor,
-        &generation,
-        route,
-        request.uri(),
-        request.headers(),
+    let client_request = ClientRequest {
+        uri: request.uri(),
+        headers: request.headers(),
         peer,
         scheme,
-    )
-    .await
-    {
+        deadline,
+    };
+    let (span, pending) = match route_client(acceptor, &generation, route, client_request).await {
         Ok(prepared) => prepared,
         Err(answer) => return answer,
     };
     let response = upgrade::switching_protocols(&upgrade, pending.protocol.clone());
-    let slot = slot.lock().expect("slot lock").take();
-    let session = pending.run(acceptor.sessions.clone(), client, slot);
+    let session = pending.run(acceptor.sessions.clone(), client, slot.take());
     acceptor.tasks.spawn(session.instrument(span));
     Answer::new(Outcome::Upgraded, response)
+}
+
+/// A 503 that asks the client to retry in a second; `close` also ends the connection, whose
+/// every request would get the same answer.
+fn retry_soon(reason: &str, close: bool) -> Refusal {
+    let mut refusal = Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason);
+    refusal.headers = vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))];
+    if close {
+        refusal
+            .headers
+            .push((header::CONNECTION, HeaderValue::from_static("close")));
+    }
+    refusal
 }

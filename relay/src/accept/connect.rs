@@ -5,27 +5,46 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
+use tokio::time::Instant;
 use tracing::{Instrument, Span, info_span};
 
 use super::Acceptor;
-use super::outcome::{Answer, no_backend_reachable, no_healthy_backend};
+use super::outcome::{Answer, backend_timed_out, no_backend_reachable, no_healthy_backend};
 use crate::generation::Generation;
 use crate::route::{Route, client_hash_key};
 use crate::session::PendingSession;
 use crate::upstream::{BackendRequest, Walked};
 
+/// What a client asked for, as routing needs it.
+pub(super) struct ClientRequest<'a> {
+    /// Path and query.
+    pub uri: &'a Uri,
+    /// Its headers.
+    pub headers: &'a HeaderMap,
+    /// Its address.
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+    /// When its handshake must be answered.
+    pub deadline: Instant,
+}
+
 /// Routes one client (an HTTP upgrade, or a stream a mux client opened) to its backend: hash
 /// key, ranking, the backend leg. Returns the session to start once the client side is known,
-/// in the span of its connection id, or the answer for the client.
+/// in the span of its connection id, or the answer for the client, before its deadline.
 pub(super) async fn route_client(
     acceptor: &Acceptor,
     generation: &Arc<Generation>,
     route: &Arc<Route>,
-    uri: &Uri,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-    scheme: &'static str,
+    client: ClientRequest<'_>,
 ) -> Result<(Span, PendingSession), Answer> {
+    let ClientRequest {
+        uri,
+        headers,
+        peer,
+        scheme,
+        deadline,
+    } = client;
     let conn_id = acceptor
         .next_conn_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -36,7 +55,7 @@ pub(super) async fn route_client(
         BackendRequest::from_client(uri, headers, peer, conn_id, route.preserve_host, scheme);
     let upstream = &route.upstream;
     let ranked = upstream.ranking.rank(&hash_key);
-    let walk = generation.walk(upstream, route.mode, &request, peer);
+    let walk = generation.walk(upstream, route.mode, &request, peer, Some(deadline));
     let walked = walk.run(&ranked, None).instrument(span.clone()).await;
     let (backend_index, backend, protocol) = match walked {
         Walked::Connected {
@@ -47,6 +66,7 @@ pub(super) async fn route_client(
         Walked::Refused { refusal } => return Err(Answer::from_backend(refusal)),
         Walked::NoCandidate => return Err(no_healthy_backend(upstream)),
         Walked::Unreachable => return Err(no_backend_reachable(upstream)),
+        Walked::TimedOut => return Err(backend_timed_out(upstream)),
     };
     let pending = PendingSession {
         generation: generation.clone(),

@@ -15,18 +15,21 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::admission::{Admission, ConnectionSlot, NotAdmitted};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 pub(crate) use upgrade::{check_upgrade, switching_protocols};
 
 use crate::session::SessionContext;
+
+/// How long a client connection outlives its handshake deadline, to write the answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// Largest request head hyper buffers; beyond it the client gets 431.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -35,9 +38,8 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 pub(crate) struct Acceptor {
     /// What the sessions it starts share.
     pub sessions: SessionContext,
-    /// One permit per connection, handshaking or established (`max_connections`, fixed at
-    /// start).
-    pub slots: Arc<Semaphore>,
+    /// Who may connect and start a handshake.
+    pub admission: Admission,
     /// The next connection id.
     pub next_conn_id: AtomicU64,
     /// Owns every connection and session task, so shutdown can wait for them.
@@ -64,21 +66,44 @@ pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) 
             }
         };
         let _ = tcp.set_nodelay(true);
-        let permit = acceptor.slots.clone().try_acquire_owned().ok();
+        let generation = acceptor.sessions.generations.current();
+        let per_ip = *generation.config.limits.max_connections_per_ip.get_ref();
+        let admitted = acceptor.admission.admit(peer.ip(), per_ip);
         acceptor
             .tasks
-            .spawn(serve_connection(acceptor.clone(), tcp, peer, permit));
+            .spawn(serve_connection(acceptor.clone(), tcp, peer, admitted));
     }
 }
 
-/// The connection slot of a client connection, handed to its session once it upgrades.
-type Slot = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+/// A client connection's admission: refused (it gets 503 for every request), or its slot,
+/// until an upgrade hands it to a session.
+struct Admitted(Mutex<Result<Option<ConnectionSlot>, NotAdmitted>>);
+
+impl Admitted {
+    /// Why the connection was not admitted, if it wasn't.
+    fn refusal(&self) -> Option<NotAdmitted> {
+        self.0
+            .lock()
+            .expect("admission lock")
+            .as_ref()
+            .err()
+            .copied()
+    }
+
+    /// The slot, for the session (or mux link) the connection becomes.
+    fn take(&self) -> Option<ConnectionSlot> {
+        self.0.lock().expect("admission lock").as_mut().ok()?.take()
+    }
+}
+
+/// The admission of one client connection, shared by its requests.
+type Slot = Arc<Admitted>;
 
 async fn serve_connection(
     acceptor: Arc<Acceptor>,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    admitted: Result<ConnectionSlot, NotAdmitted>,
 ) {
     let timeout = acceptor
         .sessions
@@ -89,7 +114,7 @@ async fn serve_connection(
         .handshake_timeout
         .0;
     let Some(tls) = acceptor.tls.clone() else {
-        return serve_http(acceptor, tcp, peer, permit, "http", timeout).await;
+        return serve_http(acceptor, tcp, peer, admitted, "http", timeout).await;
     };
     // The TLS handshake is part of the client handshake and shares its deadline.
     let started = tokio::time::Instant::now();
@@ -101,7 +126,7 @@ async fn serve_connection(
     match accepted {
         Ok(Ok(stream)) => {
             let left = timeout.saturating_sub(started.elapsed());
-            serve_http(acceptor, stream, peer, permit, "https", left).await;
+            serve_http(acceptor, stream, peer, admitted, "https", left).await;
         }
         Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
@@ -113,19 +138,22 @@ async fn serve_http<I>(
     acceptor: Arc<Acceptor>,
     io: I,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    admitted: Result<ConnectionSlot, NotAdmitted>,
     scheme: &'static str,
     timeout: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slot: Slot = Arc::new(Mutex::new(permit));
+    let slot: Slot = Arc::new(Admitted(Mutex::new(admitted.map(Some))));
     let drain = acceptor.sessions.shutdown.drain.clone();
+    // Backends are tried until the deadline; the connection lives a little longer, so that the
+    // client still gets the answer (504) when they took all of it.
+    let deadline = tokio::time::Instant::now() + timeout;
     let service = service_fn(move |request| {
         let acceptor = acceptor.clone();
         let slot = slot.clone();
         async move {
-            let answer = answer::answer(&acceptor, peer, scheme, &slot, request).await;
+            let answer = answer::answer(&acceptor, peer, scheme, &slot, deadline, request).await;
             Ok::<_, Infallible>(answer.counted(&acceptor.sessions.observe.metrics))
         }
     });
@@ -138,7 +166,7 @@ async fn serve_http<I>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::select! {
-        served = tokio::time::timeout(timeout, connection) => match served {
+        served = tokio::time::timeout(timeout + ANSWER_GRACE, connection) => match served {
             Ok(Ok(())) => {}
             Ok(Err(error)) => debug!(%peer, %error, "client HTTP connection failed"),
             Err(_) => debug!(%peer, ?timeout, "client handshake timed out"),

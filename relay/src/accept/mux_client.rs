@@ -9,14 +9,14 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{Instrument, debug, info, warn};
 use tungstenite::protocol::Role;
 use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole};
 
 use super::Acceptor;
-use super::connect::route_client;
+use super::connect::{ClientRequest, route_client};
+use crate::admission::ConnectionSlot;
 use crate::pump::StreamLeg;
 use crate::session::ClientStart;
 use crate::upstream::link_socket_config;
@@ -31,7 +31,7 @@ pub(super) async fn serve(
     on_upgrade: OnUpgrade,
     peer: SocketAddr,
     scheme: &'static str,
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: Option<ConnectionSlot>,
 ) {
     let Ok(upgraded) = on_upgrade.await else {
         return;
@@ -108,7 +108,15 @@ async fn route_stream(
             headers.append(name, value);
         }
     }
-    match route_client(&acceptor, &generation, route, &uri, &headers, peer, scheme).await {
+    let deadline = tokio::time::Instant::now() + generation.config.server.handshake_timeout.0;
+    let request = ClientRequest {
+        uri: &uri,
+        headers: &headers,
+        peer,
+        scheme,
+        deadline,
+    };
+    match route_client(&acceptor, &generation, route, request).await {
         Ok((span, pending)) => {
             let protocol = pending
                 .protocol

@@ -22,10 +22,16 @@ pub(crate) enum Outcome {
     Refused,
     /// `max_connections` reached.
     OverCapacity,
+    /// `max_connections_per_ip` reached by the client's address.
+    OverIpLimit,
+    /// `max_handshakes_per_second` reached.
+    OverHandshakeRate,
     /// No backend of the upstream may take clients (unhealthy or draining).
     NoHealthyBackend,
     /// None of those that may could be reached.
     NoBackend,
+    /// No backend answered before the client's `handshake_timeout`.
+    BackendTimeout,
     /// The backend answered with a status of its own, passed on.
     BackendRefused,
     /// Not a handshake (`/healthz`): not counted.
@@ -40,8 +46,11 @@ impl Outcome {
             Outcome::MuxClient => "mux_client",
             Outcome::Refused => "refused",
             Outcome::OverCapacity => "over_capacity",
+            Outcome::OverIpLimit => "over_ip_limit",
+            Outcome::OverHandshakeRate => "over_handshake_rate",
             Outcome::NoHealthyBackend => "no_healthy_backend",
             Outcome::NoBackend => "no_backend",
+            Outcome::BackendTimeout => "backend_timeout",
             Outcome::BackendRefused => "backend_refused",
             Outcome::NotAHandshake => return None,
         })
@@ -110,6 +119,22 @@ pub(super) fn no_healthy_backend(upstream: &Upstream) -> Answer {
     );
     refusal.headers = vec![(header::RETRY_AFTER, HeaderValue::from_static("5"))];
     Answer::refusal(Outcome::NoHealthyBackend, refusal)
+}
+
+/// 504: the client's `handshake_timeout` ran out while backends were being tried (they
+/// accept connections but answer slowly, or not at all).
+pub(super) fn backend_timed_out(upstream: &Upstream) -> Answer {
+    warn!(upstream = %upstream.name, "no backend answered within handshake_timeout");
+    Answer::refusal(
+        Outcome::BackendTimeout,
+        Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no backend of upstream {:?} answered within handshake_timeout",
+                upstream.name
+            ),
+        ),
+    )
 }
 
 /// 502: the backends that may take clients could not be reached.

@@ -269,6 +269,13 @@ fn server_problems(config: &Config, report: &mut Report<'_>) {
             ),
         );
     }
+    if server.handshake_timeout.is_zero() {
+        report.add(
+            0..0,
+            "server.handshake_timeout",
+            "must be above 0s: every client would time out at once",
+        );
+    }
     if *server.max_connections.get_ref() == 0 {
         report.add(
             server.max_connections.span(),

@@ -113,6 +113,12 @@ pub struct LimitsConfig {
     pub max_frame_size: ByteSize,
     /// Per-client message rate; 0 means unlimited.
     pub max_messages_per_second: Spanned<u32>,
+    /// Connections (handshaking or established) one client IP address may hold; 0 means
+    /// unlimited. Beyond it: HTTP 503 with `Retry-After`.
+    pub max_connections_per_ip: Spanned<usize>,
+    /// WebSocket handshakes the relay starts per second, all clients together; 0 means
+    /// unlimited. Beyond it: HTTP 503 with `Retry-After`.
+    pub max_handshakes_per_second: Spanned<u32>,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
 }
@@ -123,6 +129,8 @@ impl Default for LimitsConfig {
             max_message_size: ByteSize(1 << 20),
             max_frame_size: ByteSize(1 << 20),
             max_messages_per_second: Spanned::new(0..0, 0),
+            max_connections_per_ip: Spanned::new(0..0, 0),
+            max_handshakes_per_second: Spanned::new(0..0, 0),
             allowed_origins: Vec::new(),
         }
     }

@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
@@ -21,6 +20,7 @@ use tungstenite::Message;
 use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::admission::ConnectionSlot;
 use crate::config::{Mode, OnBackendLoss};
 use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
@@ -88,7 +88,7 @@ impl PendingSession {
         self,
         context: SessionContext,
         client: ClientStart,
-        slot: Option<OwnedSemaphorePermit>,
+        slot: Option<ConnectionSlot>,
     ) {
         let abort = context.shutdown.abort.clone();
         tokio::select! {

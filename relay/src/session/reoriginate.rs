@@ -42,7 +42,7 @@ impl Session {
             )));
         };
         let ranked = upstream.ranking.rank(&self.hash_key);
-        let walk = generation.walk(&upstream, self.route.mode, &self.request, self.peer);
+        let walk = generation.walk(&upstream, self.route.mode, &self.request, self.peer, None);
         let replacing = Replacing {
             lost: &lost,
             protocol: self.protocol.as_ref(),

@@ -5,10 +5,12 @@
 //! first backend that takes the client or answers for it with an HTTP status.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
+use tokio::time::Instant;
 use tracing::{info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -91,6 +93,8 @@ pub(crate) enum Walked {
     NoCandidate,
     /// Some may, but none could be reached.
     Unreachable,
+    /// The client's handshake time ran out before a backend answered.
+    TimedOut,
 }
 
 /// One client's walk: its upstream, how legs are made, and its request.
@@ -105,6 +109,9 @@ pub(crate) struct Walk<'a> {
     pub request: &'a BackendRequest,
     /// The client's address.
     pub peer: SocketAddr,
+    /// When the client's handshake must be answered (`handshake_timeout`); each attempt gets
+    /// at most the time left. `None` for a re-origination: the client already has its socket.
+    pub deadline: Option<Instant>,
 }
 
 /// What trying one backend gave.
@@ -144,7 +151,20 @@ impl Walk<'_> {
                 continue;
             }
             candidates += 1;
-            let attempt = self.attempt(index, replacing.is_some()).await;
+            let Some(timeout) = self.attempt_timeout(Instant::now()) else {
+                return Walked::TimedOut;
+            };
+            let attempt = self.attempt(index, timeout, replacing.is_some()).await;
+            if let Attempt::Failed(_) = &attempt
+                && self.attempt_timeout(Instant::now()).is_none()
+            {
+                // Cut short by the client's deadline: that says nothing about the backend.
+                warn!(
+                    backend = url,
+                    "no answer before the client's handshake_timeout"
+                );
+                return Walked::TimedOut;
+            }
             if let Some(reached) = attempt.reached() {
                 self.book
                     .record(url, reached, self.upstream.health_thresholds());
@@ -189,9 +209,14 @@ impl Walk<'_> {
         }
     }
 
-    async fn attempt(&self, index: usize, resumed: bool) -> Attempt {
+    /// Time one attempt may take from `now`: `connect_timeout`, or less when the client's
+    /// deadline is nearer; `None` once the deadline has passed.
+    fn attempt_timeout(&self, now: Instant) -> Option<Duration> {
+        attempt_timeout(self.upstream.connect_timeout, self.deadline, now)
+    }
+
+    async fn attempt(&self, index: usize, timeout: Duration, resumed: bool) -> Attempt {
         let backend = &self.upstream.backends[index];
-        let timeout = self.upstream.connect_timeout;
         match self.via {
             Via::Socket(config) => match dial(backend, self.request, config, timeout).await {
                 Ok(dialed) => Attempt::Connected(AnyLeg::Socket(dialed.socket), dialed.protocol),
@@ -228,5 +253,38 @@ impl Walk<'_> {
                 }
             }
         }
+    }
+}
+
+/// `connect_timeout`, cut to what is left before `deadline`; `None` when nothing is.
+fn attempt_timeout(
+    connect_timeout: Duration,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    match deadline {
+        None => Some(connect_timeout),
+        Some(deadline) if deadline > now => Some(connect_timeout.min(deadline - now)),
+        Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_never_outlast_the_clients_deadline() {
+        let now = Instant::now();
+        let five = Duration::from_secs(5);
+        assert_eq!(attempt_timeout(five, None, now), Some(five));
+        let soon = now + Duration::from_secs(2);
+        assert_eq!(
+            attempt_timeout(five, Some(soon), now),
+            Some(Duration::from_secs(2))
+        );
+        let later = now + Duration::from_secs(60);
+        assert_eq!(attempt_timeout(five, Some(later), now), Some(five));
+        assert_eq!(attempt_timeout(five, Some(now), now), None);
     }
 }

@@ -195,9 +195,9 @@ impl<H: PumpHooks> PumpState<H> {
         Some(replay)
     }
 
-    /// The backend message read but not yet handed to the client, if any.
-    pub fn take_pending_to_client(&mut self) -> Option<Message> {
-        self.outbound.waiting.take()
+    /// The message read for `direction` but not yet handed to its destination, if any.
+    pub fn take_waiting(&mut self, direction: Direction) -> Option<Message> {
+        self.lane(direction).waiting.take()
     }
 
     /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.

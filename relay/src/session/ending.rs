@@ -6,7 +6,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::OnBackendLoss;
-use crate::pump::{Direction, PumpEnd};
+use crate::pump::{Direction, PumpEnd, Side};
 
 /// What the session does next.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,9 +62,10 @@ pub(crate) struct Closing {
     pub client: Farewell,
     /// What the backend is told.
     pub backend: Farewell,
-    /// Before the client is told, the backend is closed with 1001 and the replies it still
-    /// sends reach the client: they answer the client's earlier, valid messages.
-    pub replies_first: bool,
+    /// The leg told first, when the other still has something coming: the messages it sends
+    /// until its close reach the other leg, which is told after. A leg that broke the protocol
+    /// is told last, so that the answers to its earlier, valid messages still reach it.
+    pub first: Option<Side>,
     /// Who ended it.
     pub by: ClosedBy,
     /// The close code the client got, if any.
@@ -92,7 +93,7 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
         PumpEnd::ClientClosed(frame) => Next::Close(Closing {
             client: Farewell::Close(None),
             backend: Farewell::Close(frame.clone()),
-            replies_first: false,
+            first: None,
             by: ClosedBy::Client,
             client_code: frame.as_ref().map(|f| u16::from(f.code)),
             how: format!("client closed ({})", describe(frame)),
@@ -100,15 +101,15 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
         PumpEnd::ClientGone(reason) => Next::Close(Closing {
             client: Farewell::Nothing,
             backend: Farewell::Close(Some(close(CloseCode::Away, "client went away"))),
-            replies_first: false,
+            first: None,
             by: ClosedBy::Client,
             client_code: None,
             how: format!("client gone: {reason}"),
         }),
         PumpEnd::ClientViolation(code, reason) => Next::Close(Closing {
             client: Farewell::Close(Some(close(*code, reason))),
-            backend: Farewell::Nothing,
-            replies_first: true,
+            backend: Farewell::Close(Some(close(CloseCode::Away, "client went away"))),
+            first: Some(Side::Backend),
             by: ClosedBy::Relay,
             client_code: Some(u16::from(*code)),
             how: format!("client violation ({code}: {reason})"),
@@ -119,7 +120,7 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
                 "bad gateway: the backend misbehaved",
             ))),
             backend: Farewell::Close(Some(close(*code, reason))),
-            replies_first: false,
+            first: Some(Side::Client),
             by: ClosedBy::Relay,
             client_code: Some(1014),
             how: format!("backend violation ({code}: {reason})"),
@@ -134,7 +135,7 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
             Next::Close(Closing {
                 client,
                 backend,
-                replies_first: false,
+                first: None,
                 by: ClosedBy::Relay,
                 client_code: Some(client_code),
                 how: format!("inspector ({code}: {reason})"),
@@ -153,7 +154,7 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
         PumpEnd::BackendClosed(frame) => Next::Close(Closing {
             client: Farewell::Close(frame.clone()),
             backend: Farewell::Close(None),
-            replies_first: false,
+            first: None,
             by: ClosedBy::Backend,
             client_code: frame.as_ref().map(|f| u16::from(f.code)),
             how: format!("backend closed ({})", describe(frame)),
@@ -179,7 +180,7 @@ pub(crate) fn backend_unavailable(by: ClosedBy, how: String) -> Closing {
     Closing {
         client: Farewell::Close(Some(close(CloseCode::Restart, "backend unavailable"))),
         backend: Farewell::Nothing,
-        replies_first: false,
+        first: None,
         by,
         client_code: Some(1012),
         how,
@@ -191,7 +192,7 @@ fn both(frame: CloseFrame, by: ClosedBy, how: String) -> Next {
     Next::Close(Closing {
         client: Farewell::Close(Some(frame.clone())),
         backend: Farewell::Close(Some(frame.clone())),
-        replies_first: false,
+        first: None,
         by,
         client_code: Some(u16::from(frame.code)),
         how,
@@ -314,7 +315,12 @@ mod tests {
             PumpEnd::ClientViolation(CloseCode::Size, "big".into()),
             RECONNECT,
         );
-        assert!(bad.replies_first, "earlier replies still reach the client");
+        assert_eq!(
+            bad.first,
+            Some(Side::Backend),
+            "earlier replies still reach the client"
+        );
+        assert_eq!(code_of(&bad.backend), Some(1001));
         assert_eq!((bad.by, bad.client_code), (ClosedBy::Relay, Some(1009)));
     }
 

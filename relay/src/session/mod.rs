@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
 use tungstenite::Message;
-use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role};
 
 use crate::admission::ConnectionSlot;
 use crate::config::{Mode, OnBackendLoss};
@@ -26,7 +26,8 @@ use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
 use crate::observe::{Observatory, SessionEntry, SessionObserver};
 use crate::pump::{
-    AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, PumpEnd, PumpState, StreamLeg, close_leg,
+    AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, Direction, Leg, PumpEnd, PumpState, Side,
+    StreamLeg, close_leg,
 };
 use crate::route::Route;
 use crate::shutdown::{Shutdown, close_delay};
@@ -250,27 +251,61 @@ impl Session {
 
     /// Tells each leg what `closing` says.
     async fn carry_out(&mut self, client: &mut ClientLeg, closing: &Closing) {
-        if closing.replies_first {
-            info!(peer = %self.peer, how = %closing.how, "closing client");
-            let pending = self.pump.take_pending_to_client();
-            Box::pin(forward_until_backend_closed(
-                client,
-                &mut self.backend,
-                pending,
-            ))
-            .await;
+        let farewell = |farewell: &Farewell| match farewell {
+            Farewell::Close(frame) => Some(frame.clone()),
+            Farewell::Nothing => None,
+        };
+        let (to_client, to_backend) = (farewell(&closing.client), farewell(&closing.backend));
+        let backend = &mut self.backend;
+        match closing.first {
+            Some(Side::Backend) => {
+                info!(peer = %self.peer, how = %closing.how, "closing the backend first");
+                let pending_in = self.pump.take_waiting(Direction::ClientToBackend);
+                let pending_out = self.pump.take_waiting(Direction::BackendToClient);
+                let first = to_backend.unwrap_or(None);
+                Box::pin(close_forwarding(
+                    backend,
+                    first,
+                    pending_in,
+                    client,
+                    pending_out,
+                ))
+                .await;
+                if let Some(frame) = to_client {
+                    close_leg(client, frame).await;
+                }
+            }
+            Some(Side::Client) => {
+                info!(peer = %self.peer, how = %closing.how, "closing the client first");
+                let pending_in = self.pump.take_waiting(Direction::ClientToBackend);
+                let pending_out = self.pump.take_waiting(Direction::BackendToClient);
+                let first = to_client.unwrap_or(None);
+                Box::pin(close_forwarding(
+                    client,
+                    first,
+                    pending_out,
+                    backend,
+                    pending_in,
+                ))
+                .await;
+                if let Some(frame) = to_backend {
+                    close_leg(backend, frame).await;
+                }
+            }
+            None => {
+                let client_close = async {
+                    if let Some(frame) = to_client {
+                        close_leg(client, frame).await;
+                    }
+                };
+                let backend_close = async {
+                    if let Some(frame) = to_backend {
+                        close_leg(backend, frame).await;
+                    }
+                };
+                Box::pin(async { tokio::join!(client_close, backend_close) }).await;
+            }
         }
-        let client_close = async {
-            if let Farewell::Close(frame) = &closing.client {
-                close_leg(client, frame.clone()).await;
-            }
-        };
-        let backend_close = async {
-            if let Farewell::Close(frame) = &closing.backend {
-                close_leg(&mut self.backend, frame.clone()).await;
-            }
-        };
-        Box::pin(async { tokio::join!(client_close, backend_close) }).await;
     }
 
     /// Counts and logs the session's end.
@@ -305,29 +340,36 @@ async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
     }
 }
 
-/// Closes the backend leg with 1001 and forwards its remaining data messages to the client,
-/// within [`CLOSE_HANDSHAKE_TIMEOUT`].
-async fn forward_until_backend_closed(
-    client: &mut ClientLeg,
-    backend: &mut BackendLeg,
-    pending: Option<Message>,
+/// Closes `first` with `farewell` after handing it `to_first` (a message already read for
+/// it), and forwards the data messages it still sends to `second` (after `to_second`, one
+/// already read for that one) until its close, within [`CLOSE_HANDSHAKE_TIMEOUT`].
+async fn close_forwarding<A: Leg, B: Leg>(
+    first: &mut A,
+    farewell: Option<CloseFrame>,
+    to_first: Option<Message>,
+    second: &mut B,
+    to_second: Option<Message>,
 ) {
     let forward = async {
-        if let Some(message) = pending
-            && client.feed(message).await.is_err()
+        if let Some(message) = to_second
+            && second.feed(message).await.is_err()
         {
             return;
         }
-        let away = ending::close(CloseCode::Away, "client went away");
-        if backend.send(Message::Close(Some(away))).await.is_err() {
+        if let Some(message) = to_first
+            && first.feed(message).await.is_err()
+        {
             return;
         }
-        while let Some(Ok(message)) = backend.next().await {
-            if (message.is_text() || message.is_binary()) && client.feed(message).await.is_err() {
+        if first.send(Message::Close(farewell)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = first.next().await {
+            if (message.is_text() || message.is_binary()) && second.feed(message).await.is_err() {
                 return;
             }
         }
-        let _ = client.flush().await;
+        let _ = second.flush().await;
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
 }

@@ -57,8 +57,22 @@ struct Process {
 
 impl Process {
     fn spawn(args: &[&str], rust_log: &str) -> Process {
-        let mut child = Command::new(binary())
-            .args(args)
+        Process::start(Command::new(binary()).args(args), rust_log)
+    }
+
+    /// Like [`Process::spawn`], with at most `files` open file descriptors.
+    fn spawn_with_file_limit(files: u32, args: &[&str], rust_log: &str) -> Process {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+            .arg(binary())
+            .args(args);
+        Process::start(&mut command, rust_log)
+    }
+
+    fn start(command: &mut Command, rust_log: &str) -> Process {
+        let mut child = command
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -692,4 +706,40 @@ async fn text_logs_to_a_pipe_are_plain_with_values_in_their_display_form() {
             .any(|l| l.contains(&format!("local_addr={addr}"))),
         "addresses plain: {lines:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_relay_says_so_once_and_recovers() {
+    let backend = TestBackend::start("alpha").await;
+    let addr = unused_addr();
+    let listen = addr.to_string();
+    let url = backend.url();
+    let mut relay =
+        Process::spawn_with_file_limit(48, &["--listen", &listen, "--backend", &url], "info");
+    relay.wait_listening(addr).await;
+    // Idle connections, each an open file in the relay, until it can take no more: the rest
+    // wait in the kernel's accept queue while the relay backs off.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    relay
+        .wait_stderr("the accept failure", |l| l.contains("accept failed"))
+        .await;
+    // The streak goes on while the connections stay; it is reported once.
+    let streak = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < streak {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failures = |lines: &[String]| lines.iter().filter(|l| l.contains("accept failed")).count();
+    assert_eq!(failures(&relay.stderr()), 1, "{:?}", relay.stderr());
+    drop(idle);
+    relay
+        .wait_stderr("accepting again", |l| {
+            l.contains("accepting connections again")
+        })
+        .await;
+    let mut client = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut client, "still here").await, "still here");
+    assert!(relay.is_running());
 }

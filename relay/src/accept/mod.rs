@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub(crate) use upgrade::{check_upgrade, switching_protocols};
 
@@ -51,17 +51,32 @@ pub(crate) struct Acceptor {
 /// Accepts until the relay stops accepting.
 pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) {
     let stop = acceptor.sessions.shutdown.stop_accepting.clone();
+    let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
         let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
+            Ok(pair) => {
+                if failures > 0 {
+                    info!(failures, "accepting connections again");
+                    failures = 0;
+                }
+                pair
+            }
             Err(error) => {
-                // Usually EMFILE: back off briefly instead of spinning on the error.
-                warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Usually EMFILE: the process is out of file descriptors until connections
+                // close. Said once per streak; backing off keeps the loop from spinning a core.
+                if failures == 0 {
+                    warn!(%error, "accept failed; backing off until connections close (out of file descriptors? raise `ulimit -n` or lower max_connections)");
+                }
+                failures = failures.saturating_add(1);
+                let pause = accept_backoff(failures);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => break,
+                }
                 continue;
             }
         };
@@ -73,6 +88,12 @@ pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) 
             .tasks
             .spawn(serve_connection(acceptor.clone(), tcp, peer, admitted));
     }
+}
+
+/// The pause after the `failures`-th accept error in a row: 10 ms, doubling, at most 1 s.
+fn accept_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(7);
+    (Duration::from_millis(10) * 2u32.pow(doublings)).min(Duration::from_secs(1))
 }
 
 /// A client connection's admission: refused (it gets 503 for every request), or its slot,
@@ -172,5 +193,18 @@ async fn serve_http<I>(
             Err(_) => debug!(%peer, ?timeout, "client handshake timed out"),
         },
         () = drain.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_back_off_up_to_a_second() {
+        assert_eq!(accept_backoff(1), Duration::from_millis(10));
+        assert_eq!(accept_backoff(2), Duration::from_millis(20));
+        assert_eq!(accept_backoff(8), Duration::from_secs(1));
+        assert_eq!(accept_backoff(u32::MAX), Duration::from_secs(1));
     }
 }

@@ -516,3 +516,57 @@ async fn a_key_only_a_restart_applies_is_reported_until_the_restart() {
         );
     }
 }
+
+#[tokio::test]
+async fn delete_closes_one_connection_with_the_code_and_reason_asked_for() {
+    let backend = TestBackend::start("b").await;
+    let relay = TestRelay::start(&config("", ""), &[&backend]).await;
+    let addr = admin_addr(&relay);
+    let mut doomed = chat_as(&relay, "doomed").await;
+    let mut bystander = chat_as(&relay, "bystander").await;
+    assert_eq!(round_trip(&mut doomed, "hi").await, "hi");
+    assert_eq!(round_trip(&mut bystander, "hi").await, "hi");
+    let (_, listed) = admin(addr, "GET", "/api/connections", None).await;
+    let rows: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let id = rows.as_array().unwrap()[0]["id"].as_u64().unwrap();
+
+    assert_eq!(
+        admin(
+            addr,
+            "DELETE",
+            &format!("/api/connections/{id}?code=1005"),
+            None
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        admin(addr, "DELETE", "/api/connections/999999", None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        admin(addr, "GET", &format!("/api/connections/{id}"), None)
+            .await
+            .0,
+        405
+    );
+    let path = format!("/api/connections/{id}?code=4000&reason=moved%20on");
+    assert_eq!(
+        admin(addr, "DELETE", &path, None).await,
+        (200, "closing\n".to_owned())
+    );
+    let frame = expect_close(&mut doomed).await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 4000);
+    assert_eq!(frame.reason.as_str(), "moved on");
+    wait_until("the backend leg to close 1001", || {
+        backend
+            .closes()
+            .iter()
+            .any(|c| c.as_ref().is_some_and(|f| u16::from(f.code) == 1001))
+    })
+    .await;
+    assert_eq!(round_trip(&mut bystander, "still").await, "still");
+}

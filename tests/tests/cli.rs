@@ -743,3 +743,54 @@ async fn out_of_file_descriptors_the_relay_says_so_once_and_recovers() {
     assert_eq!(round_trip(&mut client, "still here").await, "still here");
     assert!(relay.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wsrelay_reload_applies_the_file_or_says_why_not() {
+    let alpha = TestBackend::start("alpha").await;
+    let bravo = TestBackend::start("bravo").await;
+    let dir = TempDir::new();
+    let addr = unused_addr();
+    let admin = unused_addr();
+    let with = |backend: &TestBackend| {
+        config(&format!("admin = \"{admin}\""), "", &[backend.url()])
+            .replace("127.0.0.1:0", &addr.to_string())
+    };
+    let path = dir.write("relay.toml", &with(&alpha));
+    let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+    relay.wait_listening(addr).await;
+    relay.wait_listening(admin).await;
+    let admin = admin.to_string();
+
+    dir.write("relay.toml", &with(&bravo));
+    let reloaded = run_to_end(&["reload", "--admin", &admin]);
+    let stdout = text(&reloaded.stdout);
+    assert_eq!(
+        reloaded.status.code(),
+        Some(0),
+        "{stdout}{}",
+        text(&reloaded.stderr)
+    );
+    assert!(stdout.contains("reloaded: 1 routes"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("added: {}", bravo.url())),
+        "{stdout}"
+    );
+    let mut client = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(round_trip(&mut client, "whoami").await, "bravo");
+
+    dir.write("relay.toml", "[server\nlisten = ");
+    let refused = run_to_end(&["reload", "--admin", &admin]);
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the reload"), "{stderr}");
+    assert!(stderr.contains("line 1"), "names the problem: {stderr}");
+
+    let nobody = unused_addr().to_string();
+    let unreachable = run_to_end(&["reload", "--admin", &nobody]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(text(&unreachable.stderr).contains("[server] admin"));
+
+    keep_reading(client);
+    relay.signal("TERM");
+    assert!(relay.wait_exit().await.success());
+}

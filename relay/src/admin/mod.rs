@@ -123,6 +123,17 @@ async fn route(
         (_, "/api/backends/drain" | "/api/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
         }
+        (method, path) if path.starts_with("/api/connections/") => {
+            let id = &path["/api/connections/".len()..];
+            if method == Method::DELETE {
+                close_connection(shared, id, &query)
+            } else {
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use DELETE to close a connection\n",
+                )
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "no such admin path\n"),
     }
 }
@@ -208,6 +219,51 @@ fn metrics(shared: &Shared) -> String {
     observe.metrics.render(&figures)
 }
 
+/// `DELETE /api/connections/ID?code=4000&reason=...`: closes one connection, its client with
+/// `code` (default 1000) and `reason`, its backend leg with 1001.
+fn close_connection(shared: &Shared, id: &str, query: &str) -> Response<Full<Bytes>> {
+    let Ok(id) = id.parse::<u64>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the connection id must be a number\n",
+        );
+    };
+    let code = match query_value(query, "code").map(str::parse::<u16>) {
+        None => 1000,
+        Some(Ok(code)) if sendable_close_code(code) => code,
+        Some(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "code must be a close code an endpoint may send: 1000-1003, 1007-1013 or 3000-4999\n",
+            );
+        }
+    };
+    let reason = query_value(query, "reason")
+        .map(percent_decode)
+        .unwrap_or_default();
+    if reason.len() > 123 {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "reason must fit a close frame: at most 123 bytes\n",
+        );
+    }
+    if shared.observe().sessions.close(id, code, reason.clone()) {
+        info!(conn = id, code, %reason, "closing a connection for the admin");
+        text(StatusCode::OK, "closing\n")
+    } else {
+        text(
+            StatusCode::NOT_FOUND,
+            "no open connection has that id; GET /api/connections lists them\n",
+        )
+    }
+}
+
+/// Close codes an endpoint may put in a Close frame (RFC 6455 section 7.4), as far as the
+/// relay's WebSocket library sends and receives them.
+fn sendable_close_code(code: u16) -> bool {
+    tungstenite::protocol::frame::coding::CloseCode::from(code).is_allowed()
+}
+
 fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
     let Some(url) = query_value(query, "url").map(percent_decode) else {
         return text(
@@ -272,6 +328,16 @@ pub(super) fn percent_decode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::percent_decode;
+
+    #[test]
+    fn only_sendable_close_codes_are_taken() {
+        for code in [1000, 1001, 1008, 1011, 1012, 3000, 4000, 4999] {
+            assert!(super::sendable_close_code(code), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {
+            assert!(!super::sendable_close_code(code), "{code}");
+        }
+    }
 
     #[test]
     fn decodes_query_values() {

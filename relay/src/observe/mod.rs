@@ -67,6 +67,11 @@ impl SessionObserver {
         }
     }
 
+    /// The session's registry entry (e.g. to wait for an admin's close request).
+    pub fn entry(&self) -> Arc<SessionEntry> {
+        self.entry.clone()
+    }
+
     /// The session moved to `backend`.
     pub fn set_backend(&mut self, backend: Arc<str>) {
         self.entry.set_backend(backend.clone());

@@ -76,6 +76,9 @@ pub struct SessionEntry {
     pub since: SystemTime,
     backend: Mutex<Arc<str>>,
     traffic: TrafficCells,
+    /// The close the admin asked for (`DELETE /api/connections/ID`), once it did.
+    close_request: Mutex<Option<(u16, String)>>,
+    closed_by_admin: tokio::sync::Notify,
 }
 
 impl SessionEntry {
@@ -97,6 +100,8 @@ impl SessionEntry {
             since: SystemTime::now(),
             backend: Mutex::new(backend),
             traffic: TrafficCells::default(),
+            close_request: Mutex::new(None),
+            closed_by_admin: tokio::sync::Notify::new(),
         }
     }
 
@@ -108,6 +113,28 @@ impl SessionEntry {
     /// Records a move to another backend.
     pub fn set_backend(&self, backend: Arc<str>) {
         *self.backend.lock().expect("backend lock") = backend;
+    }
+
+    /// Asks the session to close with `code` and `reason`.
+    pub fn request_close(&self, code: u16, reason: String) {
+        *self.close_request.lock().expect("close request lock") = Some((code, reason));
+        self.closed_by_admin.notify_one();
+    }
+
+    /// Completes with the close the admin asked for.
+    pub async fn close_requested(&self) -> (u16, String) {
+        loop {
+            let notified = self.closed_by_admin.notified();
+            if let Some(request) = self
+                .close_request
+                .lock()
+                .expect("close request lock")
+                .clone()
+            {
+                return request;
+            }
+            notified.await;
+        }
     }
 
     /// Stores the session's traffic so far.
@@ -188,6 +215,17 @@ impl SessionRegistry {
         let mut rows: Vec<SessionSnapshot> = self.sessions.iter().map(|e| e.snapshot()).collect();
         rows.sort_by_key(|row| row.id);
         rows
+    }
+
+    /// Asks open session `id` to close with `code` and `reason`; false if there is none.
+    pub fn close(&self, id: u64, code: u16, reason: String) -> bool {
+        match self.sessions.get(&id) {
+            Some(entry) => {
+                entry.request_close(code, reason);
+                true
+            }
+            None => false,
+        }
     }
 
     /// True while session `id` is open.

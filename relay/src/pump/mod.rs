@@ -59,6 +59,8 @@ pub enum PumpEnd {
     Drain,
     /// The admin drained the backend (or a reload removed it) and the grace period is over.
     BackendDrained,
+    /// The admin closed the connection: the client gets this code and reason.
+    ClosedByAdmin(u16, String),
     /// An inspector closed the connection over a message travelling this way: its sender gets
     /// the code, the other leg 1001.
     Inspector(Direction, CloseCode, String),
@@ -84,6 +86,9 @@ impl std::fmt::Display for PumpEnd {
             PumpEnd::Idle => f.write_str("idle timeout"),
             PumpEnd::Drain => f.write_str("relay draining"),
             PumpEnd::BackendDrained => f.write_str("backend drained"),
+            PumpEnd::ClosedByAdmin(code, reason) => {
+                write!(f, "closed by the admin ({code}: {reason})")
+            }
             PumpEnd::Inspector(direction, code, reason) => {
                 write!(f, "inspector on {} ({code}: {reason})", direction.as_str())
             }

@@ -164,6 +164,14 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
             ClosedBy::Backend,
             format!("backend gone: {reason}"),
         )),
+        PumpEnd::ClosedByAdmin(code, reason) => Next::Close(Closing {
+            client: Farewell::Close(Some(close(CloseCode::from(*code), reason))),
+            backend: Farewell::Close(Some(close(CloseCode::Away, "client went away"))),
+            first: None,
+            by: ClosedBy::Relay,
+            client_code: Some(*code),
+            how: format!("closed by the admin ({code}: {reason})"),
+        }),
         PumpEnd::BackendDrained if moves => Next::Reoriginate {
             farewell: Some(close(CloseCode::Away, "going away: backend drained")),
         },
@@ -347,6 +355,17 @@ mod tests {
             (Some(1001), Some(1008))
         );
         assert_eq!(closing(PumpEnd::Idle, RECONNECT).client_code, Some(1000));
+    }
+
+    #[test]
+    fn an_admins_close_reaches_the_client_with_its_code() {
+        let closed = closing(PumpEnd::ClosedByAdmin(4000, "bye".into()), RECONNECT);
+        assert_eq!(
+            (closed.by, closed.client_code),
+            (ClosedBy::Relay, Some(4000))
+        );
+        assert_eq!(code_of(&closed.client), Some(4000));
+        assert_eq!(code_of(&closed.backend), Some(1001));
     }
 
     #[test]

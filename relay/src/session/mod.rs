@@ -240,10 +240,12 @@ impl Session {
             .backends
             .get_arc(&self.upstream.backends[self.backend_index].original);
         let drain = context.shutdown.drain.clone();
+        let entry = self.pump.hooks_mut().entry();
         let stop = async move {
             tokio::select! {
                 () = drain.cancelled() => PumpEnd::Drain,
                 () = drained(backend_state, grace) => PumpEnd::BackendDrained,
+                (code, reason) = entry.close_requested() => PumpEnd::ClosedByAdmin(code, reason),
             }
         };
         self.pump.run(client, &mut self.backend, stop).await

@@ -71,6 +71,15 @@ pub enum Command {
         #[arg(long, env = "WSRELAY_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Ask a running relay to reload its config file (as SIGHUP does), via its admin listener.
+    Reload {
+        /// The relay's admin listener (`[server] admin`).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Admin bearer token (or the WSRELAY_ADMIN_TOKEN environment variable).
+        #[arg(long, env = "WSRELAY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Run the relay in front of three built-in demo backends.
     Demo {
         /// Client listener address for the demo relay (pick another if 8080 is taken).

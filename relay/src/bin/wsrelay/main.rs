@@ -3,6 +3,7 @@
 
 mod cli;
 mod demo;
+mod reload;
 mod signals;
 mod tap;
 
@@ -27,6 +28,9 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Some(Command::Check { config }) => check(config),
         Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo(*listen))),
+        Some(Command::Reload { admin, token }) => {
+            runtime().and_then(|rt| rt.block_on(reload::run(admin, token.as_deref())))
+        }
         Some(Command::Tap {
             admin,
             route,

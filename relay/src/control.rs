@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 
 use tokio_util::task::TaskTracker;
 
-use crate::accept::Acceptor;
+use crate::accept::{Acceptor, StaticFiles};
 use crate::admission::Admission;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::generation::{self, Generation, Generations};
@@ -40,6 +40,7 @@ impl Shared {
         config: Config,
         inspectors: InspectorRegistry,
         config_path: Option<PathBuf>,
+        static_files: Option<StaticFiles>,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
@@ -61,6 +62,7 @@ impl Shared {
                 admission: Admission::new(max_connections),
                 next_conn_id: AtomicU64::new(1),
                 tasks: TaskTracker::new(),
+                static_files,
                 tls,
             }),
             started,

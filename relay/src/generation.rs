@@ -177,6 +177,10 @@ pub(crate) fn restart_needed(before: &ServerConfig, after: &ServerConfig) -> Vec
     if tls_files(before) != tls_files(after) {
         keys.push("server.tls_cert/tls_key".to_owned());
     }
+    let folder = |server: &ServerConfig| server.static_dir.as_ref().map(|p| p.get_ref().clone());
+    if folder(before) != folder(after) {
+        keys.push("server.static_dir".to_owned());
+    }
     keys
 }
 

@@ -71,6 +71,9 @@ pub enum RelayError {
     /// The TLS certificate or key could not be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `[server] static_dir` can't be served (missing, not a folder); says which and why.
+    #[error("{0}")]
+    StaticDir(String),
     /// The client-facing listener could not be bound.
     #[error("listen on {addr}: {error}")]
     Bind {
@@ -152,25 +155,31 @@ impl RelayBuilder {
             }
             None => None,
         };
+        let near_config = |path: &std::path::Path| match &self.config_path {
+            Some(config) if path.is_relative() => config
+                .parent()
+                .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
+            _ => path.to_owned(),
+        };
+        let static_files = match &self.config.server.static_dir {
+            Some(dir) => Some(
+                accept::StaticFiles::new(&near_config(dir.get_ref()))
+                    .map_err(RelayError::StaticDir)?,
+            ),
+            None => None,
+        };
         let tls = match (&self.config.server.tls_cert, &self.config.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                let near_config = |path: &std::path::Path| match &self.config_path {
-                    Some(config) if path.is_relative() => config
-                        .parent()
-                        .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
-                    _ => path.to_owned(),
-                };
-                Some(accept::tls::acceptor(
-                    &near_config(cert.get_ref()),
-                    &near_config(key.get_ref()),
-                )?)
-            }
+            (Some(cert), Some(key)) => Some(accept::tls::acceptor(
+                &near_config(cert.get_ref()),
+                &near_config(key.get_ref()),
+            )?),
             _ => None,
         };
         let shared = Arc::new(Shared::new(
             self.config,
             self.inspectors,
             self.config_path,
+            static_files,
             tls,
         ));
         let admin_addr = match admin {

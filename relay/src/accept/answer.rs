@@ -1,5 +1,5 @@
-//! What one client request gets: `/healthz`, a refusal, a mux client's link, or a `101` with a
-//! session behind it. The backend leg is opened before the client gets its `101`, so the client
+//! What one client request gets: `/healthz`, a static file (`static_dir`), a refusal, a mux
+//! client's link, or a `101` with a session behind it. The backend leg is opened before the client gets its `101`, so the client
 //! sees the backend's own refusal, and the subprotocol the backend picked.
 
 use std::net::SocketAddr;
@@ -54,6 +54,14 @@ pub(super) async fn answer(
             ),
         };
         return Answer::refusal(outcome, retry_soon(reason, true));
+    }
+    if let Some(files) = &acceptor.static_files
+        && !upgrade::wants_websocket(request.headers())
+    {
+        let page = files
+            .answer(request.method(), request.uri().path(), request.headers())
+            .await;
+        return Answer::new(Outcome::NotAHandshake, page);
     }
     let upgrade = match upgrade::check_upgrade(&request) {
         Ok(upgrade) => upgrade,

@@ -6,6 +6,7 @@ mod answer;
 mod connect;
 mod mux_client;
 mod outcome;
+mod static_files;
 pub(crate) mod tls;
 mod upgrade;
 
@@ -24,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+pub(crate) use static_files::StaticFiles;
 pub(crate) use upgrade::{check_upgrade, switching_protocols};
 
 use crate::session::SessionContext;
@@ -44,6 +46,8 @@ pub(crate) struct Acceptor {
     pub next_conn_id: AtomicU64,
     /// Owns every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The folder plain `GET`s are served from, if configured (fixed at start).
+    pub static_files: Option<StaticFiles>,
     /// TLS for the client listener, if configured (fixed at start).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }

@@ -34,7 +34,7 @@ pub(crate) enum Outcome {
     BackendTimeout,
     /// The backend answered with a status of its own, passed on.
     BackendRefused,
-    /// Not a handshake (`/healthz`): not counted.
+    /// Not a handshake (`/healthz`, a static file): not counted.
     NotAHandshake,
 }
 

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub tls_cert: Option<Spanned<PathBuf>>,
     /// TLS private key (PEM).
     pub tls_key: Option<Spanned<PathBuf>>,
+    /// Plain `GET`s that are not upgrades are served from this folder (relative to the config
+    /// file); unset, they get 426.
+    pub static_dir: Option<Spanned<PathBuf>>,
     /// Admin and metrics listener.
     pub admin: Option<Spanned<ListenAddr>>,
     /// Bearer token the admin listener requires, if set.
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([0, 0, 0, 0], 8080)))),
             tls_cert: None,
             tls_key: None,
+            static_dir: None,
             admin: None,
             admin_token: None,
             max_connections: Spanned::new(0..0, 100_000),

@@ -221,3 +221,26 @@ mod tests {
         assert!(!not_modified(&dated, &tag, later));
     }
 }
+
+/// No request path names a file outside the folder.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn no_path_leaves_the_folder(path in "(/|%2[eEfF]|%5[cC]|\\.|[a-z]|%00|%)*") {
+            if let Some(relative) = safe_relative_path(&path) {
+                let plain = |c: Component<'_>| match c {
+                    Component::Normal(name) => !name.to_string_lossy().starts_with('.'),
+                    _ => false,
+                };
+                prop_assert!(relative.components().all(plain), "{relative:?}");
+            }
+        }
+    }
+}

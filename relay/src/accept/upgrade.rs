@@ -237,3 +237,39 @@ mod tests {
         );
     }
 }
+
+/// Arbitrary requests never panic the checks.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_upgrade_headers_get_an_answer(
+            headers in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("upgrade"), Just("connection"), Just("sec-websocket-version"),
+                        Just("sec-websocket-key"), Just("origin"), Just("x-other"),
+                    ],
+                    proptest::collection::vec(any::<u8>(), 0..40),
+                ),
+                0..8,
+            ),
+        ) {
+            let mut request = Request::get("/").body(()).unwrap();
+            for (name, value) in headers {
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    request.headers_mut().append(name, value);
+                }
+            }
+            match check_upgrade(&request) {
+                Ok(upgrade) => prop_assert!(!accept_value(&upgrade).is_empty()),
+                Err(refusal) => prop_assert!(refusal.status.is_client_error()),
+            }
+            let _ = check_origin(request.headers(), &["https://a.example".to_owned()]);
+        }
+    }
+}

@@ -125,6 +125,19 @@ pub(super) fn parse_all(source: &str) -> (Option<Config>, Vec<ConfigProblem>) {
     }
 }
 
+/// `span` widened to whole characters: a parser's byte offsets may fall inside one.
+fn char_span(text: &str, span: Range<usize>) -> Range<usize> {
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = span.end.clamp(start, text.len());
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    start..end
+}
+
 /// `X` of serde's "missing field `X`".
 fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.strip_suffix('`')
@@ -138,6 +151,7 @@ fn blank_offender(text: &str, span: Range<usize>) -> Option<(String, Option<Stri
     if span.is_empty() || span.end > text.len() {
         return None;
     }
+    let span = char_span(text, span);
     let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
     let before = text[line_start..span.start].trim_start();
     let header = text[line_start..].trim_start().starts_with('[')
@@ -158,7 +172,9 @@ fn blank_offender(text: &str, span: Range<usize>) -> Option<(String, Option<Stri
         (line_start..end, None)
     } else {
         let line_end = |at: usize| text[at..].find('\n').map_or(text.len(), |i| at + i);
-        let end = line_end(span.end.saturating_sub(1).max(span.start));
+        // The line holding the span's last character, for values that run over lines.
+        let last = char_span(text, span.end.saturating_sub(1).max(span.start)..span.end).start;
+        let end = line_end(last);
         let key = text[line_start..end]
             .split_once('=')
             .map(|(key, _)| key.trim().to_owned());
@@ -401,7 +417,7 @@ fn key_of_parse_error(source: &str, span: Option<Range<usize>>) -> String {
     let Some(span) = span else {
         return "(file)".into();
     };
-    let start = span.start.min(source.len());
+    let start = char_span(source, span.start.min(source.len())..source.len()).start;
     let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
     let line_end = source[start..]
         .find('\n')
@@ -455,6 +471,14 @@ mod tests {
     }
 
     #[test]
+    fn a_typo_inside_a_multibyte_character_is_reported_not_panicked_on() {
+        let found =
+            messages("[[route]]\npath = \"/\"\nh\u{a5}sh_key = \"path\"\nupstream = \"u\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, Some(3));
+    }
+
+    #[test]
     fn a_syntax_error_ends_the_search() {
         let found = messages("[server]\nlisten = [1,\n");
         assert_eq!(found.len(), 1, "{found:?}");
@@ -471,5 +495,43 @@ mod tests {
         let span = last.find("\"x\"").unwrap();
         let (next, _) = blank_offender(last, span..span + 3).unwrap();
         assert!(toml::from_str::<toml::Table>(&next).is_ok(), "{next:?}");
+    }
+}
+
+/// Arbitrary files never panic the checker, and every problem it reports names a line of the
+/// file or none.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::config::Config;
+
+    const VALID: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"u\"\nhash_key = \"query:user\"\n[upstream.u]\nbackends = [\"ws://127.0.0.1:1\", { url = \"ws://127.0.0.1:2\", weight = 2.0 }]\n";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_text_gets_problems_not_panics(source in "\\PC{0,400}") {
+            if let Err(error) = Config::from_toml(&source, "fuzz") {
+                let lines = source.lines().count().max(1);
+                for problem in &error.problems {
+                    prop_assert!(problem.line.is_none_or(|line| line >= 1 && line <= lines + 1));
+                }
+            }
+        }
+
+        #[test]
+        fn a_valid_file_with_bytes_changed_gets_problems_not_panics(
+            edits in proptest::collection::vec((0usize..200, any::<char>()), 1..6),
+        ) {
+            let mut chars: Vec<char> = VALID.chars().collect();
+            for (at, with) in edits {
+                let at = at % chars.len();
+                chars[at] = with;
+            }
+            let source: String = chars.into_iter().collect();
+            let _ = Config::from_toml(&source, "fuzz");
+        }
     }
 }

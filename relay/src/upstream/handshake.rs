@@ -478,3 +478,46 @@ mod tests {
         assert_eq!(bare.uri(), "/");
     }
 }
+
+/// Arbitrary backend answers never panic the check, and nothing but a proper `101` passes.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_answers_are_judged_not_panicked_on(
+            status in 100u16..600,
+            headers in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("upgrade"), Just("connection"), Just("sec-websocket-accept"),
+                        Just("sec-websocket-protocol"), Just("sec-websocket-extensions"),
+                    ],
+                    proptest::collection::vec(any::<u8>(), 0..40),
+                ),
+                0..8,
+            ),
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    map.append(name, value);
+                }
+            }
+            let status = StatusCode::from_u16(status).unwrap();
+            let key = "dGhlIHNhbXBsZSBub25jZQ==";
+            let offered = ["chat".to_owned()];
+            if check_switching_protocols(status, &map, key, &offered).is_ok() {
+                prop_assert_eq!(status, StatusCode::SWITCHING_PROTOCOLS);
+                let expected = derive_accept_key(key.as_bytes());
+                prop_assert_eq!(
+                    map.get(header::SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes),
+                    Some(expected.as_bytes())
+                );
+            }
+        }
+    }
+}

@@ -126,20 +126,7 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
             how: format!("backend violation ({code}: {reason})"),
         }),
         PumpEnd::Inspector(direction, code, reason) => {
-            let verdict = Farewell::Close(Some(close(*code, reason)));
-            let going_away = Farewell::Close(Some(close(CloseCode::Away, "going away")));
-            let (client, backend, client_code) = match direction {
-                Direction::ClientToBackend => (verdict, going_away, u16::from(*code)),
-                Direction::BackendToClient => (going_away, verdict, 1001),
-            };
-            Next::Close(Closing {
-                client,
-                backend,
-                first: None,
-                by: ClosedBy::Relay,
-                client_code: Some(client_code),
-                how: format!("inspector ({code}: {reason})"),
-            })
+            Next::Close(inspector_closing(*direction, *code, reason))
         }
         PumpEnd::BackendClosed(frame) if is_backend_loss(frame) && moves => {
             Next::Reoriginate { farewell: None }
@@ -179,6 +166,25 @@ pub(crate) fn decide(end: &PumpEnd, on_backend_loss: OnBackendLoss, draining: bo
             backend: Farewell::Close(Some(close(CloseCode::Away, "going away: backend drained"))),
             ..backend_unavailable(ClosedBy::Relay, "backend drained".into())
         }),
+    }
+}
+
+/// An inspector's verdict on a message going `direction`: its sender gets the code, the other
+/// leg 1001.
+fn inspector_closing(direction: Direction, code: CloseCode, reason: &str) -> Closing {
+    let verdict = Farewell::Close(Some(close(code, reason)));
+    let going_away = Farewell::Close(Some(close(CloseCode::Away, "going away")));
+    let (client, backend, client_code) = match direction {
+        Direction::ClientToBackend => (verdict, going_away, u16::from(code)),
+        Direction::BackendToClient => (going_away, verdict, 1001),
+    };
+    Closing {
+        client,
+        backend,
+        first: None,
+        by: ClosedBy::Relay,
+        client_code: Some(client_code),
+        how: format!("inspector ({code}: {reason})"),
     }
 }
 

@@ -342,3 +342,52 @@ async fn handshakes(relay: &TestRelay, outcome: &str) -> f64 {
         .find_map(|line| line.strip_prefix(&series)?.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in {text}"))
 }
+
+#[tokio::test]
+async fn a_new_message_inside_a_fragmented_one_closes_the_sender_with_1002() {
+    // A text message starts, and a binary one starts before it is finished.
+    let interleaved = [frame(0x01, *b"part one "), frame(0x82, *b"intruder")];
+    assert_violation_closes_only_the_sender("", &interleaved, 1002).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_one_byte_fragments_arrive_as_one_message() {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::start(&config(""), &[&backend]).await;
+    let mut raw = RawClient::connect(relay.addr(), "/").await;
+    wait_until("the backend leg to open", || backend.open() == 1).await;
+    raw.send_frame(0x01, b"a", true).await;
+    for _ in 0..9_998 {
+        raw.send_frame(0x00, b"a", true).await;
+    }
+    raw.send_frame(0x80, b"a", true).await;
+    wait_until("the whole message at the backend", || {
+        backend.messages().iter().any(|m| m.len() == 10_000)
+    })
+    .await;
+    let messages = backend.messages();
+    assert_eq!(messages.len(), 1, "one message, not 10,000");
+    assert!(messages[0].is_text());
+}
+
+#[tokio::test]
+async fn a_ping_flood_from_a_client_that_never_reads_disturbs_nobody() {
+    let backend = TestBackend::start("b1").await;
+    let relay = TestRelay::start(&config(""), &[&backend]).await;
+    let mut bystander = connect(&relay.url("/")).await;
+    let mut flooder = RawClient::connect(relay.addr(), "/").await;
+    // Pings the relay answers and the client never reads (tungstenite keeps one pending pong,
+    // not one per ping): the flooder's own message still crosses, and others are unaffected.
+    for n in 0..20_000u32 {
+        flooder.send_frame(0x89, &n.to_be_bytes(), true).await;
+    }
+    flooder.send_frame(0x81, b"after the flood", true).await;
+    wait_until("the flooder's message at the backend", || {
+        backend
+            .messages()
+            .iter()
+            .any(|m| m.to_text().is_ok_and(|t| t == "after the flood"))
+    })
+    .await;
+    assert_eq!(round_trip(&mut bystander, "fine").await, "fine");
+}

@@ -2,6 +2,7 @@
 //! The data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
 //! [`SessionContext`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and the TLS
     /// files really are until a restart.
     started: ServerConfig,
+    /// The listen address given in code (`--listen`), which every reloaded configuration keeps.
+    listen: Option<SocketAddr>,
     /// The admin listener's tasks (its connections, taps): they outlive the drain, so that
     /// `/readyz` can say "draining", and stop at its end.
     pub control: TaskTracker,
@@ -40,6 +43,7 @@ impl Shared {
         config: Config,
         inspectors: InspectorRegistry,
         config_path: Option<PathBuf>,
+        listen: Option<SocketAddr>,
         static_files: Option<StaticFiles>,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Shared {
@@ -66,6 +70,7 @@ impl Shared {
                 tls,
             }),
             started,
+            listen,
             control: TaskTracker::new(),
         }
     }
@@ -87,8 +92,11 @@ impl Shared {
 
     /// Applies a new configuration to new connections at once; sessions on backends it removes
     /// are moved (or closed 1012) after `shutdown_grace`.
-    pub fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
+    pub fn reload(&self, mut config: Config) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
+        if let Some(addr) = self.listen {
+            config.server.listen = toml::Spanned::new(0..0, crate::config::ListenAddr(addr));
+        }
         let old = self.generations.current();
         // Against what the process really runs with: a key changed by an earlier reload is
         // still not in force.

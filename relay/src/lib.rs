@@ -104,6 +104,7 @@ impl Relay {
             config,
             inspectors: InspectorRegistry::default(),
             config_path: None,
+            listen: None,
         }
     }
 }
@@ -113,9 +114,18 @@ pub struct RelayBuilder {
     config: Config,
     inspectors: InspectorRegistry,
     config_path: Option<PathBuf>,
+    listen: Option<SocketAddr>,
 }
 
 impl RelayBuilder {
+    /// Listens on `addr` whatever `[server] listen` says, in this configuration and in every
+    /// one a reload brings (as the CLI's `--listen` does).
+    pub fn listen(mut self, addr: SocketAddr) -> RelayBuilder {
+        self.listen = Some(addr);
+        self.config.server.listen = toml::Spanned::new(0..0, config::ListenAddr(addr));
+        self
+    }
+
     /// Registers an inspector that routes can name in their `inspect` list.
     pub fn inspector(mut self, name: &str, factory: impl InspectorFactory) -> RelayBuilder {
         self.inspectors.register(name, factory);
@@ -179,6 +189,7 @@ impl RelayBuilder {
             self.config,
             self.inspectors,
             self.config_path,
+            self.listen,
             static_files,
             tls,
         ));

@@ -759,12 +759,16 @@ async fn wsrelay_reload_applies_the_file_or_says_why_not() {
     let dir = TempDir::new();
     let addr = unused_addr();
     let admin = unused_addr();
-    let with = |backend: &TestBackend| {
-        config(&format!("admin = \"{admin}\""), "", &[backend.url()])
-            .replace("127.0.0.1:0", &addr.to_string())
-    };
+    // The file says 127.0.0.1:0 and --listen overrides it: a reload keeps the override, and
+    // does not report `listen` as waiting for a restart.
+    let with =
+        |backend: &TestBackend| config(&format!("admin = \"{admin}\""), "", &[backend.url()]);
     let path = dir.write("relay.toml", &with(&alpha));
-    let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+    let listen = addr.to_string();
+    let mut relay = Process::spawn(
+        &["--config", path.to_str().unwrap(), "--listen", &listen],
+        "info",
+    );
     relay.wait_listening(addr).await;
     relay.wait_listening(admin).await;
     let admin = admin.to_string();
@@ -779,6 +783,10 @@ async fn wsrelay_reload_applies_the_file_or_says_why_not() {
         text(&reloaded.stderr)
     );
     assert!(stdout.contains("reloaded: 1 routes"), "{stdout}");
+    assert!(
+        !stdout.contains("restart"),
+        "nothing waits for a restart: {stdout}"
+    );
     assert!(
         stdout.contains(&format!("added: {}", bravo.url())),
         "{stdout}"

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wsrelay::config::{Config, ListenAddr};
+use wsrelay::config::Config;
 use wsrelay::{Relay, RelayError, RelayHandle};
 
 use cli::{Cli, Command, LogFormat, RunArgs};
@@ -88,13 +88,10 @@ fn read(path: &Path) -> Result<String> {
 
 fn config_from_cli(run: &RunArgs) -> Result<Config> {
     match (&run.config, run.backends.is_empty()) {
-        (Some(path), _) => {
-            let mut config = Config::from_toml(&read(path)?, &path.display().to_string())?;
-            if let Some(listen) = run.listen {
-                config.server.listen = toml::Spanned::new(0..0, ListenAddr(listen));
-            }
-            Ok(config)
-        }
+        (Some(path), _) => Ok(Config::from_toml(
+            &read(path)?,
+            &path.display().to_string(),
+        )?),
         (None, false) => {
             let listen = run
                 .listen
@@ -160,6 +157,10 @@ async fn run(run: &RunArgs) -> Result<()> {
     let mut builder = Relay::builder(config);
     if let Some(path) = &run.config {
         builder = builder.config_path(path);
+    }
+    // With a file, `--listen` overrides it now and after every reload.
+    if let (Some(_), Some(listen)) = (&run.config, run.listen) {
+        builder = builder.listen(listen);
     }
     let relay = builder
         .bind()

@@ -8,9 +8,12 @@ use tokio::net::TcpStream;
 
 use crate::wait::WAIT;
 
-/// An address nothing listens on right now (a port bound, then released).
+/// An address nothing listens on right now (a port bound, then released). It is on
+/// 127.0.0.3, where nothing else binds: on 127.0.0.1 the port could be taken meanwhile as the
+/// source port of one of the many connections parallel tests open, before a relay process the
+/// test starts gets to listen on it.
 pub fn unused_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     listener.local_addr().unwrap()
 }
 

@@ -161,7 +161,17 @@ struct BackendRow {
 
 fn backends(shared: &Shared) -> Vec<BackendRow> {
     let generation = shared.generations.current();
-    let sessions = &shared.observe().sessions;
+    // One walk of the registry for all rows, not one per backend.
+    let census = shared.observe().sessions.census();
+    let on = |url: &str| -> usize {
+        let count: i64 = census
+            .by_route
+            .iter()
+            .filter(|((_, backend), _)| &**backend == url)
+            .map(|(_, n)| n)
+            .sum();
+        usize::try_from(count).unwrap_or(0)
+    };
     generation
         .backends
         .iter()
@@ -170,7 +180,7 @@ fn backends(shared: &Shared) -> Vec<BackendRow> {
             upstream: state.upstream.clone(),
             healthy: state.healthy(),
             draining: state.draining(),
-            connections: sessions.count_on(url),
+            connections: on(url),
             links: generation.mux.live_links(&generation.upstreams, url),
         })
         .collect()

@@ -140,11 +140,7 @@ impl Metrics {
     pub fn render(&self, figures: &Figures) -> String {
         let traffic = {
             let mut rendered = self.rendered_traffic.lock().expect("traffic lock");
-            let now = &figures.traffic;
-            rendered.client_messages = rendered.client_messages.max(now.client_messages);
-            rendered.client_bytes = rendered.client_bytes.max(now.client_bytes);
-            rendered.backend_messages = rendered.backend_messages.max(now.backend_messages);
-            rendered.backend_bytes = rendered.backend_bytes.max(now.backend_bytes);
+            rendered.raise_to(&figures.traffic);
             *rendered
         };
         let state = state_registry(figures, &traffic);

@@ -233,14 +233,6 @@ impl SessionRegistry {
         self.sessions.contains_key(&id)
     }
 
-    /// Sessions currently on `backend`.
-    pub fn count_on(&self, backend: &str) -> usize {
-        self.sessions
-            .iter()
-            .filter(|entry| &*entry.backend() == backend)
-            .count()
-    }
-
     /// Open sessions by (route, backend) and by (mode, backend), and the traffic of every
     /// session so far, open or ended. The ended ones are read first: a session ending during
     /// the walk is at worst missed for this scrape, never counted twice.
@@ -258,11 +250,7 @@ impl SessionRegistry {
             if entry.mode == "mux" {
                 *census.mux_streams.entry(backend).or_default() += 1;
             }
-            let traffic = entry.traffic.load();
-            census.traffic.client_messages += traffic.client_messages;
-            census.traffic.client_bytes += traffic.client_bytes;
-            census.traffic.backend_messages += traffic.backend_messages;
-            census.traffic.backend_bytes += traffic.backend_bytes;
+            census.traffic.add(&entry.traffic.load());
         }
         census
     }

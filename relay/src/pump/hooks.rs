@@ -71,6 +71,22 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Traffic) {
+        self.client_messages += other.client_messages;
+        self.client_bytes += other.client_bytes;
+        self.backend_messages += other.backend_messages;
+        self.backend_bytes += other.backend_bytes;
+    }
+
+    /// Each count raised to `other`'s where that is higher.
+    pub fn raise_to(&mut self, other: &Traffic) {
+        self.client_messages = self.client_messages.max(other.client_messages);
+        self.client_bytes = self.client_bytes.max(other.client_bytes);
+        self.backend_messages = self.backend_messages.max(other.backend_messages);
+        self.backend_bytes = self.backend_bytes.max(other.backend_bytes);
+    }
+
     /// Counts one message of `len` payload bytes going `direction`.
     #[inline]
     pub fn count(&mut self, direction: Direction, len: usize) {

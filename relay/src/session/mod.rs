@@ -260,39 +260,22 @@ impl Session {
         let (to_client, to_backend) = (farewell(&closing.client), farewell(&closing.backend));
         let backend = &mut self.backend;
         match closing.first {
-            Some(Side::Backend) => {
-                info!(peer = %self.peer, how = %closing.how, "closing the backend first");
-                let pending_in = self.pump.take_waiting(Direction::ClientToBackend);
-                let pending_out = self.pump.take_waiting(Direction::BackendToClient);
-                let first = to_backend.unwrap_or(None);
-                Box::pin(close_forwarding(
-                    backend,
-                    first,
-                    pending_in,
-                    client,
-                    pending_out,
-                ))
-                .await;
-                if let Some(frame) = to_client {
-                    close_leg(client, frame).await;
-                }
-            }
-            Some(Side::Client) => {
-                info!(peer = %self.peer, how = %closing.how, "closing the client first");
-                let pending_in = self.pump.take_waiting(Direction::ClientToBackend);
-                let pending_out = self.pump.take_waiting(Direction::BackendToClient);
-                let first = to_client.unwrap_or(None);
-                Box::pin(close_forwarding(
-                    client,
-                    first,
-                    pending_out,
-                    backend,
-                    pending_in,
-                ))
-                .await;
-                if let Some(frame) = to_backend {
-                    close_leg(backend, frame).await;
-                }
+            Some(first) => {
+                info!(peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first");
+                let to_backend_waiting = self.pump.take_waiting(Direction::ClientToBackend);
+                let to_client_waiting = self.pump.take_waiting(Direction::BackendToClient);
+                let order = match first {
+                    Side::Backend => close_in_order(
+                        (backend, to_backend, to_backend_waiting),
+                        (client, to_client, to_client_waiting),
+                    ),
+                    Side::Client => close_in_order(
+                        (client, to_client, to_client_waiting),
+                        (backend, to_backend, to_backend_waiting),
+                    ),
+                };
+                // Boxed, each order its own type, and rare.
+                order.await;
             }
             None => {
                 let client_close = async {
@@ -340,6 +323,30 @@ async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// One leg to close: the leg, its farewell (`None`: nothing to send), and a message already
+/// read for it.
+type Closable<'a, L> = (&'a mut L, Option<Option<CloseFrame>>, Option<Message>);
+
+/// Closes `first` while forwarding what it still sends to `second`, then closes `second`.
+fn close_in_order<'a, A: Leg + Send, B: Leg + Send>(
+    (first, first_farewell, to_first): Closable<'a, A>,
+    (second, second_farewell, to_second): Closable<'a, B>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        close_forwarding(
+            first,
+            first_farewell.unwrap_or(None),
+            to_first,
+            second,
+            to_second,
+        )
+        .await;
+        if let Some(frame) = second_farewell {
+            close_leg(second, frame).await;
+        }
+    })
 }
 
 /// Closes `first` with `farewell` after handing it `to_first` (a message already read for

@@ -201,14 +201,20 @@ impl LinkSetup {
         let setup = async {
             let ws = tokio_tungstenite::accept_hdr_async(tcp, pick_link_subprotocol)
                 .await
-                .map_err(|e| format!("WebSocket handshake: {e}"))?;
+                .map_err(|e| (format!("WebSocket handshake: {e}"), false))?;
             Link::establish(ws, LinkRole::Acceptor, self.config.clone())
                 .await
-                .map_err(|e| format!("link setup: {e}"))
+                .map_err(|e| (format!("link setup: {e}"), e.is_graceful()))
         };
         let (handle, driver) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
             Ok(Ok(link)) => link,
-            Ok(Err(e)) => {
+            // A relay's health probe opens a link and closes it cleanly before `Hello`: normal
+            // operation, every few seconds, not news.
+            Ok(Err((e, true))) => {
+                tracing::debug!(%peer, error = %e, "mux server: link closed during setup");
+                return;
+            }
+            Ok(Err((e, false))) => {
                 tracing::info!(%peer, error = %e, "mux server: link refused");
                 return;
             }

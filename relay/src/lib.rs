@@ -46,6 +46,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use accept::EmbeddedFiles;
 pub use accept::tls::TlsError;
 pub use control::{ReloadError, ReloadReport};
 
@@ -105,6 +106,7 @@ impl Relay {
             inspectors: InspectorRegistry::default(),
             config_path: None,
             listen: None,
+            embedded_files: None,
         }
     }
 }
@@ -115,6 +117,7 @@ pub struct RelayBuilder {
     inspectors: InspectorRegistry,
     config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    embedded_files: Option<EmbeddedFiles>,
 }
 
 impl RelayBuilder {
@@ -123,6 +126,13 @@ impl RelayBuilder {
     pub fn listen(mut self, addr: SocketAddr) -> RelayBuilder {
         self.listen = Some(addr);
         self.config.server.listen = toml::Spanned::new(0..0, config::ListenAddr(addr));
+        self
+    }
+
+    /// Serves `files` to plain `GET`s instead of `[server] static_dir` (the way `wsrelay demo`
+    /// serves its page); upgrades on the same paths still reach the routes.
+    pub fn static_files(mut self, files: EmbeddedFiles) -> RelayBuilder {
+        self.embedded_files = Some(files);
         self
     }
 
@@ -171,12 +181,13 @@ impl RelayBuilder {
                 .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
             _ => path.to_owned(),
         };
-        let static_files = match &self.config.server.static_dir {
-            Some(dir) => Some(
+        let static_files = match (self.embedded_files, &self.config.server.static_dir) {
+            (Some(files), _) => Some(accept::StaticFiles::Embedded(Arc::new(files))),
+            (None, Some(dir)) => Some(
                 accept::StaticFiles::new(&near_config(dir.get_ref()))
                     .map_err(RelayError::StaticDir)?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let tls = match (&self.config.server.tls_cert, &self.config.server.tls_key) {
             (Some(cert), Some(key)) => Some(accept::tls::acceptor(

@@ -488,30 +488,166 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config(
     assert!(relay.wait_exit().await.success());
 }
 
-#[tokio::test]
-async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_backend() {
+/// Starts `wsrelay demo` and waits for its banner; returns the process and the relay address.
+async fn start_demo() -> (Process, SocketAddr) {
     let addr = unused_addr();
     let mut relay = Process::spawn(&["demo", "--listen", &addr.to_string()], "info");
     relay.wait_listening(addr).await;
-    let url = format!("ws://{addr}");
     let names = ["alpha", "bravo", "charlie"];
     wait_until("the demo banner", || {
         let stdout = relay.stdout();
-        stdout.iter().any(|l| l.contains(&url))
+        stdout
+            .iter()
+            .any(|l| l.contains(&format!("http://{addr}/")))
             && names
                 .iter()
                 .all(|name| stdout.iter().any(|l| l.trim_start().starts_with(name)))
     })
     .await;
+    (relay, addr)
+}
 
-    let mut first = connect(&format!("{url}/chat?user=x")).await;
+/// The status line, headers and body of a plain `GET path`.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer))
+        .await
+        .expect("the answer in time")
+        .unwrap();
+    answer
+}
+
+/// The next JSON message of `kind` a demo chat client gets (others are skipped).
+async fn next_of(client: &mut Client, kind: &str) -> serde_json::Value {
+    let wait = async {
+        loop {
+            match client.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] == kind {
+                        return value;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the chat socket ended while waiting for {kind}: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} message in time"))
+}
+
+#[tokio::test]
+async fn demo_prints_its_url_and_backends_and_a_user_sticks_to_one_echo_backend() {
+    let (mut relay, addr) = start_demo().await;
+    let names = ["alpha", "bravo", "charlie"];
+    let mut first = connect(&format!("ws://{addr}/echo?user=x")).await;
     let name = round_trip(&mut first, "whoami").await;
     assert!(names.contains(&name.as_str()), "whoami answered {name:?}");
-    let mut again = connect(&format!("{url}/chat?user=x")).await;
+    let mut again = connect(&format!("ws://{addr}/echo?user=x")).await;
     assert_eq!(round_trip(&mut again, "whoami").await, name);
 
     keep_reading(first);
     keep_reading(again);
+    relay.signal("TERM");
+    let status = relay.wait_exit().await;
+    assert!(status.success(), "{status:?}: {:?}", relay.stderr());
+}
+
+#[tokio::test]
+async fn demo_serves_its_chat_page_and_chatters_keep_their_sockets_when_a_backend_is_killed() {
+    let (mut relay, addr) = start_demo().await;
+    let page = http_get(addr, "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.to_lowercase().contains("content-type: text/html"),
+        "{page}"
+    );
+    assert!(page.contains("<script src=\"/chat.js\">"), "{page}");
+    let script = http_get(addr, "/chat.js").await;
+    assert!(
+        script
+            .to_lowercase()
+            .contains("content-type: text/javascript"),
+        "{script}"
+    );
+    assert!(
+        http_get(addr, "/missing.png")
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+
+    let chat = |user: &str| format!("ws://{addr}/chat?room=test&user={user}");
+    let mut ann = connect(&chat("ann")).await;
+    let mut bob = connect(&chat("bob")).await;
+    let ann_welcome = next_of(&mut ann, "welcome").await;
+    let bob_welcome = next_of(&mut bob, "welcome").await;
+    let ann_backend = ann_welcome["backend"].as_str().unwrap().to_owned();
+    assert_eq!(ann_welcome["resumed"], false);
+    assert!(
+        ann_welcome["tap"]
+            .as_str()
+            .unwrap()
+            .contains("/api/tap?conn="),
+        "{ann_welcome}"
+    );
+
+    let say = |id: &str, text: &str| {
+        tokio_tungstenite::tungstenite::Message::text(
+            serde_json::json!({"type": "say", "id": id, "text": text}).to_string(),
+        )
+    };
+    use futures_util::SinkExt;
+    ann.send(say("a-1", "hello bob")).await.unwrap();
+    let line = next_of(&mut bob, "line").await;
+    assert_eq!(
+        (&line["nick"], &line["text"]),
+        (&"ann".into(), &"hello bob".into())
+    );
+
+    // Kill the backend serving ann: she keeps her socket and is welcomed by another one.
+    ann.send(tokio_tungstenite::tungstenite::Message::text(format!(
+        "/kill {ann_backend}"
+    )))
+    .await
+    .unwrap();
+    let moved = next_of(&mut ann, "welcome").await;
+    assert_ne!(moved["backend"], ann_backend.as_str(), "{moved}");
+    assert_eq!(moved["resumed"], true);
+    assert_eq!(
+        moved["conn"], ann_welcome["conn"],
+        "the same relay connection"
+    );
+    relay
+        .wait_stderr("the kill to be logged", |l| {
+            l.contains("demo backend killed") && l.contains(&ann_backend)
+        })
+        .await;
+
+    ann.send(say("a-2", "still here")).await.unwrap();
+    loop {
+        let line = next_of(&mut bob, "line").await;
+        if line["text"] == "still here" {
+            assert_ne!(line["via"], ann_backend.as_str());
+            break;
+        }
+    }
+    // Bob's socket stayed open too, wherever he was served.
+    assert_eq!(bob_welcome["room"], "test");
+    bob.send(say("b-1", "me too")).await.unwrap();
+    loop {
+        if next_of(&mut ann, "line").await["text"] == "me too" {
+            break;
+        }
+    }
+
+    keep_reading(ann);
+    keep_reading(bob);
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());

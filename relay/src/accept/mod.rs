@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+pub use static_files::EmbeddedFiles;
 pub(crate) use static_files::StaticFiles;
 pub(crate) use upgrade::{check_upgrade, switching_protocols};
 

@@ -1,10 +1,12 @@
-//! Static files for plain `GET`s (`[server] static_dir`): the pages of an application served
-//! beside its WebSockets on the same listener. `index.html` answers a folder, the content type
+//! Static files for plain `GET`s (`[server] static_dir`, or files built into the program):
+//! the pages of an application served beside its WebSockets on the same listener. `index.html` answers a folder, the content type
 //! follows the extension, `ETag` and `Last-Modified` let browsers revalidate (`304`), `HEAD`
 //! answers the headers only. A path that would leave the folder, hidden files and anything
 //! that is not a readable regular file get `404`.
 
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -15,11 +17,101 @@ use http_body_util::Full;
 /// Files larger than this are not served (the relay is not a file server).
 const MAX_FILE: u64 = 32 << 20;
 
-/// A folder whose files answer plain `GET`s.
+/// Where the files answering plain `GET`s come from: a folder (`[server] static_dir`) or a
+/// set built into the program ([`EmbeddedFiles`], as `wsrelay demo` serves its page).
 #[derive(Debug, Clone)]
-pub(crate) struct StaticFiles {
-    /// The folder, canonical, so that nothing outside it can be named.
-    root: PathBuf,
+pub(crate) enum StaticFiles {
+    /// A folder, canonical, so that nothing outside it can be named.
+    Folder(PathBuf),
+    /// Files held in memory.
+    Embedded(Arc<EmbeddedFiles>),
+}
+
+/// Files an application builds into itself and serves beside its WebSockets, with the same
+/// answers as `[server] static_dir` gives (content types, `ETag` revalidation, `HEAD`, `404`).
+///
+/// ```
+/// let files = wsrelay::EmbeddedFiles::new()
+///     .file("/index.html", "<!doctype html><title>chat</title>")
+///     .file("/app.js", "console.log('hi')");
+/// assert_eq!(files.len(), 2);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct EmbeddedFiles {
+    files: HashMap<String, EmbeddedFile>,
+}
+
+#[derive(Debug, Clone)]
+struct EmbeddedFile {
+    contents: Bytes,
+    content_type: HeaderValue,
+    tag: String,
+}
+
+impl EmbeddedFiles {
+    /// No files yet.
+    pub fn new() -> EmbeddedFiles {
+        EmbeddedFiles::default()
+    }
+
+    /// Adds `contents` as the file at `path` (`/index.html` also answers `/`); the content
+    /// type follows the extension.
+    pub fn file(mut self, path: &str, contents: impl Into<Bytes>) -> EmbeddedFiles {
+        let contents = contents.into();
+        let mime = mime_guess::from_path(path).first_or_octet_stream();
+        let content_type = HeaderValue::from_str(mime.essence_str())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+        let tag = format!(
+            "\"{:x}-{:x}\"",
+            contents.len(),
+            xxhash_rust::xxh3::xxh3_64(&contents)
+        );
+        let file = EmbeddedFile {
+            contents,
+            content_type,
+            tag,
+        };
+        self.files
+            .insert(format!("/{}", path.trim_start_matches('/')), file);
+        self
+    }
+
+    /// How many files there are.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The file a request path names: `index.html` for a folder path.
+    fn find(&self, path: &str) -> Option<&EmbeddedFile> {
+        let relative = safe_relative_path(path)?;
+        let mut name = String::new();
+        for part in relative.iter() {
+            name.push('/');
+            name.push_str(part.to_str()?);
+        }
+        if let Some(file) = self.files.get(&name) {
+            return Some(file);
+        }
+        self.files.get(&format!("{name}/index.html"))
+    }
+}
+
+/// A file found for a request, before its contents are read.
+struct Found {
+    tag: String,
+    modified: Option<SystemTime>,
+    content_type: HeaderValue,
+    contents: Contents,
+}
+
+enum Contents {
+    Disk(PathBuf),
+    Memory(Bytes),
 }
 
 impl StaticFiles {
@@ -31,7 +123,7 @@ impl StaticFiles {
         if !root.is_dir() {
             return Err(format!("static_dir {} is not a folder", folder.display()));
         }
-        Ok(StaticFiles { root })
+        Ok(StaticFiles::Folder(root))
     }
 
     /// The answer to a `GET` or `HEAD` of `path` (the request path, still percent-encoded).
@@ -48,37 +140,34 @@ impl StaticFiles {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        let Some(file) = self.resolve(path) else {
+        let Some(found) = self.find(path).await else {
             return plain(StatusCode::NOT_FOUND, "not found\n");
         };
-        let Ok(meta) = tokio::fs::metadata(&file).await else {
-            return plain(StatusCode::NOT_FOUND, "not found\n");
-        };
-        if !meta.is_file() || meta.len() > MAX_FILE {
-            return plain(StatusCode::NOT_FOUND, "not found\n");
-        }
-        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let tag = etag(meta.len(), modified);
-        let mut response = if not_modified(headers, &tag, modified) {
+        let mut response = if not_modified(headers, &found.tag, found.modified) {
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             response
         } else {
-            let Ok(contents) = tokio::fs::read(&file).await else {
-                return plain(StatusCode::NOT_FOUND, "not found\n");
+            let contents = match found.contents {
+                Contents::Memory(bytes) => bytes,
+                Contents::Disk(file) => match tokio::fs::read(&file).await {
+                    Ok(contents) => Bytes::from(contents),
+                    Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+                },
             };
-            let mut response = Response::new(Full::new(Bytes::from(contents)));
-            let mime = mime_guess::from_path(&file).first_or_octet_stream();
-            if let Ok(value) = HeaderValue::from_str(mime.essence_str()) {
-                response.headers_mut().insert(header::CONTENT_TYPE, value);
-            }
+            let mut response = Response::new(Full::new(contents));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, found.content_type);
             response
         };
         let headers = response.headers_mut();
-        if let Ok(value) = HeaderValue::from_str(&tag) {
+        if let Ok(value) = HeaderValue::from_str(&found.tag) {
             headers.insert(header::ETAG, value);
         }
-        if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
+        if let Some(modified) = found.modified
+            && let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(modified))
+        {
             headers.insert(header::LAST_MODIFIED, value);
         }
         // Revalidate on every use: pages change with deployments, and a 304 is cheap.
@@ -86,18 +175,48 @@ impl StaticFiles {
         response
     }
 
-    /// The file `path` names inside the folder, `index.html` for a folder; `None` when the
-    /// path leaves the folder or names a hidden file.
-    fn resolve(&self, path: &str) -> Option<PathBuf> {
-        let relative = safe_relative_path(path)?;
-        let mut file = self.root.join(relative);
-        if file.is_dir() {
-            file.push("index.html");
+    /// The file `path` names with its validators; `None` answers `404`.
+    async fn find(&self, path: &str) -> Option<Found> {
+        match self {
+            StaticFiles::Embedded(files) => {
+                let file = files.find(path)?;
+                Some(Found {
+                    tag: file.tag.clone(),
+                    modified: None,
+                    content_type: file.content_type.clone(),
+                    contents: Contents::Memory(file.contents.clone()),
+                })
+            }
+            StaticFiles::Folder(root) => {
+                let file = resolve(root, path)?;
+                let meta = tokio::fs::metadata(&file).await.ok()?;
+                if !meta.is_file() || meta.len() > MAX_FILE {
+                    return None;
+                }
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                let mime = mime_guess::from_path(&file).first_or_octet_stream();
+                Some(Found {
+                    tag: etag(meta.len(), modified),
+                    modified: Some(modified),
+                    content_type: HeaderValue::from_str(mime.essence_str()).ok()?,
+                    contents: Contents::Disk(file),
+                })
+            }
         }
-        // A symbolic link may still point outside the folder.
-        let canonical = file.canonicalize().ok()?;
-        canonical.starts_with(&self.root).then_some(canonical)
     }
+}
+
+/// The file `path` names inside `root`, `index.html` for a folder; `None` when the path
+/// leaves the folder or names a hidden file.
+fn resolve(root: &Path, path: &str) -> Option<PathBuf> {
+    let relative = safe_relative_path(path)?;
+    let mut file = root.join(relative);
+    if file.is_dir() {
+        file.push("index.html");
+    }
+    // A symbolic link may still point outside the folder.
+    let canonical = file.canonicalize().ok()?;
+    canonical.starts_with(root).then_some(canonical)
 }
 
 /// The request path as a relative file path: percent-decoded, every segment a plain name (no
@@ -146,7 +265,7 @@ fn etag(len: u64, modified: SystemTime) -> String {
 
 /// Whether the client's copy is current: `If-None-Match` decides when present, else
 /// `If-Modified-Since` (HTTP dates have whole seconds).
-fn not_modified(headers: &HeaderMap, tag: &str, modified: SystemTime) -> bool {
+fn not_modified(headers: &HeaderMap, tag: &str, modified: Option<SystemTime>) -> bool {
     if let Some(tags) = headers.get(header::IF_NONE_MATCH) {
         let tags = tags.to_str().unwrap_or_default();
         return tags
@@ -162,7 +281,10 @@ fn not_modified(headers: &HeaderMap, tag: &str, modified: SystemTime) -> bool {
         time.duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     };
-    since.is_some_and(|since| whole_seconds(modified) <= whole_seconds(since))
+    match (since, modified) {
+        (Some(since), Some(modified)) => whole_seconds(modified) <= whole_seconds(since),
+        _ => false,
+    }
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -201,24 +323,47 @@ mod tests {
     }
 
     #[test]
+    fn embedded_files_answer_their_paths_and_index_for_folders() {
+        let files = EmbeddedFiles::new()
+            .file("/index.html", "home")
+            .file("js/app.js", "code")
+            .file("/docs/index.html", "docs");
+        let body = |path: &str| files.find(path).map(|f| f.contents.clone());
+        assert_eq!(body("/"), Some(Bytes::from("home")));
+        assert_eq!(body("/index.html"), Some(Bytes::from("home")));
+        assert_eq!(body("/js/app.js"), Some(Bytes::from("code")));
+        assert_eq!(body("/docs"), Some(Bytes::from("docs")));
+        assert_eq!(body("/docs/"), Some(Bytes::from("docs")));
+        assert_eq!(body("/js/../index.html"), None);
+        assert_eq!(body("/missing.css"), None);
+        let js = files.find("/js/app.js").unwrap();
+        assert_eq!(js.content_type, "text/javascript");
+        assert_ne!(js.tag, files.find("/").unwrap().tag);
+    }
+
+    #[test]
     fn revalidation_by_tag_or_date() {
         let modified = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
         let tag = etag(5, modified);
         let mut headers = HeaderMap::new();
-        assert!(!not_modified(&headers, &tag, modified));
+        assert!(!not_modified(&headers, &tag, Some(modified)));
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_str(&tag).unwrap());
-        assert!(not_modified(&headers, &tag, modified));
+        assert!(not_modified(&headers, &tag, Some(modified)));
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
-        assert!(!not_modified(&headers, &tag, modified));
+        assert!(!not_modified(&headers, &tag, Some(modified)));
         let mut dated = HeaderMap::new();
         let date = httpdate::fmt_http_date(modified);
         dated.insert(
             header::IF_MODIFIED_SINCE,
             HeaderValue::from_str(&date).unwrap(),
         );
-        assert!(not_modified(&dated, &tag, modified));
+        assert!(not_modified(&dated, &tag, Some(modified)));
+        assert!(
+            !not_modified(&dated, &tag, None),
+            "embedded files revalidate by tag only"
+        );
         let later = modified + std::time::Duration::from_secs(5);
-        assert!(!not_modified(&dated, &tag, later));
+        assert!(!not_modified(&dated, &tag, Some(later)));
     }
 }
 

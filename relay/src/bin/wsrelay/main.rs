@@ -16,10 +16,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wsrelay::config::Config;
-use wsrelay::{Relay, RelayError, RelayHandle};
+use wsrelay::{Relay, RelayError};
 
 use cli::{Cli, Command, LogFormat, RunArgs};
-use demo::DemoBackend;
 use signals::ShutdownSignals;
 
 fn main() -> ExitCode {
@@ -27,7 +26,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let outcome = match &cli.command {
         Some(Command::Check { config }) => check(config),
-        Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo(*listen))),
+        Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo::run(*listen))),
         Some(Command::Reload { admin, token }) => {
             runtime().and_then(|rt| rt.block_on(reload::run(admin, token.as_deref())))
         }
@@ -139,7 +138,7 @@ fn check(path: &Path) -> Result<()> {
 }
 
 /// Says what to do when the listen address is taken.
-fn explain_bind(error: RelayError, instead: &str) -> anyhow::Error {
+pub(crate) fn explain_bind(error: RelayError, instead: &str) -> anyhow::Error {
     let in_use = matches!(&error, RelayError::Bind { error, .. } if error.kind() == std::io::ErrorKind::AddrInUse);
     if in_use {
         anyhow::anyhow!(
@@ -174,39 +173,5 @@ async fn run(run: &RunArgs) -> Result<()> {
             "some sessions outlived the grace period"
         );
     }
-    Ok(())
-}
-
-async fn demo(listen: SocketAddr) -> Result<()> {
-    let signals = ShutdownSignals::install()?;
-    let mut backends = Vec::new();
-    for name in ["alpha", "bravo", "charlie"] {
-        backends.push(DemoBackend::start(name, SocketAddr::from(([127, 0, 0, 1], 0))).await?);
-    }
-    let urls: Vec<String> = backends.iter().map(DemoBackend::url).collect();
-    let mut config = Config::quick_start(listen, &urls)?;
-    // Demo clients usually come from one address; hash by a query parameter so different
-    // users land on different backends, falling back to the address.
-    config.routes[0].hash_key = wsrelay::config::HashKey::Query("user".into());
-    let relay: RelayHandle = Relay::bind(config)
-        .await
-        .map_err(|error| explain_bind(error, "wsrelay demo --listen 127.0.0.1:8081"))?;
-    let url = format!("ws://{}", relay.local_addr());
-    println!("wsrelay demo: relay on {url} in front of 3 echo backends:");
-    for backend in &backends {
-        println!("  {:<8} {}", backend.name, backend.url());
-    }
-    println!("Each backend echoes what you send and answers `whoami` with its name.");
-    println!(
-        "Clients are hashed by ?user=NAME (else by address): the same user always lands on the same backend."
-    );
-    println!("Try it:");
-    println!("  python3 -m websockets '{url}/chat?user=ann'     (pip install websockets)");
-    println!("  npx wscat -c '{url}/chat?user=bob'");
-    println!("then type: whoami");
-    println!("Ctrl-C drains and stops.");
-    signals.wait(None).await;
-    relay.shutdown().await;
-    drop(backends);
     Ok(())
 }

@@ -21,6 +21,7 @@ mod binary;
 mod client;
 mod files;
 mod isolated;
+mod process;
 mod proxy;
 mod raw;
 mod relay;
@@ -34,6 +35,7 @@ pub use client::{
 };
 pub use files::{TempDir, TestCertificate};
 pub use isolated::{Isolated, spawn_isolated};
+pub use process::RelayProcess;
 pub use proxy::KillableProxy;
 pub use raw::{
     RawClient, find_close_code, raw_exchange, read_until_quiet, status_of, unused_addr,

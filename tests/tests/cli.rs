@@ -2,11 +2,9 @@
 //! unimplemented keys, quick start, signals, log formats, `tap` and `demo`, and what each says
 //! when something is wrong. Every test drives the real binary.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsrelay_testkit::{
-    Client, RawClient, TempDir, TestBackend, WAIT, backend_list, connect, expect_close, retry,
-    round_trip, unused_addr, wait_until, wsrelay_binary,
+    Client, RawClient, RelayProcess, TempDir, TestBackend, WAIT, backend_list, connect,
+    expect_close, retry, round_trip, unused_addr, wait_until, wsrelay_binary,
 };
 
 fn binary() -> &'static Path {
@@ -30,132 +28,6 @@ fn run_to_end(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run wsrelay")
-}
-
-/// Lines a child wrote so far on one stream.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-fn collect_lines(stream: impl Read + Send + 'static) -> Lines {
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-/// A running `wsrelay` process; dropping it kills the process, so a failing test leaves no
-/// relay behind.
-struct Process {
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-}
-
-impl Process {
-    fn spawn(args: &[&str], rust_log: &str) -> Process {
-        Process::start(Command::new(binary()).args(args), rust_log)
-    }
-
-    /// Like [`Process::spawn`], with at most `files` open file descriptors.
-    fn spawn_with_file_limit(files: u32, args: &[&str], rust_log: &str) -> Process {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
-            .arg(binary())
-            .args(args);
-        Process::start(&mut command, rust_log)
-    }
-
-    fn start(command: &mut Command, rust_log: &str) -> Process {
-        let mut child = command
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wsrelay");
-        let stdout = collect_lines(child.stdout.take().unwrap());
-        let stderr = collect_lines(child.stderr.take().unwrap());
-        Process {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn stdout(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Waits until the listener accepts; fails early with the logs if the process died.
-    async fn wait_listening(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if TcpStream::connect(addr).await.is_ok() {
-                return;
-            }
-            assert!(
-                self.is_running(),
-                "wsrelay exited before listening: {:?}",
-                self.stderr()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "wsrelay never listened on {addr}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wsrelay did not exit in time: {:?}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_stderr(&self, what: &str, check: impl Fn(&str) -> bool) {
-        wait_until(what, || {
-            self.stderr.lock().unwrap().iter().any(|l| check(l))
-        })
-        .await;
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Keeps reading a client in the background: tungstenite sends its answer to the relay's
@@ -244,7 +116,7 @@ async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_k
     let cases = [("backends", config("", "", &["wss://127.0.0.1:9".into()]))];
     for (key, source) in cases {
         let path = dir.write("unsupported.toml", &source);
-        let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+        let mut relay = RelayProcess::spawn(&["--config", path.to_str().unwrap()], "info");
         let status = relay.wait_exit().await;
         assert!(!status.success(), "{key}: wsrelay started anyway");
         let stderr = relay.stderr().join("\n");
@@ -272,7 +144,7 @@ async fn drains_on(signal: &str, use_config: bool) {
         }
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Process::spawn(&args, "info");
+    let mut relay = RelayProcess::spawn(&args, "info");
     relay.wait_listening(addr).await;
 
     let mut client = connect(&format!("ws://{addr}/room")).await;
@@ -311,7 +183,7 @@ async fn a_client_that_never_answers_the_close_still_gets_1001_and_the_relay_exi
         "grace.toml",
         &config("shutdown_grace = \"2s\"", "", &[backend.url()]),
     );
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &[
             "--config",
             path.to_str().unwrap(),
@@ -356,7 +228,7 @@ async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
 async fn one_session(log_format: &str, rust_log: &str) -> (SocketAddr, Vec<String>) {
     let backend = TestBackend::start("alpha").await;
     let addr = unused_addr();
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &[
             "--log-format",
             log_format,
@@ -419,7 +291,7 @@ async fn rust_log_warn_suppresses_the_info_lines() {
 async fn sighup_without_a_config_file_keeps_the_relay_running() {
     let backend = TestBackend::start("alpha").await;
     let addr = unused_addr();
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &["--listen", &addr.to_string(), "--backend", &backend.url()],
         "info",
     );
@@ -451,7 +323,7 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config(
             .replace("127.0.0.1:0", &addr.to_string())
     };
     let path = dir.write("relay.toml", &with(&alpha));
-    let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+    let mut relay = RelayProcess::spawn(&["--config", path.to_str().unwrap()], "info");
     relay.wait_listening(addr).await;
     let mut settled = connect(&format!("ws://{addr}/")).await;
     assert_eq!(round_trip(&mut settled, "whoami").await, "alpha");
@@ -489,9 +361,9 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_config(
 }
 
 /// Starts `wsrelay demo` and waits for its banner; returns the process and the relay address.
-async fn start_demo() -> (Process, SocketAddr) {
+async fn start_demo() -> (RelayProcess, SocketAddr) {
     let addr = unused_addr();
-    let mut relay = Process::spawn(&["demo", "--listen", &addr.to_string()], "info");
+    let mut relay = RelayProcess::spawn(&["demo", "--listen", &addr.to_string()], "info");
     relay.wait_listening(addr).await;
     let names = ["alpha", "bravo", "charlie"];
     wait_until("the demo banner", || {
@@ -666,13 +538,13 @@ async fn tap_prints_one_readable_line_per_frame_of_the_route() {
     );
     let path = dir.write("tap.toml", &source);
     let listen = format!("127.0.0.1:{port}");
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &["--config", path.to_str().unwrap(), "--listen", &listen],
         "info",
     );
     relay.wait_listening(listen.parse().unwrap()).await;
     let admin = format!("127.0.0.1:{admin_port}");
-    let mut tap = Process::spawn(&["tap", "--admin", &admin, "--route", "/"], "info");
+    let mut tap = RelayProcess::spawn(&["tap", "--admin", &admin, "--route", "/"], "info");
     tap.wait_stderr("the tap to open", |line| line.contains("tapping route / "))
         .await;
     // The tap subscribes just after it prints; retry until a frame shows up in it.
@@ -787,7 +659,7 @@ async fn tap_says_when_nothing_matches_or_it_is_not_at_the_admin_listener() {
     let source = config(&format!("admin = \"{admin}\""), "", &[backend.url()]);
     let path = dir.write("tap.toml", &source);
     let listen_text = listen.to_string();
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &["--config", path.to_str().unwrap(), "--listen", &listen_text],
         "info",
     );
@@ -851,7 +723,7 @@ async fn out_of_file_descriptors_the_relay_says_so_once_and_recovers() {
     let listen = addr.to_string();
     let url = backend.url();
     let mut relay =
-        Process::spawn_with_file_limit(48, &["--listen", &listen, "--backend", &url], "info");
+        RelayProcess::spawn_with_file_limit(48, &["--listen", &listen, "--backend", &url], "info");
     relay.wait_listening(addr).await;
     // Idle connections, each an open file in the relay, until it can take no more: the rest
     // wait in the kernel's accept queue while the relay backs off.
@@ -901,7 +773,7 @@ async fn wsrelay_reload_applies_the_file_or_says_why_not() {
         |backend: &TestBackend| config(&format!("admin = \"{admin}\""), "", &[backend.url()]);
     let path = dir.write("relay.toml", &with(&alpha));
     let listen = addr.to_string();
-    let mut relay = Process::spawn(
+    let mut relay = RelayProcess::spawn(
         &["--config", path.to_str().unwrap(), "--listen", &listen],
         "info",
     );

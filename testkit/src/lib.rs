@@ -28,7 +28,7 @@ mod relay;
 mod wait;
 
 pub use backend::{BackendBehavior, BackendLog, SeenConnection, StoppedBackend, TestBackend};
-pub use binary::{workspace_root, wsrelay_binary};
+pub use binary::{echo_backend_binary, workspace_root, wsrelay_binary};
 pub use client::{
     Client, connect, connect_as, connect_request, expect_close, next_data, refused_status,
     request_as, round_trip, user_ranked_first, users_ranked_first,

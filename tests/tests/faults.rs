@@ -1,8 +1,8 @@
 //! A catalog of faults on the backend side, each with the answer it gets: a backend that
 //! breaks the protocol after its `101`, or that refuses the upgrade and is then sent a second
 //! request on the same client socket. Each fault closes or refuses only its own connection;
-//! a bystander keeps talking. (Client-side faults: `limits.rs`; handshake faults:
-//! `handshake.rs`; half-open peers: `keepalive.rs`.)
+//! a bystander keeps talking. (Client-side faults: `limits.rs`; faults under load:
+//! `faults_under_load.rs`; handshake faults: `handshake.rs`; half-open peers: `keepalive.rs`.)
 
 use std::sync::{Arc, Mutex};
 

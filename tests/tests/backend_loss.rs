@@ -220,3 +220,92 @@ async fn a_stuck_backend_that_dies_closes_its_client_1012_rather_than_lose_messa
     assert_eq!(frame.code, CloseCode::Restart);
     assert_eq!(b.open(), 0);
 }
+
+/// Sends `user:0` .. `user:{count-1}` in bursts while reading the echoes; returns the echoes.
+async fn stream_numbered(url: String, user: String, count: u32) -> Vec<String> {
+    let client = connect_as(&url, &user).await;
+    let (mut write, mut read) = client.split();
+    let writer = async {
+        for n in 0..count {
+            write
+                .send(Message::text(format!("{user}:{n}")))
+                .await
+                .unwrap();
+            if n % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let reader = async {
+        let mut echoes = Vec::new();
+        while echoes.len() < count as usize {
+            match tokio::time::timeout(WAIT, read.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => echoes.push(text.as_str().to_owned()),
+                Ok(Some(Ok(_))) => {}
+                other => panic!(
+                    "{user}: the socket ended after {} echoes: {other:?}",
+                    echoes.len()
+                ),
+            }
+        }
+        echoes
+    };
+    let ((), echoes) = tokio::join!(writer, reader);
+    echoes
+}
+
+#[tokio::test]
+async fn a_move_the_relay_decides_delivers_every_message_exactly_once_and_in_order() {
+    let leaving = TestBackend::start("leaving").await;
+    let staying = TestBackend::start("staying").await;
+    let urls = [leaving.url(), staying.url()];
+    let with = |backends: &[String]| {
+        format!(
+            r#"
+[server]
+shutdown_grace = "200ms"
+{}"#,
+            config("reconnect", backends)
+        )
+    };
+    let relay = TestRelay::start(&with(&urls), &[]).await;
+    let users = users_ranked_first(&urls, 0, 20);
+    const COUNT: u32 = 400;
+    let clients: Vec<_> = users
+        .iter()
+        .map(|user| tokio::spawn(stream_numbered(relay.url("/chat"), user.clone(), COUNT)))
+        .collect();
+    wait_until("traffic on the leaving backend", || {
+        leaving.texts().len() > 500
+    })
+    .await;
+    // The reload removes the backend while its clients talk: after the grace they move.
+    let report = relay
+        .handle
+        .reload(wsrelay::config::Config::from_toml(&with(&urls[1..]), "reload").unwrap())
+        .unwrap();
+    println!("{report}");
+
+    for (user, client) in users.iter().zip(clients) {
+        let echoes = client.await.unwrap();
+        let expected: Vec<String> = (0..COUNT).map(|n| format!("{user}:{n}")).collect();
+        assert_eq!(echoes, expected, "{user}: every echo once, in order");
+    }
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for text in leaving.texts().into_iter().chain(staying.texts()) {
+        *seen.entry(text).or_default() += 1;
+    }
+    let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "{} messages reached the backends twice, e.g. {:?}",
+        duplicates.len(),
+        duplicates.first()
+    );
+    assert_eq!(
+        seen.len(),
+        users.len() * COUNT as usize,
+        "every message reached a backend"
+    );
+    assert!(!staying.texts().is_empty(), "the clients moved");
+}

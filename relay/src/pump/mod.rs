@@ -19,6 +19,7 @@ pub mod replay;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 use tungstenite::protocol::CloseFrame;
@@ -182,6 +183,11 @@ impl<H: PumpHooks> PumpState<H> {
         }
     }
 
+    /// How long a peer may stay silent after a ping before it counts as dead.
+    pub fn pong_timeout(&self) -> Duration {
+        self.policy.pong_timeout
+    }
+
     /// The hooks, e.g. to tell them the backend changed.
     pub fn hooks_mut(&mut self) -> &mut H {
         &mut self.hooks
@@ -223,6 +229,93 @@ impl<H: PumpHooks> PumpState<H> {
         .await;
         self.hooks.on_traffic(&self.traffic);
         end
+    }
+
+    /// Before a move the relay decides (a drained or removed backend): stops taking the
+    /// client's messages, asks the backend to acknowledge everything it was sent, and keeps
+    /// forwarding its answers to the client until it has, so the move replays nothing and
+    /// delivers each message once. Returns `None` when everything is acknowledged, or how the
+    /// backend leg ended first (closed, gone, or silent for `within`); the move then falls
+    /// back to the replay, at least once.
+    pub async fn settle<C: Leg, B: Leg>(
+        &mut self,
+        client: &mut C,
+        backend: &mut B,
+        within: Duration,
+    ) -> Option<PumpEnd> {
+        let deadline = tokio::time::sleep(within);
+        tokio::pin!(deadline);
+        // A mux stream's consumed credit has no waker to offer: look again every few ms.
+        let mut recheck = tokio::time::interval(Duration::from_millis(5));
+        let end = poll_fn(|cx| {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(PumpEnd::BackendGone(format!(
+                    "did not acknowledge the client's messages within {within:?}"
+                ))));
+            }
+            let settled = self.poll_settle(cx, client, backend);
+            if settled.is_pending() && backend.unconfirmed_bytes().is_some() {
+                while recheck.poll_tick(cx).is_ready() {}
+            }
+            settled
+        })
+        .await;
+        self.hooks.on_traffic(&self.traffic);
+        end
+    }
+
+    fn poll_settle<C: Leg, B: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        backend: &mut B,
+    ) -> Poll<Option<PumpEnd>> {
+        loop {
+            let Some(replay) = self.replay.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if backend.pings()
+                && let Some(ping) = replay.ack_ping_now()
+            {
+                if let Err(error) = Pin::new(&mut *backend).start_send(ping) {
+                    return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
+                }
+                self.inbound.needs_flush = true;
+            }
+            if replay.awaits_confirmation()
+                && let Some(unconfirmed) = backend.unconfirmed_bytes()
+            {
+                replay.confirm_all_but(unconfirmed);
+            }
+            if self.inbound.needs_flush {
+                match Pin::new(&mut *backend).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.inbound.needs_flush = false,
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            // Only the backend's side moves: its answers (and the acknowledging pong) reach
+            // the client; the client's next messages wait in its socket for the new backend.
+            let now = Instant::now();
+            if let Poll::Ready(end) =
+                self.pump_lane(Direction::BackendToClient, backend, client, now, cx)
+            {
+                return Poll::Ready(Some(end));
+            }
+            let Some(replay) = self.replay.as_ref() else {
+                return Poll::Ready(None);
+            };
+            if !replay.awaits_confirmation() {
+                return Poll::Ready(None);
+            }
+            // A pong just acknowledged an earlier ping while later messages still wait: ask
+            // again at once rather than wait for a wakeup that nothing would send.
+            if !(backend.pings() && replay.can_ping_now()) {
+                return Poll::Pending;
+            }
+        }
     }
 
     fn poll_once<C: Leg, B: Leg>(

@@ -97,12 +97,27 @@ impl ReplayLog {
         if !due {
             return None;
         }
+        self.ack_ping_now()
+    }
+
+    /// An ack ping covering every message sent so far, to send now whatever the batching
+    /// says (a planned move waits for it); `None` while one is in flight or nothing is
+    /// uncovered.
+    pub fn ack_ping_now(&mut self) -> Option<Message> {
+        if !self.can_ping_now() {
+            return None;
+        }
         let last = self.next_seq - 1;
         self.ack_in_flight = Some(last);
         self.uncovered_since = None;
         self.uncovered_messages = 0;
         self.uncovered_bytes = 0;
         Some(Message::Ping(Bytes::copy_from_slice(&last.to_be_bytes())))
+    }
+
+    /// Whether [`ReplayLog::ack_ping_now`] would give a ping.
+    pub fn can_ping_now(&self) -> bool {
+        self.ack_in_flight.is_none() && self.uncovered_since.is_some()
     }
 
     /// Handles a Pong from the backend; returns true if it was one of ours.
@@ -196,6 +211,25 @@ mod tests {
             Message::Ping(p) => p.to_vec(),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_planned_move_asks_at_once_and_again_for_what_came_after_the_ping_in_flight() {
+        let mut log = ReplayLog::default();
+        assert!(
+            !log.can_ping_now() && log.ack_ping_now().is_none(),
+            "nothing to ask for"
+        );
+        log.sent(text(0), at(0));
+        let first = log.ack_ping_now().expect("no batching wait");
+        log.sent(text(1), at(1));
+        assert!(log.ack_ping_now().is_none(), "one ping in flight at a time");
+        assert!(log.pong(&payload(&first)));
+        assert!(log.awaits_confirmation(), "message 1 is not covered yet");
+        assert!(log.can_ping_now());
+        let second = log.ack_ping_now().unwrap();
+        assert!(log.pong(&payload(&second)));
+        assert!(!log.awaits_confirmation() && log.is_empty());
     }
 
     #[test]

@@ -210,7 +210,28 @@ impl Session {
                 Next::Drain => draining = true,
                 Next::Close(closing) => return closing,
                 Next::Reoriginate { farewell } => {
-                    info!(backend = %self.backend_url(), %end, "backend lost; re-originating the client");
+                    if farewell.is_some() {
+                        // A move the relay decided: the backend is alive, so it can
+                        // acknowledge what it was sent and the move replays nothing.
+                        let within = self.pump.pong_timeout();
+                        let unsettled = self.pump.settle(client, &mut self.backend, within).await;
+                        match unsettled {
+                            None => {}
+                            Some(end @ (PumpEnd::ClientGone(_) | PumpEnd::ClientClosed(_))) => {
+                                if let Next::Close(closing) =
+                                    ending::decide(&end, self.upstream.on_backend_loss, draining)
+                                {
+                                    return closing;
+                                }
+                            }
+                            Some(end) => {
+                                info!(backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
+                            }
+                        }
+                        info!(backend = %self.backend_url(), %end, "moving the client");
+                    } else {
+                        info!(backend = %self.backend_url(), %end, "backend lost; re-originating the client");
+                    }
                     if let Err(closing) = Box::pin(self.reoriginate(farewell)).await {
                         return closing;
                     }

@@ -236,28 +236,35 @@ impl<H: PumpHooks> PumpState<H> {
     /// forwarding its answers to the client until it has, so the move replays nothing and
     /// delivers each message once. Returns `None` when everything is acknowledged, or how the
     /// backend leg ended first (closed, gone, or silent for `within`); the move then falls
-    /// back to the replay, at least once.
+    /// back to the replay, at least once. A mux stream can't be asked (its credit comes back
+    /// in batches), so it settles only as far as its credit already says.
     pub async fn settle<C: Leg, B: Leg>(
         &mut self,
         client: &mut C,
         backend: &mut B,
         within: Duration,
     ) -> Option<PumpEnd> {
+        if !backend.pings() {
+            // A mux stream acknowledges through returned credit, which the backend grants in
+            // batches of half a window and can't be asked for: take what it has confirmed,
+            // and replay the rest.
+            let replay = self.replay.as_mut()?;
+            if let Some(unconfirmed) = backend.unconfirmed_bytes() {
+                replay.confirm_all_but(unconfirmed);
+            }
+            return replay.awaits_confirmation().then(|| {
+                PumpEnd::BackendGone("a mux stream can't be asked to acknowledge".into())
+            });
+        }
         let deadline = tokio::time::sleep(within);
         tokio::pin!(deadline);
-        // A mux stream's consumed credit has no waker to offer: look again every few ms.
-        let mut recheck = tokio::time::interval(Duration::from_millis(5));
         let end = poll_fn(|cx| {
             if deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Some(PumpEnd::BackendGone(format!(
                     "did not acknowledge the client's messages within {within:?}"
                 ))));
             }
-            let settled = self.poll_settle(cx, client, backend);
-            if settled.is_pending() && backend.unconfirmed_bytes().is_some() {
-                while recheck.poll_tick(cx).is_ready() {}
-            }
-            settled
+            self.poll_settle(cx, client, backend)
         })
         .await;
         self.hooks.on_traffic(&self.traffic);
@@ -274,18 +281,11 @@ impl<H: PumpHooks> PumpState<H> {
             let Some(replay) = self.replay.as_mut() else {
                 return Poll::Ready(None);
             };
-            if backend.pings()
-                && let Some(ping) = replay.ack_ping_now()
-            {
+            if let Some(ping) = replay.ack_ping_now() {
                 if let Err(error) = Pin::new(&mut *backend).start_send(ping) {
                     return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
                 }
                 self.inbound.needs_flush = true;
-            }
-            if replay.awaits_confirmation()
-                && let Some(unconfirmed) = backend.unconfirmed_bytes()
-            {
-                replay.confirm_all_but(unconfirmed);
             }
             if self.inbound.needs_flush {
                 match Pin::new(&mut *backend).poll_flush(cx) {
@@ -312,7 +312,7 @@ impl<H: PumpHooks> PumpState<H> {
             }
             // A pong just acknowledged an earlier ping while later messages still wait: ask
             // again at once rather than wait for a wakeup that nothing would send.
-            if !(backend.pings() && replay.can_ping_now()) {
+            if !replay.can_ping_now() {
                 return Poll::Pending;
             }
         }

@@ -141,18 +141,22 @@ impl Shared {
     /// starts their refresh loops; the accept loop starts after it. A name that does not
     /// resolve leaves its upstream without backends (clients get 503) until a refresh answers.
     pub async fn start_discovery(self: &Arc<Self>) -> Result<(), ConfigError> {
-        let config = self.generations.current().config.clone();
+        let first = self.generations.current();
+        let config = &first.config;
         if !config.upstreams.values().any(|u| u.discover.is_some()) {
             return Ok(());
         }
-        let resolver = self.resolver_for(&config)?;
-        let (discovered, failing) = self.resolve_all(&config, &resolver, None).await;
-        let report = self.install(config.clone(), discovered);
-        tracing::info!(
-            backends = %list(&report.added),
-            "discovered backends at start"
-        );
-        self.restart_watches(&config, &resolver, &failing);
+        let resolver = self.resolver_for(config)?;
+        let (discovered, failing) = self.resolve_all(config, &resolver, None).await;
+        // A reload that came in meanwhile resolved its own configuration and started its own
+        // watches: this older one must not replace it.
+        let installed = self.install_over(|current| {
+            std::ptr::eq(current, &*first).then(|| (config.clone(), discovered))
+        });
+        if let Some(report) = installed {
+            tracing::info!(backends = %list(&report.added), "discovered backends at start");
+            self.restart_watches(config, &resolver, &failing);
+        }
         Ok(())
     }
 

@@ -1,22 +1,33 @@
-//! The relay's control plane: the shared root that reloads, the admin API and shutdown work on.
-//! The data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
-//! [`SessionContext`].
+//! The relay's control plane: the shared root that reloads, the admin API, discovery and
+//! shutdown work on. The data plane gets narrower contexts: the listener its [`Acceptor`],
+//! sessions their [`SessionContext`].
+//!
+//! Every change of backends goes through one path, [`Shared::install`]: a reload, and a
+//! `discover` upstream whose DNS answer changed. Added backends join the rankings; removed ones
+//! are drained, so their sessions move (or close 1012) after `shutdown_grace`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
+use hickory_resolver::TokioResolver;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{Acceptor, StaticFiles};
 use crate::admission::Admission;
-use crate::config::{Config, ConfigError, ServerConfig};
+use crate::config::{
+    BackendConfig, Config, ConfigError, ConfigProblem, DiscoverConfig, ServerConfig,
+};
+use crate::discovery::{self, Discoveries, Watch};
 use crate::generation::{self, Generation, Generations};
 use crate::inspect::InspectorRegistry;
 use crate::observe::Observatory;
 use crate::session::SessionContext;
 use crate::shutdown::Shutdown;
+use crate::upstream::BackendSets;
 
 /// The relay's root: what its control plane (reloads, the admin API, shutdown) works on. The
 /// data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
@@ -34,8 +45,24 @@ pub(crate) struct Shared {
     /// The listen address given in code (`--listen`), which every reloaded configuration keeps.
     listen: Option<SocketAddr>,
     /// The admin listener's tasks (its connections, taps): they outlive the drain, so that
-    /// `/readyz` can say "draining", and stop at its end.
+    /// `/readyz` can say "draining", and stop at its end. Discovery watches run here too, and
+    /// stop at the drain.
     pub control: TaskTracker,
+    /// Held while a new generation is built and installed, so that a reload and a discovery
+    /// change never build on the same old generation and lose one another's change.
+    installing: Mutex<()>,
+    /// The resolver and the refresh loops of `discover` upstreams.
+    discovery: Mutex<DiscoveryState>,
+}
+
+/// What the control plane runs for discovery.
+#[derive(Default)]
+struct DiscoveryState {
+    /// The resolver, built for `[server] resolver` (`None`: the system's) as `resolver_for` says.
+    resolver: Option<(Option<SocketAddr>, TokioResolver)>,
+    /// The running watch of each `discover` upstream: its settings, the `[server] resolver` it
+    /// asks, and the token that stops it.
+    watches: BTreeMap<String, (DiscoverConfig, Option<SocketAddr>, CancellationToken)>,
 }
 
 impl Shared {
@@ -50,7 +77,15 @@ impl Shared {
         let max_connections = *config.server.max_connections.get_ref();
         let started = config.server.clone();
         let shutdown = Shutdown::default();
-        let first = Generation::new(config, &inspectors, None, shutdown.drain.child_token());
+        // `discover` upstreams have no backends until `start_discovery` resolves them, before
+        // the first client is accepted.
+        let first = Generation::new(
+            config,
+            BackendSets::new(),
+            &inspectors,
+            None,
+            shutdown.drain.child_token(),
+        );
         let generations = Arc::new(Generations::new(first));
         let sessions = SessionContext {
             generations: generations.clone(),
@@ -72,6 +107,8 @@ impl Shared {
             started,
             listen,
             control: TaskTracker::new(),
+            installing: Mutex::new(()),
+            discovery: Mutex::default(),
         }
     }
 
@@ -90,20 +127,88 @@ impl Shared {
             .start(&self.acceptor.tasks, self.shutdown());
     }
 
-    /// Applies a new configuration to new connections at once; sessions on backends it removes
-    /// are moved (or closed 1012) after `shutdown_grace`.
-    pub fn reload(&self, mut config: Config) -> Result<ReloadReport, ConfigError> {
+    /// Builds the resolver if the configuration the relay started with has `discover`
+    /// upstreams, so that one that can't be had (no `/etc/resolv.conf`) fails the start.
+    pub fn prepare_discovery(&self) -> Result<(), ConfigError> {
+        let config = &self.generations.current().config;
+        if config.upstreams.values().any(|u| u.discover.is_some()) {
+            self.resolver_for(config)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves the `discover` upstreams of the configuration the relay started with and
+    /// starts their refresh loops; the accept loop starts after it. A name that does not
+    /// resolve leaves its upstream without backends (clients get 503) until a refresh answers.
+    pub async fn start_discovery(self: &Arc<Self>) -> Result<(), ConfigError> {
+        let first = self.generations.current();
+        let config = &first.config;
+        if !config.upstreams.values().any(|u| u.discover.is_some()) {
+            return Ok(());
+        }
+        let resolver = self.resolver_for(config)?;
+        let (discovered, failing) = self.resolve_all(config, &resolver, None).await;
+        // A reload that came in meanwhile resolved its own configuration and started its own
+        // watches: this older one must not replace it.
+        let installed = self.install_over(|current| {
+            std::ptr::eq(current, &*first).then(|| (config.clone(), discovered))
+        });
+        if let Some(report) = installed {
+            tracing::info!(backends = %list(&report.added), "discovered backends at start");
+            self.restart_watches(config, &resolver, &failing);
+        }
+        Ok(())
+    }
+
+    /// Applies a new configuration to new connections at once, its `discover` upstreams
+    /// resolved first; sessions on backends it removes are moved (or closed 1012) after
+    /// `shutdown_grace`.
+    pub async fn reload(self: &Arc<Self>, mut config: Config) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
         if let Some(addr) = self.listen {
             config.server.listen = toml::Spanned::new(0..0, crate::config::ListenAddr(addr));
         }
+        let resolver = self.resolver_for(&config)?;
         let old = self.generations.current();
+        let (discovered, failing) = self.resolve_all(&config, &resolver, Some(&old)).await;
         // Against what the process really runs with: a key changed by an earlier reload is
         // still not in force.
         let restart_needed = generation::restart_needed(&self.started, &config.server);
+        let mut report = self.install(config.clone(), discovered);
+        report.restart_needed = restart_needed;
+        self.restart_watches(&config, &resolver, &failing);
+        tracing::info!(
+            added = %list(&report.added),
+            removed = %list(&report.removed),
+            routes = report.routes,
+            restart_needed = %list(&report.restart_needed),
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+
+    /// Makes `config`, with `discovered` as the backends of its `discover` upstreams, the
+    /// current generation: backends it lacks are drained (their sessions move or close after
+    /// `shutdown_grace`), the old generation is retired (its health checks stop, its mux links
+    /// go away once their streams have), and the new one's background work starts.
+    fn install(&self, config: Config, discovered: BackendSets) -> ReloadReport {
+        self.install_over(|_| Some((config, discovered)))
+            .expect("an unconditional install")
+    }
+
+    /// [`Shared::install`] of what `next` makes of the current generation, if anything; the
+    /// current generation can't change between the two.
+    fn install_over(
+        &self,
+        next: impl FnOnce(&Generation) -> Option<(Config, BackendSets)>,
+    ) -> Option<ReloadReport> {
+        let _installing = self.installing.lock().expect("install lock");
+        let old = self.generations.current();
+        let (config, discovered) = next(&old)?;
         let retired = self.shutdown().drain.child_token();
         let new = Arc::new(Generation::new(
             config,
+            discovered,
             &self.inspectors,
             Some(&old),
             retired,
@@ -117,30 +222,126 @@ impl Shared {
         self.generations.replace(new);
         old.retired.cancel();
         self.start_generation();
-        let list = |urls: &[String]| {
-            if urls.is_empty() {
-                "none".to_owned()
-            } else {
-                urls.join(", ")
-            }
-        };
-        tracing::info!(
-            added = %list(&added),
-            removed = %list(&removed),
-            routes,
-            restart_needed = %list(&restart_needed),
-            "configuration reloaded"
-        );
-        Ok(ReloadReport {
+        Some(ReloadReport {
             added,
             removed,
             routes,
-            restart_needed,
+            restart_needed: Vec::new(),
         })
     }
 
+    /// The resolver for `config`'s `[server] resolver`: the one already built if that did not
+    /// change, else a new one.
+    fn resolver_for(&self, config: &Config) -> Result<TokioResolver, ConfigError> {
+        let server = config.server.resolver.as_ref().map(|addr| addr.get_ref().0);
+        let mut state = self.discovery.lock().expect("discovery lock");
+        if let Some((built_for, resolver)) = &state.resolver
+            && *built_for == server
+        {
+            return Ok(resolver.clone());
+        }
+        let resolver = discovery::resolver(server).map_err(|message| ConfigError {
+            origin: "configuration".to_owned(),
+            problems: vec![ConfigProblem {
+                line: None,
+                key: "server.resolver".to_owned(),
+                message,
+            }],
+        })?;
+        state.resolver = Some((server, resolver.clone()));
+        Ok(resolver)
+    }
+
+    /// Looks up every `discover` upstream of `config` at once. One that fails keeps the set
+    /// `previous` had for it under the same settings (none otherwise), is counted, and is
+    /// named in the second value.
+    async fn resolve_all(
+        &self,
+        config: &Config,
+        resolver: &TokioResolver,
+        previous: Option<&Generation>,
+    ) -> (BackendSets, Vec<String>) {
+        let lookups = config.upstreams.iter().filter_map(|(name, upstream)| {
+            let discover = upstream.discover.as_ref()?.get_ref();
+            Some(async move { (name, discover, discovery::lookup(resolver, discover).await) })
+        });
+        let mut discovered = BackendSets::new();
+        let mut failing = Vec::new();
+        for (name, discover, answer) in futures_util::future::join_all(lookups).await {
+            match answer {
+                Ok(backends) => {
+                    discovered.insert(name.clone(), backends);
+                }
+                Err(error) => {
+                    self.failed(name);
+                    let kept = previous
+                        .filter(|old| {
+                            old.config
+                                .upstreams
+                                .get(name)
+                                .and_then(|u| u.discover.as_ref())
+                                .is_some_and(|d| d.get_ref() == discover)
+                        })
+                        .and_then(|old| old.discovered_backends(name))
+                        .map(<[BackendConfig]>::to_vec)
+                        .unwrap_or_default();
+                    tracing::warn!(
+                        upstream = %name,
+                        %error,
+                        kept = kept.len(),
+                        "discovery failed; the upstream keeps its last backends and is retried every refresh"
+                    );
+                    discovered.insert(name.clone(), kept);
+                    failing.push(name.clone());
+                }
+            }
+        }
+        (discovered, failing)
+    }
+
+    /// Starts a refresh loop for every `discover` upstream of `config` that has none with the
+    /// same settings and `resolver`, and stops the loops of upstreams it no longer discovers
+    /// (or discovers otherwise). `failing` names the upstreams whose last lookup failed.
+    fn restart_watches(
+        self: &Arc<Self>,
+        config: &Config,
+        resolver: &TokioResolver,
+        failing: &[String],
+    ) {
+        let mut state = self.discovery.lock().expect("discovery lock");
+        let wanted: BTreeMap<&String, &DiscoverConfig> = config
+            .upstreams
+            .iter()
+            .filter_map(|(name, upstream)| Some((name, upstream.discover.as_ref()?.get_ref())))
+            .collect();
+        let server = config.server.resolver.as_ref().map(|addr| addr.get_ref().0);
+        state.watches.retain(|name, (discover, asks, stop)| {
+            let keep = *asks == server && wanted.get(name) == Some(&&*discover);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for (name, discover) in wanted {
+            if state.watches.contains_key(name) {
+                continue;
+            }
+            let stop = self.shutdown().drain.child_token();
+            let watch = Watch {
+                upstream: name.clone(),
+                discover: discover.clone(),
+                resolver: resolver.clone(),
+                failing: failing.contains(name),
+            };
+            self.control.spawn(watch.run(self.clone(), stop.clone()));
+            state
+                .watches
+                .insert(name.clone(), (discover.clone(), server, stop));
+        }
+    }
+
     /// Reloads from the file the relay was started with.
-    pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+    pub async fn reload_from_file(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let source = std::fs::read_to_string(path).map_err(|error| ReloadError::Read {
             path: path.clone(),
@@ -148,7 +349,57 @@ impl Shared {
         })?;
         let config =
             Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
-        Ok(self.reload(config)?)
+        Ok(self.reload(config).await?)
+    }
+}
+
+/// The refresh loops report here: a changed set is installed like a reload's backends.
+impl Discoveries for Arc<Shared> {
+    fn found(&self, upstream: &str, backends: Vec<BackendConfig>) {
+        let changed = self.install_over(|current| {
+            // A reload may have replaced or removed the upstream since the lookup began; its
+            // own watch reports for it.
+            let still_discovered = current
+                .config
+                .upstreams
+                .get(upstream)
+                .is_some_and(|u| u.discover.is_some());
+            if !still_discovered || current.discovered_backends(upstream) == Some(&backends[..]) {
+                return None;
+            }
+            let mut discovered = current.discovered.clone();
+            discovered.insert(upstream.to_owned(), backends);
+            Some((current.config.clone(), discovered))
+        });
+        let Some(report) = changed else {
+            return;
+        };
+        tracing::info!(
+            upstream,
+            added = %list(&report.added),
+            removed = %list(&report.removed),
+            "discovered backends changed"
+        );
+    }
+
+    fn failed(&self, upstream: &str) {
+        Shared::failed(self, upstream);
+    }
+}
+
+impl Shared {
+    /// Counts a failed lookup of `upstream`.
+    fn failed(&self, upstream: &str) {
+        self.observe().metrics.discovery_failed(upstream);
+    }
+}
+
+/// `items` joined for a log line, or `none`.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
     }
 }
 

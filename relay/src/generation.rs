@@ -17,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::config::{Config, KeepaliveConfig, Mode, ServerConfig};
+use crate::config::{BackendConfig, Config, KeepaliveConfig, Mode, ServerConfig};
 use crate::inspect::InspectorRegistry;
 use crate::pump::KeepalivePolicy;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
-use crate::upstream::{self, BackendBook, BackendRequest, MuxPool, Upstream, Via, Walk};
+use crate::upstream::{
+    self, BackendBook, BackendRequest, BackendSets, MuxPool, Upstream, Via, Walk,
+};
 
 /// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
 /// idle, so it is small; messages larger than it get a buffer of their own size as they arrive.
@@ -36,6 +38,9 @@ const WRITE_BATCH: usize = 4 * 1024;
 pub(crate) struct Generation {
     /// The configuration it was built from.
     pub config: Config,
+    /// The backends of its `discover` upstreams, by upstream name, as they were discovered
+    /// when it was built (the others' backends are in `config`).
+    pub discovered: BackendSets,
     /// Routes, longest prefix first.
     pub routes: RouteTable,
     /// Every upstream some route uses, once each.
@@ -54,10 +59,12 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
-    /// Builds a generation; backends that `previous` knew keep their health and drain state.
-    /// `retired` is its own token, cancelled by whoever replaces it.
+    /// Builds a generation serving `config`, whose `discover` upstreams have the backends in
+    /// `discovered` (none when they have no entry); backends that `previous` knew keep their
+    /// health and drain state. `retired` is its own token, cancelled by whoever replaces it.
     pub fn new(
         config: Config,
+        mut discovered: BackendSets,
         inspectors: &InspectorRegistry,
         previous: Option<&Generation>,
         retired: CancellationToken,
@@ -68,7 +75,25 @@ impl Generation {
             .write_buffer_size(WRITE_BATCH)
             .max_message_size(Some(limits.max_message_size.as_usize()))
             .max_frame_size(Some(limits.max_frame_size.as_usize()));
-        let routes = RouteTable::from_config(&config, inspectors);
+        // Entries for upstreams that are gone or no longer discovered mean nothing.
+        discovered.retain(|name, _| {
+            config
+                .upstreams
+                .get(name)
+                .is_some_and(|upstream| upstream.discover.is_some())
+        });
+        let sets: BackendSets = config
+            .upstreams
+            .iter()
+            .map(|(name, upstream)| {
+                let backends = match &upstream.discover {
+                    Some(_) => discovered.get(name).cloned().unwrap_or_default(),
+                    None => upstream.configured_backends().to_vec(),
+                };
+                (name.clone(), backends)
+            })
+            .collect();
+        let routes = RouteTable::from_config(&config, &sets, inspectors);
         let keepalive = keepalive_policy(&config.keepalive);
         let link_config = upstream::link_config(
             limits.max_message_size.0,
@@ -81,13 +106,20 @@ impl Generation {
             routes,
             backends: Arc::new(BackendBook::from_config(
                 &config,
+                &sets,
                 previous.map(|p| &*p.backends),
             )),
             keepalive,
             socket,
             retired,
             config,
+            discovered,
         }
+    }
+
+    /// The backends of `upstream` as last discovered, if it is a `discover` upstream.
+    pub fn discovered_backends(&self, upstream: &str) -> Option<&[BackendConfig]> {
+        self.discovered.get(upstream).map(Vec::as_slice)
     }
 
     /// Starts what the generation runs in the background, owned by `tasks`: health checks

@@ -22,13 +22,14 @@
 //! `route` (routes, hash keys), `upstream` (backend requests, dialing, the ranking walk, health,
 //! mux links), `session` (one client's life and how it ends), `pump` (frames both ways,
 //! keepalive, replay), `observe` (registry, metrics, taps), `inspect`, `admin`, `config`,
-//! `generation` (what a reload replaces), `shutdown`.
+//! `generation` (what a reload replaces), `discovery` (backends from DNS), `shutdown`.
 
 mod accept;
 mod admin;
 mod admission;
 pub mod config;
 mod control;
+mod discovery;
 mod generation;
 pub mod hashing;
 mod headers;
@@ -217,7 +218,19 @@ impl RelayBuilder {
             None => None,
         };
         shared.start_generation();
-        let accept = tokio::spawn(accept::accept_loop(shared.acceptor.clone(), listener));
+        // Built now, so that a resolver that can't be had fails the start, not the first
+        // lookup.
+        shared.prepare_discovery()?;
+        let accept = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                // Discovered upstreams have their backends before the first client is routed.
+                if let Err(error) = shared.start_discovery().await {
+                    tracing::error!(%error, "discovery could not start");
+                }
+                accept::accept_loop(shared.acceptor.clone(), listener).await;
+            }
+        });
         tracing::info!(%local_addr, "relay listening");
         Ok(RelayHandle {
             local_addr,
@@ -275,13 +288,14 @@ impl RelayHandle {
 
     /// Applies a new configuration: new routes and backends serve new connections at once;
     /// sessions on removed backends move after `shutdown_grace`.
-    pub fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
-        self.shared.reload(config)
+    /// Upstreams with `discover` are resolved before the new configuration applies.
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload(config).await
     }
 
     /// Reloads the file given to [`RelayBuilder::config_path`].
-    pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
-        self.shared.reload_from_file()
+    pub async fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+        self.shared.reload_from_file().await
     }
 
     /// Established sessions right now.

@@ -9,7 +9,7 @@ use http::header::COOKIE;
 
 use crate::config::{Config, HashKey, Mode};
 use crate::inspect::{ChainTemplate, InspectorRegistry};
-use crate::upstream::Upstream;
+use crate::upstream::{BackendSets, Upstream};
 
 /// One `[[route]]`, ready to serve.
 pub(crate) struct Route {
@@ -36,7 +36,11 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from a validated configuration; inspector names resolve in `registry`.
-    pub fn from_config(config: &Config, registry: &InspectorRegistry) -> RouteTable {
+    pub fn from_config(
+        config: &Config,
+        sets: &BackendSets,
+        registry: &InspectorRegistry,
+    ) -> RouteTable {
         let rate_limit = *config.limits.max_messages_per_second.get_ref();
         let upstreams: Vec<(String, Arc<Upstream>)> = config
             .upstreams
@@ -44,7 +48,11 @@ impl RouteTable {
             .map(|(name, upstream)| {
                 (
                     name.clone(),
-                    Arc::new(Upstream::from_config(name, upstream)),
+                    Arc::new(Upstream::from_config(
+                        name,
+                        upstream,
+                        sets.get(name).map_or(&[][..], Vec::as_slice),
+                    )),
                 )
             })
             .collect();

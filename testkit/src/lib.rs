@@ -3,7 +3,7 @@
 //! this process from a TOML snippet ([`TestRelay`]), WebSocket clients ([`connect`] and
 //! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
 //! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
-//! certificate ([`TestCertificate`]), a way to run a server apart from the test's own tasks
+//! certificate ([`TestCertificate`]), a DNS server whose records a test changes ([`TestDns`]), a way to run a server apart from the test's own tasks
 //! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
 //!
 //! Everything listens on 127.0.0.1, port 0 unless a test asks for a port. No wait asserts on
@@ -19,6 +19,7 @@
 mod backend;
 mod binary;
 mod client;
+mod dns;
 mod files;
 mod isolated;
 mod process;
@@ -33,6 +34,7 @@ pub use client::{
     Client, connect, connect_as, connect_request, expect_close, next_data, refused_status,
     request_as, round_trip, user_ranked_first, users_ranked_first,
 };
+pub use dns::{TestDns, backends_on_one_port, has_ipv6_loopback, listeners_on_one_port};
 pub use files::{TempDir, TestCertificate};
 pub use isolated::{Isolated, spawn_isolated};
 pub use process::RelayProcess;

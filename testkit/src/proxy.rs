@@ -27,7 +27,12 @@ impl KillableProxy {
     /// Starts forwarding from a free port to `target`. The proxy runs apart from the test's
     /// tasks ([`spawn_isolated`]), so its hops don't queue behind them.
     pub fn start(target: SocketAddr) -> KillableProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::on_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), target)
+    }
+
+    /// Like [`KillableProxy::start`], forwarding from `listener` (an address of the test's
+    /// choosing).
+    pub fn on_listener(listener: std::net::TcpListener, target: SocketAddr) -> KillableProxy {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));

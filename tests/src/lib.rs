@@ -75,6 +75,11 @@ pub struct MuxBackend {
 impl MuxBackend {
     /// Starts a mux echo backend.
     pub async fn start(name: &str) -> MuxBackend {
+        Self::start_on(name, std::net::TcpListener::bind("127.0.0.1:0").unwrap()).await
+    }
+
+    /// Starts a mux echo backend that the relay reaches at `listener`'s address.
+    pub async fn start_on(name: &str, listener: std::net::TcpListener) -> MuxBackend {
         let log = Arc::new(MuxLog::default());
         let reject = Arc::new(Mutex::new(None));
         let (started, server) = oneshot::channel();
@@ -85,7 +90,7 @@ impl MuxBackend {
             serve(server, own_name, own_log, own_reject).await;
         });
         let server = server.await.expect("the mux backend started");
-        let proxy = KillableProxy::start(server.local_addr());
+        let proxy = KillableProxy::on_listener(listener, server.local_addr());
         MuxBackend {
             name: name.to_owned(),
             server,

@@ -508,7 +508,7 @@ async fn a_key_only_a_restart_applies_is_reported_until_the_restart() {
         .replace("BACKENDS", &format!("[\"{}\"]", backend.url()));
     for reload in 1..=2 {
         let config = wsrelay::config::Config::from_toml(&moved, "t.toml").unwrap();
-        let report = relay.handle.reload(config).unwrap();
+        let report = relay.handle.reload(config).await.unwrap();
         assert_eq!(
             report.restart_needed,
             ["server.max_connections"],

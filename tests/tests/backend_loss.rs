@@ -283,6 +283,7 @@ shutdown_grace = "200ms"
     let report = relay
         .handle
         .reload(wsrelay::config::Config::from_toml(&with(&urls[1..]), "reload").unwrap())
+        .await
         .unwrap();
     println!("{report}");
 

@@ -110,6 +110,67 @@ fn check_names_each_problem_with_its_key_and_line() {
     }
 }
 
+#[test]
+fn check_validates_discover_and_resolver() {
+    let discovered = |discover: &str, server: &str| {
+        GOOD.replace(
+            "backends = [\"ws://127.0.0.1:9001\"]",
+            &format!("discover = {{ {discover} }}"),
+        )
+        .replace(
+            "max_connections = 10",
+            &format!("max_connections = 10\n{server}"),
+        )
+    };
+    let good = discovered(
+        "dns = \"chat.default.svc.cluster.local:9000\", refresh = \"5s\", scheme = \"ws\", path = \"\"",
+        "resolver = \"127.0.0.1:53\"",
+    );
+    let (code, stdout, stderr) = check(&good);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let cases = [
+        (
+            discovered("dns = \"chat\"", ""),
+            "line 16: discover: invalid discover.dns \"chat\": no port",
+        ),
+        (
+            discovered("dns = \"chat:9000\", refresh = \"0s\"", ""),
+            "line 16: upstream.chat.discover: refresh must be above 0s",
+        ),
+        (
+            discovered("dns = \"chat:9000\", scheme = \"tcp\"", ""),
+            "line 16: discover: unknown variant `tcp`, expected `ws` or `wss`",
+        ),
+        (
+            discovered("dns = \"chat:9000\"", "resolver = \"8.8.8.8\""),
+            "line 5: resolver: invalid resolver \"8.8.8.8\"",
+        ),
+        (
+            GOOD.replace(
+                "backends = [\"ws://127.0.0.1:9001\"]",
+                "backends = [\"ws://127.0.0.1:9001\"]\ndiscover = { dns = \"chat:9000\" }",
+            ),
+            "line 16: upstream.chat.discover: an upstream has either backends or discover, not both",
+        ),
+        (
+            GOOD.replace("backends = [\"ws://127.0.0.1:9001\"]", ""),
+            "line 14: upstream.chat: needs backends",
+        ),
+    ];
+    for (source, expected) in cases {
+        let (code, stdout, stderr) = check(&source);
+        assert_eq!(
+            code,
+            Some(1),
+            "{expected}: stdout: {stdout}\nstderr: {stderr}"
+        );
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing in: {stdout}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_key() {
     let dir = TempDir::new();

@@ -109,14 +109,21 @@ impl Answer {
 /// 503 with `Retry-After`: no backend may take clients (unhealthy, draining), so clients
 /// should retry rather than give up.
 pub(super) fn no_healthy_backend(upstream: &Upstream) -> Answer {
-    warn!(upstream = %upstream.name, "no healthy backend");
-    let mut refusal = Refusal::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+    let message = if upstream.backends.is_empty() {
+        // Only a `discover` upstream can have none: its name has not resolved yet.
+        warn!(upstream = %upstream.name, "no backend discovered yet");
+        format!(
+            "upstream {:?} has no backends yet: its DNS name has not resolved; retry later",
+            upstream.name
+        )
+    } else {
+        warn!(upstream = %upstream.name, "no healthy backend");
         format!(
             "no backend of upstream {:?} is healthy; retry later",
             upstream.name
-        ),
-    );
+        )
+    };
+    let mut refusal = Refusal::new(StatusCode::SERVICE_UNAVAILABLE, message);
     refusal.headers = vec![(header::RETRY_AFTER, HeaderValue::from_static("5"))];
     Answer::refusal(Outcome::NoHealthyBackend, refusal)
 }

@@ -104,7 +104,7 @@ async fn route(
         }
         (&Method::GET, "/api/backends") => json(StatusCode::OK, &backends(shared)),
         (&Method::POST, "/api/backends/drain") => drain_backend(shared, &query),
-        (&Method::POST, "/api/reload") => match shared.reload_from_file() {
+        (&Method::POST, "/api/reload") => match shared.reload_from_file().await {
             Ok(report) => json(StatusCode::OK, &report),
             Err(error) => {
                 warn!(%error, "reload refused; keeping the running configuration");
@@ -224,6 +224,11 @@ fn metrics(shared: &Shared) -> String {
         mux_streams: mux_streams
             .into_iter()
             .map(|(url, n)| (url.to_string(), n))
+            .collect(),
+        discovered: generation
+            .discovered
+            .iter()
+            .map(|(upstream, backends)| (upstream.clone(), backends.len() as i64))
             .collect(),
     };
     observe.metrics.render(&figures)

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-use super::{Config, RouteConfig, UpstreamConfig};
+use toml::Spanned;
+
+use super::{BackendUrl, Config, DiscoverConfig, RouteConfig, UpstreamConfig};
 
 /// What the configuration asks of the inspectors its routes name: whether an `inspect` entry
 /// (`name` or `name:argument`) is known and its argument valid. The relay's inspector registry
@@ -208,6 +210,9 @@ fn array_element(text: &str, span: &Range<usize>) -> Option<Range<usize>> {
     }
 }
 
+/// How the problem of an upstream with neither `backends` nor `discover` starts.
+const NEITHER: &str = "needs backends";
+
 /// Collects problems, turning spans into lines of `source` (when there is a source and the
 /// value came from it: defaults have the span `0..0`).
 struct Report<'a> {
@@ -216,6 +221,14 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// The span of the `[NAME]` header in the source, or `0..0` (no line) without one.
+    fn table_header(&self, name: &str) -> Range<usize> {
+        let header = format!("[{name}]");
+        self.source
+            .and_then(|source| source.find(&header))
+            .map_or(0..0, |start| start..start + header.len())
+    }
+
     fn add(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
         let line = self
             .source
@@ -355,21 +368,40 @@ fn route_problems(
 
 fn upstream_problems(name: &str, upstream: &UpstreamConfig, report: &mut Report<'_>) {
     let key = |field: &str| format!("upstream.{name}.{field}");
-    let backends = upstream.backends.get_ref();
-    if backends.is_empty() {
-        report.add(
-            upstream.backends.span(),
+    match (&upstream.backends, &upstream.discover) {
+        (Some(_), Some(discover)) => report.add(
+            discover.span(),
+            key("discover"),
+            "an upstream has either backends or discover, not both: remove one",
+        ),
+        (None, None) => {
+            let header = report.table_header(&format!("upstream.{name}"));
+            report.add(
+                header,
+                format!("upstream.{name}"),
+                format!(
+                    "{NEITHER} = [\"ws://host:port\", ...] or discover = {{ dns = \"name:port\" }}"
+                ),
+            );
+        }
+        (Some(backends), None) if backends.get_ref().is_empty() => report.add(
+            backends.span(),
             key("backends"),
             "needs at least one backend",
-        );
+        ),
+        _ => {}
     }
+    if let Some(discover) = &upstream.discover {
+        discover_problems(name, discover, report);
+    }
+    let backends = upstream.configured_backends();
     for (index, backend) in backends.iter().enumerate() {
         if backends[..index]
             .iter()
             .any(|other| other.url == backend.url)
         {
             report.add(
-                upstream.backends.span(),
+                upstream.backends.as_ref().map_or(0..0, |list| list.span()),
                 key("backends"),
                 format!("{} is listed twice", backend.url),
             );
@@ -400,6 +432,62 @@ fn upstream_problems(name: &str, upstream: &UpstreamConfig, report: &mut Report<
             );
         }
     }
+}
+
+fn discover_problems(name: &str, discover: &Spanned<DiscoverConfig>, report: &mut Report<'_>) {
+    let key = format!("upstream.{name}.discover");
+    let values = discover.get_ref();
+    if values.refresh.is_zero() {
+        report.add(
+            discover.span(),
+            &key,
+            "refresh must be above 0s, e.g. \"5s\"",
+        );
+    }
+    if !(values.path.is_empty() || values.path.starts_with('/')) {
+        report.add(
+            discover.span(),
+            &key,
+            format!("path {:?} must be empty or start with '/'", values.path),
+        );
+    } else {
+        // Discovered URLs follow the rules of configured ones (schemes this build dials, no
+        // query): one made from a sample address says what any of them would break.
+        let sample = values.url_of(std::net::Ipv4Addr::LOCALHOST.into());
+        if let Err(message) = BackendUrl::parse(&sample) {
+            report.add(discover.span(), &key, message);
+        }
+    }
+}
+
+/// `cross` without the problems that only echo a parse problem: an upstream said to have
+/// neither `backends` nor `discover` because the one it has was reported (and taken out) as
+/// malformed.
+pub(super) fn without_echoes(
+    mut cross: Vec<ConfigProblem>,
+    parse: &[ConfigProblem],
+    source: &str,
+) -> Vec<ConfigProblem> {
+    let lines: Vec<&str> = source.lines().collect();
+    cross.retain(|problem| {
+        let Some(header) = problem
+            .line
+            .filter(|_| problem.message.starts_with(NEITHER))
+        else {
+            return true;
+        };
+        // The table runs from its header to the next one.
+        let end = (header..lines.len())
+            .find(|&index| lines[index].trim_start().starts_with('['))
+            .map_or(usize::MAX, |index| index + 1);
+        !parse.iter().any(|reported| {
+            matches!(reported.key.as_str(), "backends" | "discover")
+                && reported
+                    .line
+                    .is_some_and(|line| line > header && line < end)
+        })
+    });
+    cross
 }
 
 /// 1-based line number of a byte offset.

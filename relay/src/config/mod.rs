@@ -21,7 +21,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use check::{ConfigError, ConfigProblem, InspectorCatalog};
-pub use values::{BackendConfig, BackendUrl, ByteSize, HashKey, HumanDuration, ListenAddr};
+pub use values::{
+    BackendConfig, BackendUrl, ByteSize, DnsTarget, HashKey, HumanDuration, ListenAddr,
+    ResolverAddr,
+};
 
 /// The whole relay configuration, as read from a TOML file or built from CLI flags.
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +70,8 @@ pub struct ServerConfig {
     pub handshake_timeout: HumanDuration,
     /// Time allowed for a graceful drain on SIGTERM/SIGINT.
     pub shutdown_grace: HumanDuration,
+    /// The DNS server that `discover` upstreams ask; unset, the system's (`/etc/resolv.conf`).
+    pub resolver: Option<Spanned<ResolverAddr>>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +86,7 @@ impl Default for ServerConfig {
             max_connections: Spanned::new(0..0, 100_000),
             handshake_timeout: HumanDuration(Duration::from_secs(10)),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            resolver: None,
         }
     }
 }
@@ -189,8 +195,11 @@ pub enum Mode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The backends, ranked per client by rendezvous hashing.
-    pub backends: Spanned<Vec<BackendConfig>>,
+    /// The backends, ranked per client by rendezvous hashing. An upstream has these or
+    /// `discover`, never both.
+    pub backends: Option<Spanned<Vec<BackendConfig>>>,
+    /// The backends are the addresses a DNS name resolves to, resolved again every `refresh`.
+    pub discover: Option<Spanned<DiscoverConfig>>,
     /// Time allowed for one backend's TCP connect plus WebSocket handshake.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
@@ -201,6 +210,72 @@ pub struct UpstreamConfig {
     pub on_backend_loss: OnBackendLoss,
     /// Active health checking.
     pub health_check: Option<Spanned<HealthCheckConfig>>,
+}
+
+impl UpstreamConfig {
+    /// The backends written in the file; none for a discovered upstream.
+    pub fn configured_backends(&self) -> &[BackendConfig] {
+        self.backends.as_ref().map_or(&[], |list| list.get_ref())
+    }
+}
+
+/// `discover = { dns, refresh, scheme, path }` of an upstream: its backends are
+/// `scheme://ADDRESS:port/path` for every A and AAAA record of the name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverConfig {
+    /// The name to resolve and the port of every backend.
+    pub dns: DnsTarget,
+    /// Time between lookups.
+    #[serde(default = "default_refresh")]
+    pub refresh: HumanDuration,
+    /// The scheme of the backend URLs.
+    #[serde(default)]
+    pub scheme: Scheme,
+    /// Path prefix of every backend URL (`""` for none), like a configured URL's path.
+    #[serde(default)]
+    pub path: String,
+}
+
+fn default_refresh() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+/// The scheme of discovered backend URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// Plain WebSockets.
+    #[default]
+    Ws,
+    /// WebSockets over TLS.
+    Wss,
+}
+
+impl Scheme {
+    /// `ws` or `wss`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        }
+    }
+}
+
+impl DiscoverConfig {
+    /// The backend URL of one discovered address.
+    pub fn url_of(&self, address: std::net::IpAddr) -> String {
+        let host = match address {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        format!(
+            "{}://{host}:{}{}",
+            self.scheme.as_str(),
+            self.dns.port,
+            self.path
+        )
+    }
 }
 
 fn default_connect_timeout() -> HumanDuration {
@@ -244,7 +319,9 @@ impl Config {
         // Cross-key checks run on what parses, so one run reports every kind of problem.
         let (parsed, mut problems) = check::parse_all(source);
         if let Some(config) = &parsed {
-            problems.extend(check::problems(config, Some(source), inspectors));
+            let cross = check::problems(config, Some(source), inspectors);
+            let cross = check::without_echoes(cross, &problems, source);
+            problems.extend(cross);
         }
         problems.sort_by_key(|problem| problem.line);
         ConfigError::from_problems(origin, problems)?;
@@ -284,7 +361,8 @@ impl Config {
             upstreams: BTreeMap::from([(
                 "default".to_owned(),
                 UpstreamConfig {
-                    backends: Spanned::new(0..0, parsed),
+                    backends: Some(Spanned::new(0..0, parsed)),
+                    discover: None,
                     connect_timeout: default_connect_timeout(),
                     mux_links: None,
                     on_backend_loss: OnBackendLoss::Reconnect,
@@ -358,7 +436,7 @@ on_backend_loss = "reconnect"
             route.hash_key,
             HashKey::Header(HeaderName::from_static("x-user"))
         );
-        let backends = config.upstreams["chat"].backends.get_ref();
+        let backends = config.upstreams["chat"].configured_backends();
         assert_eq!(backends[1].weight, 2.0);
         assert_eq!(backends[1].url.base_path, "/base");
         assert_eq!(backends[0].url.authority, "127.0.0.1:9001");
@@ -412,6 +490,104 @@ on_backend_loss = "reconnect"
         let error = Config::from_toml(&source, "t.toml").unwrap_err();
         assert_eq!(error.problems[0].line, Some(21));
         assert!(error.problems[0].message.contains("no [upstream.chta]"));
+    }
+
+    #[test]
+    fn discover_is_checked_like_every_key() {
+        let discovered = |upstream: &str, server: &str| {
+            format!(
+                "[server]\n{server}\n[[route]]\npath = \"/\"\nupstream = \"chat\"\n\n[upstream.chat]\n{upstream}\n"
+            )
+        };
+        let good = discovered(
+            "discover = { dns = \"chat.default.svc:9000\", refresh = \"2s\", path = \"/ws\" }",
+            "resolver = \"127.0.0.1:5353\"",
+        );
+        let config = Config::from_toml(&good, "t.toml").unwrap();
+        let upstream = &config.upstreams["chat"];
+        let discover = upstream.discover.as_ref().unwrap().get_ref();
+        assert_eq!(discover.dns.port, 9000);
+        assert_eq!(discover.scheme, Scheme::Ws);
+        assert_eq!(discover.refresh.0, Duration::from_secs(2));
+        assert!(upstream.configured_backends().is_empty());
+        assert_eq!(
+            discover.url_of("10.0.0.7".parse().unwrap()),
+            "ws://10.0.0.7:9000/ws"
+        );
+        assert_eq!(
+            config.server.resolver.unwrap().get_ref().0,
+            "127.0.0.1:5353".parse().unwrap()
+        );
+        let defaults = discovered("discover = { dns = \"chat:9000\" }", "");
+        let config = Config::from_toml(&defaults, "t.toml").unwrap();
+        let discover = config.upstreams["chat"]
+            .discover
+            .clone()
+            .unwrap()
+            .into_inner();
+        assert_eq!(discover.refresh.0, Duration::from_secs(5));
+        assert_eq!(discover.path, "");
+
+        let problem = |upstream: &str, server: &str| {
+            Config::from_toml(&discovered(upstream, server), "t.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let both = problem(
+            "backends = [\"ws://127.0.0.1:1\"]\ndiscover = { dns = \"chat:9000\" }",
+            "",
+        );
+        assert!(
+            both.contains("line 9: upstream.chat.discover: an upstream has either backends or discover, not both"),
+            "{both}"
+        );
+        let neither = problem("connect_timeout = \"1s\"", "");
+        assert!(
+            neither.contains("line 7: upstream.chat: needs backends"),
+            "{neither}"
+        );
+        for (upstream, expected) in [
+            (
+                "discover = { dns = \"chat\" }",
+                "invalid discover.dns \"chat\": no port",
+            ),
+            (
+                "discover = { dns = \"chat:9000\", refresh = \"0s\" }",
+                "refresh must be above 0s",
+            ),
+            (
+                "discover = { dns = \"chat:9000\", scheme = \"http\" }",
+                "unknown variant `http`",
+            ),
+            (
+                "discover = { dns = \"chat:9000\", scheme = \"wss\" }",
+                "not supported yet: wss://",
+            ),
+            (
+                "discover = { dns = \"chat:9000\", path = \"ws\" }",
+                "must be empty or start with '/'",
+            ),
+            (
+                "discover = { dns = \"chat:9000\", port = 1 }",
+                "unknown field `port`",
+            ),
+        ] {
+            let text = problem(upstream, "");
+            assert!(text.contains(expected), "{upstream}: {text}");
+            assert!(text.contains("line 8"), "{upstream}: {text}");
+            assert!(
+                !text.contains("needs backends"),
+                "a malformed discover is not reported again as missing: {text}"
+            );
+        }
+        let resolver = problem(
+            "discover = { dns = \"chat:9000\" }",
+            "resolver = \"localhost\"",
+        );
+        assert!(
+            resolver.contains("line 2: resolver: invalid resolver \"localhost\""),
+            "{resolver}"
+        );
     }
 
     #[test]

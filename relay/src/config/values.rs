@@ -293,3 +293,99 @@ impl<'de> Deserialize<'de> for ByteSize {
         deserializer.deserialize_any(SizeVisitor)
     }
 }
+
+/// The address of a DNS server (`[server] resolver`), e.g. `"127.0.0.1:53"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolverAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ResolverAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map(ResolverAddr).map_err(|_| {
+            de::Error::custom(format!(
+                "invalid resolver {text:?}: expected the DNS server's IP:PORT such as \"127.0.0.1:53\"; remove the key to use /etc/resolv.conf"
+            ))
+        })
+    }
+}
+
+/// The DNS name and port of a discovered upstream (`discover.dns = "name:port"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsTarget {
+    /// The name whose A and AAAA records are the backends.
+    pub name: String,
+    /// The port every backend listens on.
+    pub port: u16,
+}
+
+impl DnsTarget {
+    /// Parses `name:port`: a DNS name (letters, digits, `-`, `_` and dots, at most 253
+    /// characters) and a port from 1 to 65535.
+    pub fn parse(text: &str) -> Result<DnsTarget, String> {
+        let bad = |why: &str| {
+            format!(
+                "invalid discover.dns {text:?}: {why}; expected name:port such as \"chat.default.svc.cluster.local:9000\""
+            )
+        };
+        let (name, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let labels_ok = name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+        if name.is_empty() || name.len() > 253 || !labels_ok {
+            return Err(bad("the name must be a DNS name"));
+        }
+        Ok(DnsTarget {
+            name: name.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for DnsTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.name, self.port)
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsTarget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        DnsTarget::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_targets() {
+        let target = DnsTarget::parse("chat.default.svc.cluster.local:9000").unwrap();
+        assert_eq!(target.name, "chat.default.svc.cluster.local");
+        assert_eq!(target.port, 9000);
+        assert_eq!(DnsTarget::parse("chat.:1").unwrap().name, "chat");
+        for (bad, why) in [
+            ("chat", "no port"),
+            ("chat:0", "1 to 65535"),
+            ("chat:http", "1 to 65535"),
+            (":9000", "DNS name"),
+            ("a..b:1", "DNS name"),
+            ("127.0.0.1:99999", "1 to 65535"),
+            ("[::1]:9000", "DNS name"),
+            ("ws://chat:9000", "DNS name"),
+        ] {
+            let message = DnsTarget::parse(bad).unwrap_err();
+            assert!(message.contains(why), "{bad}: {message}");
+        }
+    }
+}

@@ -29,6 +29,7 @@ pub struct Metrics {
     reoriginations: Counter,
     ping_rtt: Family<Labels, Histogram>,
     tap_dropped: Counter,
+    discovery_failures: Family<Labels, Counter>,
     /// Traffic as last rendered: a session that ends during a scrape may be missed once, and a
     /// counter must never go back.
     rendered_traffic: Mutex<Traffic>,
@@ -47,6 +48,8 @@ pub struct Figures {
     pub mux_links: Vec<(String, i64)>,
     /// Open mux streams by backend URL.
     pub mux_streams: Vec<(String, i64)>,
+    /// Backends of each `discover` upstream, by upstream name.
+    pub discovered: Vec<(String, i64)>,
 }
 
 fn rtt_histogram() -> Histogram {
@@ -88,8 +91,15 @@ impl Default for Metrics {
             "Tap records lost because a tap could not keep up",
             tap_dropped.clone(),
         );
+        let discovery_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "discovery_failures",
+            "Failed DNS lookups of discover upstreams (the last backend set stays)",
+            discovery_failures.clone(),
+        );
         Metrics {
             registry,
+            discovery_failures,
             handshakes,
             closes,
             reoriginations,
@@ -123,6 +133,13 @@ impl Metrics {
     /// Counts a session moved to another backend.
     pub fn reoriginated(&self) {
         self.reoriginations.inc();
+    }
+
+    /// Counts a failed lookup of a `discover` upstream.
+    pub fn discovery_failed(&self, upstream: &str) {
+        self.discovery_failures
+            .get_or_create(&vec![("upstream", upstream.to_owned())])
+            .inc();
     }
 
     /// Counts tap records a slow tap lost.
@@ -221,6 +238,17 @@ fn state_registry(figures: &Figures, traffic: &Traffic) -> Registry {
         "Mux streams open by backend",
         per_backend(&figures.mux_streams),
     );
+    let discovered = gauges(
+        &mut figures
+            .discovered
+            .iter()
+            .map(|(upstream, n)| (vec![("upstream", upstream.clone())], *n)),
+    );
+    registry.register(
+        "discovered_backends",
+        "Backends a discover upstream resolved to at its last successful lookup",
+        discovered,
+    );
     registry
 }
 
@@ -233,6 +261,8 @@ mod tests {
         let metrics = Metrics::default();
         metrics.handshake("upgraded", 101);
         metrics.close("client", Some(1000));
+        metrics.discovery_failed("chat");
+        metrics.discovery_failed("chat");
         let mut figures = Figures {
             connections: vec![("/chat".into(), "ws://b:1".into(), 2)],
             traffic: Traffic {
@@ -241,6 +271,7 @@ mod tests {
                 backend_messages: 2,
                 backend_bytes: 20,
             },
+            discovered: vec![("chat".into(), 3)],
             ..Figures::default()
         };
         let text = metrics.render(&figures);
@@ -250,6 +281,8 @@ mod tests {
             "wsrelay_bytes_total{direction=\"out\"} 20",
             "wsrelay_closes_total{by=\"client\",code=\"1000\"} 1",
             "wsrelay_connections_active{route=\"/chat\",backend=\"ws://b:1\"} 2",
+            "wsrelay_discovery_failures_total{upstream=\"chat\"} 2",
+            "wsrelay_discovered_backends{upstream=\"chat\"} 3",
         ] {
             assert!(text.contains(expected), "{expected} missing in\n{text}");
         }

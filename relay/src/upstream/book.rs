@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::BackendSets;
 use crate::config::Config;
 
 /// One backend's run-time state.
@@ -68,10 +69,14 @@ pub struct BackendBook {
 impl BackendBook {
     /// One entry per backend URL of the configuration, healthy until proven otherwise; a
     /// backend `previous` knew keeps its state (health, drain) across a reload.
-    pub fn from_config(config: &Config, previous: Option<&BackendBook>) -> BackendBook {
+    pub fn from_config(
+        config: &Config,
+        sets: &BackendSets,
+        previous: Option<&BackendBook>,
+    ) -> BackendBook {
         let mut backends = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
-            for backend in upstream.backends.get_ref() {
+            for backend in sets.get(name).map_or(&[][..], Vec::as_slice) {
                 let url = &backend.url.original;
                 let state = previous
                     .and_then(|book| book.get_arc(url))

@@ -11,6 +11,7 @@ mod links;
 mod request;
 mod walk;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub(crate) use book::{BackendBook, BackendState};
@@ -19,8 +20,12 @@ pub(crate) use links::{LINK_SUBPROTOCOL, MuxPool, link_config, link_socket_confi
 pub(crate) use request::BackendRequest;
 pub(crate) use walk::{BackendRefusal, Replacing, Via, Walk, Walked};
 
-use crate::config::{BackendUrl, HealthCheckConfig, OnBackendLoss};
+use crate::config::{BackendConfig, BackendUrl, HealthCheckConfig, OnBackendLoss};
 use crate::hashing::Ranking;
+
+/// Every upstream's backends as one generation serves them, by upstream name: the configured
+/// ones, or the addresses last discovered.
+pub(crate) type BackendSets = BTreeMap<String, Vec<BackendConfig>>;
 
 /// A group of backends that routes send clients to.
 pub(crate) struct Upstream {
@@ -50,9 +55,12 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// The run-time form of `[upstream.NAME]`.
-    pub fn from_config(name: &str, config: &crate::config::UpstreamConfig) -> Upstream {
-        let backends = config.backends.get_ref();
+    /// The run-time form of `[upstream.NAME]`, serving `backends`.
+    pub fn from_config(
+        name: &str,
+        config: &crate::config::UpstreamConfig,
+        backends: &[BackendConfig],
+    ) -> Upstream {
         Upstream {
             name: name.to_owned(),
             backends: backends.iter().map(|b| b.url.clone()).collect(),

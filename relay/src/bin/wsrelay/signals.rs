@@ -29,7 +29,7 @@ impl ShutdownSignals {
             tokio::select! {
                 _ = self.terminate.recv() => break,
                 _ = self.interrupt.recv() => break,
-                _ = self.hangup.recv() => match relay.map(RelayHandle::reload_from_file) {
+                _ = self.hangup.recv() => match reload(relay).await {
                     Some(Ok(report)) => tracing::info!(%report, "SIGHUP: configuration reloaded"),
                     Some(Err(error)) => {
                         tracing::error!(%error, "SIGHUP: reload refused; the running configuration stays");
@@ -40,4 +40,11 @@ impl ShutdownSignals {
         }
         tracing::info!("shutdown signal received");
     }
+}
+
+/// Reloads `relay`'s file, if there is a relay.
+async fn reload(
+    relay: Option<&RelayHandle>,
+) -> Option<Result<wsrelay::ReloadReport, wsrelay::ReloadError>> {
+    Some(relay?.reload_from_file().await)
 }

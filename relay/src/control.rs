@@ -9,8 +9,10 @@ use std::sync::atomic::AtomicU64;
 
 use tokio_util::task::TaskTracker;
 
+use crate::accept::tls::ListenerTls;
 use crate::accept::{Acceptor, StaticFiles};
 use crate::admission::Admission;
+use crate::certificates::{self, Certificates};
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::generation::{self, Generation, Generations};
 use crate::inspect::InspectorRegistry;
@@ -28,8 +30,8 @@ pub(crate) struct Shared {
     /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
     pub config_path: Option<PathBuf>,
     pub acceptor: Arc<Acceptor>,
-    /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and the TLS
-    /// files really are until a restart.
+    /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and whether
+    /// the listener speaks TLS really are until a restart.
     started: ServerConfig,
     /// The listen address given in code (`--listen`), which every reloaded configuration keeps.
     listen: Option<SocketAddr>,
@@ -45,12 +47,18 @@ impl Shared {
         config_path: Option<PathBuf>,
         listen: Option<SocketAddr>,
         static_files: Option<StaticFiles>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        certificates: Certificates,
     ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
         let started = config.server.clone();
         let shutdown = Shutdown::default();
-        let first = Generation::new(config, &inspectors, None, shutdown.drain.child_token());
+        let first = Generation::new(
+            config,
+            &inspectors,
+            None,
+            shutdown.drain.child_token(),
+            &certificates.upstreams,
+        );
         let generations = Arc::new(Generations::new(first));
         let sessions = SessionContext {
             generations: generations.clone(),
@@ -67,7 +75,7 @@ impl Shared {
                 next_conn_id: AtomicU64::new(1),
                 tasks: TaskTracker::new(),
                 static_files,
-                tls,
+                tls: certificates.listener.map(ListenerTls::new),
             }),
             started,
             listen,
@@ -91,12 +99,23 @@ impl Shared {
     }
 
     /// Applies a new configuration to new connections at once; sessions on backends it removes
-    /// are moved (or closed 1012) after `shutdown_grace`.
-    pub fn reload(&self, mut config: Config) -> Result<ReloadReport, ConfigError> {
+    /// are moved (or closed 1012) after `shutdown_grace`. Its TLS files are read first: one
+    /// that can't be used refuses the whole reload, and the running certificates stay.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, ConfigError> {
+        self.reload_named(config, "configuration")
+    }
+
+    /// [`Shared::reload`], naming the configuration `origin` in its problems.
+    fn reload_named(&self, mut config: Config, origin: &str) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
         if let Some(addr) = self.listen {
             config.server.listen = toml::Spanned::new(0..0, crate::config::ListenAddr(addr));
         }
+        let dir = self
+            .config_path
+            .as_deref()
+            .and_then(std::path::Path::parent);
+        let certificates = certificates::load(&config, dir, origin)?;
         let old = self.generations.current();
         // Against what the process really runs with: a key changed by an earlier reload is
         // still not in force.
@@ -107,7 +126,15 @@ impl Shared {
             &self.inspectors,
             Some(&old),
             retired,
+            &certificates.upstreams,
         ));
+        let listener_certificate = match (&self.acceptor.tls, certificates.listener) {
+            (Some(tls), Some(config)) => {
+                tls.replace(config);
+                "replaced"
+            }
+            _ => "unchanged",
+        };
         let removed = old.backends_missing_from(&new);
         let added = new.backends_missing_from(&old);
         for url in &removed {
@@ -129,6 +156,7 @@ impl Shared {
             removed = %list(&removed),
             routes,
             restart_needed = %list(&restart_needed),
+            listener_certificate,
             "configuration reloaded"
         );
         Ok(ReloadReport {
@@ -146,9 +174,9 @@ impl Shared {
             path: path.clone(),
             error,
         })?;
-        let config =
-            Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
-        Ok(self.reload(config)?)
+        let origin = path.display().to_string();
+        let config = Config::from_toml_with(&source, &origin, &self.inspectors)?;
+        Ok(self.reload_named(config, &origin)?)
     }
 }
 

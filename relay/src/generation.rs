@@ -7,7 +7,7 @@
 //! are drained, and their sessions move (or close 1012) after `shutdown_grace`, exactly as after
 //! `POST /api/backends/drain`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,9 @@ use crate::inspect::InspectorRegistry;
 use crate::pump::KeepalivePolicy;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
-use crate::upstream::{self, BackendBook, BackendRequest, MuxPool, Upstream, Via, Walk};
+use crate::upstream::{
+    self, BackendBook, BackendRequest, BackendTls, MuxPool, Upstream, Via, Walk,
+};
 
 /// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
 /// idle, so it is small; messages larger than it get a buffer of their own size as they arrive.
@@ -55,12 +57,14 @@ pub(crate) struct Generation {
 
 impl Generation {
     /// Builds a generation; backends that `previous` knew keep their health and drain state.
-    /// `retired` is its own token, cancelled by whoever replaces it.
+    /// `retired` is its own token, cancelled by whoever replaces it. `tls` holds the settings
+    /// of the upstreams with `wss://` backends, loaded from their files for this generation.
     pub fn new(
         config: Config,
         inspectors: &InspectorRegistry,
         previous: Option<&Generation>,
         retired: CancellationToken,
+        tls: &BTreeMap<String, Arc<BackendTls>>,
     ) -> Generation {
         let limits = &config.limits;
         let socket = WebSocketConfig::default()
@@ -68,7 +72,7 @@ impl Generation {
             .write_buffer_size(WRITE_BATCH)
             .max_message_size(Some(limits.max_message_size.as_usize()))
             .max_frame_size(Some(limits.max_frame_size.as_usize()));
-        let routes = RouteTable::from_config(&config, inspectors);
+        let routes = RouteTable::from_config(&config, inspectors, tls);
         let keepalive = keepalive_policy(&config.keepalive);
         let link_config = upstream::link_config(
             limits.max_message_size.0,
@@ -168,13 +172,10 @@ pub(crate) fn restart_needed(before: &ServerConfig, after: &ServerConfig) -> Vec
     if before.max_connections.get_ref() != after.max_connections.get_ref() {
         keys.push("server.max_connections".to_owned());
     }
-    let tls_files = |server: &ServerConfig| {
-        (
-            server.tls_cert.as_ref().map(|p| p.get_ref().clone()),
-            server.tls_key.as_ref().map(|p| p.get_ref().clone()),
-        )
-    };
-    if tls_files(before) != tls_files(after) {
+    // New certificate files (other paths or new contents) apply at a reload; whether the
+    // listener speaks TLS at all is fixed while it runs.
+    let speaks_tls = |server: &ServerConfig| server.tls_cert.is_some() && server.tls_key.is_some();
+    if speaks_tls(before) != speaks_tls(after) {
         keys.push("server.tls_cert/tls_key".to_owned());
     }
     let folder = |server: &ServerConfig| server.static_dir.as_ref().map(|p| p.get_ref().clone());
@@ -240,5 +241,21 @@ mod tests {
             ),
             ["server.listen", "server.admin", "server.max_connections"]
         );
+    }
+
+    #[test]
+    fn new_certificate_files_apply_but_turning_tls_on_or_off_needs_a_restart() {
+        let config = |extra: &str| {
+            let source = format!(
+                "[server]\n{extra}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nbackends = [\"ws://127.0.0.1:1\"]\n"
+            );
+            Config::from_toml(&source, "t").unwrap().server
+        };
+        let plain = config("");
+        let old = config("tls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"");
+        let new = config("tls_cert = \"b.pem\"\ntls_key = \"b-key.pem\"");
+        assert!(restart_needed(&old, &new).is_empty());
+        assert_eq!(restart_needed(&plain, &new), ["server.tls_cert/tls_key"]);
+        assert_eq!(restart_needed(&old, &plain), ["server.tls_cert/tls_key"]);
     }
 }

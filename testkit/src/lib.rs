@@ -32,7 +32,7 @@ pub use client::{
     Client, connect, connect_as, connect_request, expect_close, next_data, refused_status,
     request_as, round_trip, user_ranked_first, users_ranked_first,
 };
-pub use files::{TempDir, TestCertificate};
+pub use files::{IssuedCertificate, TempDir, TestCa, TestCertificate};
 pub use isolated::{Isolated, spawn_isolated};
 pub use proxy::KillableProxy;
 pub use raw::{

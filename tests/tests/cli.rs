@@ -239,18 +239,17 @@ fn check_names_each_problem_with_its_key_and_line() {
 }
 
 #[tokio::test]
-async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_key() {
+async fn running_with_an_unreadable_tls_file_refuses_to_start_and_names_the_key() {
     let dir = TempDir::new();
-    let cases = [("backends", config("", "", &["wss://127.0.0.1:9".into()]))];
-    for (key, source) in cases {
-        let path = dir.write("unsupported.toml", &source);
-        let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
-        let status = relay.wait_exit().await;
-        assert!(!status.success(), "{key}: wsrelay started anyway");
-        let stderr = relay.stderr().join("\n");
-        assert!(stderr.contains("not supported yet: "), "{key}: {stderr}");
-        assert!(stderr.contains(key), "{key}: {stderr}");
-    }
+    let source =
+        config("", "", &["wss://127.0.0.1:9".into()]) + "tls = { ca_file = \"missing-ca.pem\" }\n";
+    let path = dir.write("unreadable.toml", &source);
+    let mut relay = Process::spawn(&["--config", path.to_str().unwrap()], "info");
+    let status = relay.wait_exit().await;
+    assert!(!status.success(), "wsrelay started anyway");
+    let stderr = relay.stderr().join("\n");
+    assert!(stderr.contains("upstream.chat.tls.ca_file"), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem"), "{stderr}");
 }
 
 /// Starts a relay, relays through it, sends `signal`, and checks the drain: the

@@ -109,9 +109,13 @@ pub enum AnyLeg<S> {
     Stream(StreamLeg),
 }
 
+/// The connection under a backend WebSocket: plain TCP for `ws://`, TLS over it for `wss://`.
+pub type BackendStream =
+    tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
 /// The backend side of a session: one WebSocket per client (per-client mode) or a stream on a
 /// shared link (mux mode).
-pub type BackendLeg = AnyLeg<TcpStream>;
+pub type BackendLeg = AnyLeg<BackendStream>;
 
 macro_rules! each_leg {
     ($self:expr, $leg:ident => $body:expr) => {

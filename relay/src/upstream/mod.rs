@@ -9,14 +9,17 @@ mod handshake;
 mod health;
 mod links;
 mod request;
+mod tls;
 mod walk;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use book::{BackendBook, BackendState};
 pub(crate) use health::spawn_checks;
 pub(crate) use links::{LINK_SUBPROTOCOL, MuxPool, link_config, link_socket_config};
 pub(crate) use request::BackendRequest;
+pub(crate) use tls::BackendTls;
 pub(crate) use walk::{BackendRefusal, Replacing, Via, Walk, Walked};
 
 use crate::config::{BackendUrl, HealthCheckConfig, OnBackendLoss};
@@ -38,6 +41,8 @@ pub(crate) struct Upstream {
     pub health_check: Option<HealthCheckConfig>,
     /// Links per backend when a mux route uses this upstream.
     pub mux_links: usize,
+    /// How its `wss://` backends are reached; `None` when it has none.
+    pub tls: Option<Arc<BackendTls>>,
 }
 
 impl Upstream {
@@ -50,8 +55,12 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// The run-time form of `[upstream.NAME]`.
-    pub fn from_config(name: &str, config: &crate::config::UpstreamConfig) -> Upstream {
+    /// The run-time form of `[upstream.NAME]`, with the TLS settings loaded for it.
+    pub fn from_config(
+        name: &str,
+        config: &crate::config::UpstreamConfig,
+        tls: Option<Arc<BackendTls>>,
+    ) -> Upstream {
         let backends = config.backends.get_ref();
         Upstream {
             name: name.to_owned(),
@@ -64,6 +73,7 @@ impl Upstream {
                 .mux_links
                 .as_ref()
                 .map_or(2, |n| *n.get_ref() as usize),
+            tls,
         }
     }
 }

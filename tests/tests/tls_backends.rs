@@ -407,6 +407,33 @@ async fn an_untrusted_or_misnamed_backend_fails_its_dial_and_the_next_backend_ta
 }
 
 #[tokio::test]
+async fn a_client_whose_wss_backend_dies_is_moved_to_the_next_one_over_tls() {
+    let ca = TestCa::new("backends");
+    let start = |name: &'static str| {
+        let config = server_config(&ca.issue(name, &["127.0.0.1"]), None);
+        WssBackend::start(name, config, Behind::Echo)
+    };
+    let first = start("first").await;
+    let second = start("second").await;
+    let urls = [first.url(), second.url()];
+    let relay = TestRelay::start(
+        &relay_config(&urls, &tls_table(&[("ca_file", &ca.ca_path())])),
+        &[],
+    )
+    .await;
+    let mut client = connect_as(&relay.url("/"), &user_ranked_first(&urls, 0)).await;
+    assert_eq!(round_trip(&mut client, "whoami").await, "first");
+    // Its process goes away: every connection drops without a close frame.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while round_trip(&mut client, "whoami").await != "second" {
+        assert!(tokio::time::Instant::now() < deadline, "never moved");
+    }
+    // Its one TLS session with the replacement carries the client from now on.
+    assert_eq!(second.handshakes(), 1);
+}
+
+#[tokio::test]
 async fn mux_links_run_over_wss() {
     let ca = TestCa::new("backends");
     let mux = MuxBackend::start("m").await;

@@ -20,9 +20,10 @@
 //! A reader finds each concept by its module (the map, and how one connection flows through
 //! them: `docs/architecture.md`): `accept` (listener, upgrade checks, answers, mux clients),
 //! `route` (routes, hash keys), `upstream` (backend requests, dialing, the ranking walk, health,
-//! mux links), `session` (one client's life and how it ends), `pump` (frames both ways,
-//! keepalive, replay), `observe` (registry, metrics, taps), `inspect`, `admin`, `config`,
-//! `generation` (what a reload replaces), `shutdown`.
+//! mux links, TLS to backends), `certificates` (the TLS files a configuration names), `session`
+//! (one client's life and how it ends), `pump` (frames both ways, keepalive, replay), `observe`
+//! (registry, metrics, taps), `inspect`, `admin`, `config`, `generation` (what a reload
+//! replaces), `shutdown`.
 
 mod accept;
 mod admin;

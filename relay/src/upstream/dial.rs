@@ -72,7 +72,7 @@ pub async fn dial(
         (true, Some(tls)) => tokio::time::timeout_at(deadline, tls.connect(tcp, backend))
             .await
             .map_err(|_| too_late())?
-            .map(BackendStream::Right)
+            .map(|tls| BackendStream::Right(Box::new(tls)))
             .map_err(unreachable)?,
         // Loading the configuration builds the settings of every upstream with a wss://
         // backend, so this is a bug, said rather than dialed in clear text.

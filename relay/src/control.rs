@@ -16,8 +16,10 @@ use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::tls::ListenerTls;
 use crate::accept::{Acceptor, StaticFiles};
 use crate::admission::Admission;
+use crate::certificates::{self, Certificates};
 use crate::config::{
     BackendConfig, Config, ConfigError, ConfigProblem, DiscoverConfig, ServerConfig,
 };
@@ -27,7 +29,7 @@ use crate::inspect::InspectorRegistry;
 use crate::observe::Observatory;
 use crate::session::SessionContext;
 use crate::shutdown::Shutdown;
-use crate::upstream::BackendSets;
+use crate::upstream::{BackendSets, BackendTls};
 
 /// The relay's root: what its control plane (reloads, the admin API, shutdown) works on. The
 /// data plane gets narrower contexts: the listener its [`Acceptor`], sessions their
@@ -39,8 +41,8 @@ pub(crate) struct Shared {
     /// The file `POST /api/reload` and SIGHUP read, if the relay was started from one.
     pub config_path: Option<PathBuf>,
     pub acceptor: Arc<Acceptor>,
-    /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and the TLS
-    /// files really are until a restart.
+    /// `[server]` as the relay started: what `listen`, `admin`, `max_connections` and whether
+    /// the listener speaks TLS really are until a restart.
     started: ServerConfig,
     /// The listen address given in code (`--listen`), which every reloaded configuration keeps.
     listen: Option<SocketAddr>,
@@ -72,7 +74,7 @@ impl Shared {
         config_path: Option<PathBuf>,
         listen: Option<SocketAddr>,
         static_files: Option<StaticFiles>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        certificates: Certificates,
     ) -> Shared {
         let max_connections = *config.server.max_connections.get_ref();
         let started = config.server.clone();
@@ -85,6 +87,7 @@ impl Shared {
             &inspectors,
             None,
             shutdown.drain.child_token(),
+            certificates.upstreams,
         );
         let generations = Arc::new(Generations::new(first));
         let sessions = SessionContext {
@@ -102,7 +105,7 @@ impl Shared {
                 next_conn_id: AtomicU64::new(1),
                 tasks: TaskTracker::new(),
                 static_files,
-                tls,
+                tls: certificates.listener.map(ListenerTls::new),
             }),
             started,
             listen,
@@ -151,7 +154,8 @@ impl Shared {
         // A reload that came in meanwhile resolved its own configuration and started its own
         // watches: this older one must not replace it.
         let installed = self.install_over(|current| {
-            std::ptr::eq(current, &*first).then(|| (config.clone(), discovered))
+            std::ptr::eq(current, &*first)
+                .then(|| (config.clone(), discovered, current.upstream_tls.clone()))
         });
         if let Some(report) = installed {
             tracing::info!(backends = %list(&report.added), "discovered backends at start");
@@ -162,37 +166,66 @@ impl Shared {
 
     /// Applies a new configuration to new connections at once, its `discover` upstreams
     /// resolved first; sessions on backends it removes are moved (or closed 1012) after
-    /// `shutdown_grace`.
-    pub async fn reload(self: &Arc<Self>, mut config: Config) -> Result<ReloadReport, ConfigError> {
+    /// `shutdown_grace`. Its TLS files are read first: one that can't be used refuses the
+    /// whole reload, and the running certificates stay.
+    pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, ConfigError> {
+        self.reload_named(config, "configuration").await
+    }
+
+    /// [`Shared::reload`], naming the configuration `origin` in its problems.
+    async fn reload_named(
+        self: &Arc<Self>,
+        mut config: Config,
+        origin: &str,
+    ) -> Result<ReloadReport, ConfigError> {
         config.check_inspectors(&self.inspectors)?;
         if let Some(addr) = self.listen {
             config.server.listen = toml::Spanned::new(0..0, crate::config::ListenAddr(addr));
         }
         let resolver = self.resolver_for(&config)?;
+        let dir = self
+            .config_path
+            .as_deref()
+            .and_then(std::path::Path::parent);
+        let certificates = certificates::load(&config, dir, origin)?;
         let old = self.generations.current();
         let (discovered, failing) = self.resolve_all(&config, &resolver, Some(&old)).await;
         // Against what the process really runs with: a key changed by an earlier reload is
         // still not in force.
         let restart_needed = generation::restart_needed(&self.started, &config.server);
-        let mut report = self.install(config.clone(), discovered);
+        let mut report = self.install(config.clone(), discovered, certificates.upstreams);
         report.restart_needed = restart_needed;
+        let listener_certificate = match (&self.acceptor.tls, certificates.listener) {
+            (Some(tls), Some(config)) => {
+                tls.replace(config);
+                "replaced"
+            }
+            _ => "unchanged",
+        };
         self.restart_watches(&config, &resolver, &failing);
         tracing::info!(
             added = %list(&report.added),
             removed = %list(&report.removed),
             routes = report.routes,
             restart_needed = %list(&report.restart_needed),
+            listener_certificate,
             "configuration reloaded"
         );
         Ok(report)
     }
 
-    /// Makes `config`, with `discovered` as the backends of its `discover` upstreams, the
-    /// current generation: backends it lacks are drained (their sessions move or close after
-    /// `shutdown_grace`), the old generation is retired (its health checks stop, its mux links
-    /// go away once their streams have), and the new one's background work starts.
-    fn install(&self, config: Config, discovered: BackendSets) -> ReloadReport {
-        self.install_over(|_| Some((config, discovered)))
+    /// Makes `config`, with `discovered` as the backends of its `discover` upstreams and
+    /// `tls` as the settings of its `wss://` upstreams, the current generation: backends it
+    /// lacks are drained (their sessions move or close after `shutdown_grace`), the old
+    /// generation is retired (its health checks stop, its mux links go away once their
+    /// streams have), and the new one's background work starts.
+    fn install(
+        &self,
+        config: Config,
+        discovered: BackendSets,
+        tls: BTreeMap<String, Arc<BackendTls>>,
+    ) -> ReloadReport {
+        self.install_over(|_| Some((config, discovered, tls)))
             .expect("an unconditional install")
     }
 
@@ -200,11 +233,13 @@ impl Shared {
     /// current generation can't change between the two.
     fn install_over(
         &self,
-        next: impl FnOnce(&Generation) -> Option<(Config, BackendSets)>,
+        next: impl FnOnce(
+            &Generation,
+        ) -> Option<(Config, BackendSets, BTreeMap<String, Arc<BackendTls>>)>,
     ) -> Option<ReloadReport> {
         let _installing = self.installing.lock().expect("install lock");
         let old = self.generations.current();
-        let (config, discovered) = next(&old)?;
+        let (config, discovered, tls) = next(&old)?;
         let retired = self.shutdown().drain.child_token();
         let new = Arc::new(Generation::new(
             config,
@@ -212,6 +247,7 @@ impl Shared {
             &self.inspectors,
             Some(&old),
             retired,
+            tls,
         ));
         let removed = old.backends_missing_from(&new);
         let added = new.backends_missing_from(&old);
@@ -347,9 +383,9 @@ impl Shared {
             path: path.clone(),
             error,
         })?;
-        let config =
-            Config::from_toml_with(&source, &path.display().to_string(), &self.inspectors)?;
-        Ok(self.reload(config).await?)
+        let origin = path.display().to_string();
+        let config = Config::from_toml_with(&source, &origin, &self.inspectors)?;
+        Ok(self.reload_named(config, &origin).await?)
     }
 }
 
@@ -369,7 +405,11 @@ impl Discoveries for Arc<Shared> {
             }
             let mut discovered = current.discovered.clone();
             discovered.insert(upstream.to_owned(), backends);
-            Some((current.config.clone(), discovered))
+            Some((
+                current.config.clone(),
+                discovered,
+                current.upstream_tls.clone(),
+            ))
         });
         let Some(report) = changed else {
             return;

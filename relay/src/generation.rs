@@ -7,7 +7,7 @@
 //! are drained, and their sessions move (or close 1012) after `shutdown_grace`, exactly as after
 //! `POST /api/backends/drain`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use crate::pump::KeepalivePolicy;
 use crate::route::RouteTable;
 use crate::shutdown::Shutdown;
 use crate::upstream::{
-    self, BackendBook, BackendRequest, BackendSets, MuxPool, Upstream, Via, Walk,
+    self, BackendBook, BackendRequest, BackendSets, BackendTls, MuxPool, Upstream, Via, Walk,
 };
 
 /// Bytes a WebSocket reads from its socket at a time. Each leg keeps a buffer this big while
@@ -41,6 +41,9 @@ pub(crate) struct Generation {
     /// The backends of its `discover` upstreams, by upstream name, as they were discovered
     /// when it was built (the others' backends are in `config`).
     pub discovered: BackendSets,
+    /// The TLS settings of its upstreams with `wss://` backends, by upstream name (a discovery
+    /// change builds the next generation with the same ones).
+    pub upstream_tls: BTreeMap<String, Arc<BackendTls>>,
     /// Routes, longest prefix first.
     pub routes: RouteTable,
     /// Every upstream some route uses, once each.
@@ -62,12 +65,15 @@ impl Generation {
     /// Builds a generation serving `config`, whose `discover` upstreams have the backends in
     /// `discovered` (none when they have no entry); backends that `previous` knew keep their
     /// health and drain state. `retired` is its own token, cancelled by whoever replaces it.
+    /// `upstream_tls` holds the settings of the upstreams with `wss://` backends, loaded from
+    /// their files for this configuration.
     pub fn new(
         config: Config,
         mut discovered: BackendSets,
         inspectors: &InspectorRegistry,
         previous: Option<&Generation>,
         retired: CancellationToken,
+        upstream_tls: BTreeMap<String, Arc<BackendTls>>,
     ) -> Generation {
         let limits = &config.limits;
         let socket = WebSocketConfig::default()
@@ -93,7 +99,7 @@ impl Generation {
                 (name.clone(), backends)
             })
             .collect();
-        let routes = RouteTable::from_config(&config, &sets, inspectors);
+        let routes = RouteTable::from_config(&config, &sets, inspectors, &upstream_tls);
         let keepalive = keepalive_policy(&config.keepalive);
         let link_config = upstream::link_config(
             limits.max_message_size.0,
@@ -114,6 +120,7 @@ impl Generation {
             retired,
             config,
             discovered,
+            upstream_tls,
         }
     }
 
@@ -200,13 +207,10 @@ pub(crate) fn restart_needed(before: &ServerConfig, after: &ServerConfig) -> Vec
     if before.max_connections.get_ref() != after.max_connections.get_ref() {
         keys.push("server.max_connections".to_owned());
     }
-    let tls_files = |server: &ServerConfig| {
-        (
-            server.tls_cert.as_ref().map(|p| p.get_ref().clone()),
-            server.tls_key.as_ref().map(|p| p.get_ref().clone()),
-        )
-    };
-    if tls_files(before) != tls_files(after) {
+    // New certificate files (other paths or new contents) apply at a reload; whether the
+    // listener speaks TLS at all is fixed while it runs.
+    let speaks_tls = |server: &ServerConfig| server.tls_cert.is_some() && server.tls_key.is_some();
+    if speaks_tls(before) != speaks_tls(after) {
         keys.push("server.tls_cert/tls_key".to_owned());
     }
     let folder = |server: &ServerConfig| server.static_dir.as_ref().map(|p| p.get_ref().clone());
@@ -272,5 +276,21 @@ mod tests {
             ),
             ["server.listen", "server.admin", "server.max_connections"]
         );
+    }
+
+    #[test]
+    fn new_certificate_files_apply_but_turning_tls_on_or_off_needs_a_restart() {
+        let config = |extra: &str| {
+            let source = format!(
+                "[server]\n{extra}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nbackends = [\"ws://127.0.0.1:1\"]\n"
+            );
+            Config::from_toml(&source, "t").unwrap().server
+        };
+        let plain = config("");
+        let old = config("tls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"");
+        let new = config("tls_cert = \"b.pem\"\ntls_key = \"b-key.pem\"");
+        assert!(restart_needed(&old, &new).is_empty());
+        assert_eq!(restart_needed(&plain, &new), ["server.tls_cert/tls_key"]);
+        assert_eq!(restart_needed(&old, &plain), ["server.tls_cert/tls_key"]);
     }
 }

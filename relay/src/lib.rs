@@ -20,13 +20,15 @@
 //! A reader finds each concept by its module (the map, and how one connection flows through
 //! them: `docs/architecture.md`): `accept` (listener, upgrade checks, answers, mux clients),
 //! `route` (routes, hash keys), `upstream` (backend requests, dialing, the ranking walk, health,
-//! mux links), `session` (one client's life and how it ends), `pump` (frames both ways,
-//! keepalive, replay), `observe` (registry, metrics, taps), `inspect`, `admin`, `config`,
-//! `generation` (what a reload replaces), `discovery` (backends from DNS), `shutdown`.
+//! mux links, TLS to backends), `certificates` (the TLS files a configuration names), `session`
+//! (one client's life and how it ends), `pump` (frames both ways, keepalive, replay), `observe`
+//! (registry, metrics, taps), `inspect`, `admin`, `config`, `generation` (what a reload
+//! replaces), `discovery` (backends from DNS), `shutdown`.
 
 mod accept;
 mod admin;
 mod admission;
+mod certificates;
 pub mod config;
 mod control;
 mod discovery;
@@ -48,7 +50,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use accept::EmbeddedFiles;
-pub use accept::tls::TlsError;
 pub use control::{ReloadError, ReloadReport};
 
 use crate::config::{Config, ConfigError};
@@ -62,17 +63,27 @@ impl Config {
     pub fn from_toml(source: &str, origin: &str) -> Result<Config, ConfigError> {
         Config::from_toml_with(source, origin, &InspectorRegistry::default())
     }
+
+    /// Reads the TLS files the configuration names (the listener's certificate and key, each
+    /// upstream's `tls` files and, for `wss://` backends without `tls.ca_file`, the system's
+    /// roots) as a start or a reload would; `config_dir` is the directory relative paths are
+    /// resolved against (the config file's). Each problem names its key and line.
+    pub fn check_files(
+        &self,
+        config_dir: Option<&std::path::Path>,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
+        certificates::load(self, config_dir, origin).map(drop)
+    }
 }
 
 /// Errors from starting the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The configuration names something this relay does not know (e.g. an inspector).
+    /// The configuration names something this relay does not know (e.g. an inspector), or a
+    /// TLS file that can't be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The TLS certificate or key could not be used.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
     /// `[server] static_dir` can't be served (missing, not a folder); says which and why.
     #[error("{0}")]
     StaticDir(String),
@@ -190,20 +201,22 @@ impl RelayBuilder {
             ),
             (None, None) => None,
         };
-        let tls = match (&self.config.server.tls_cert, &self.config.server.tls_key) {
-            (Some(cert), Some(key)) => Some(accept::tls::acceptor(
-                &near_config(cert.get_ref()),
-                &near_config(key.get_ref()),
-            )?),
-            _ => None,
-        };
+        let origin = self
+            .config_path
+            .as_ref()
+            .map_or_else(|| "configuration".to_owned(), |p| p.display().to_string());
+        let config_dir = self
+            .config_path
+            .as_deref()
+            .and_then(std::path::Path::parent);
+        let certificates = certificates::load(&self.config, config_dir, &origin)?;
         let shared = Arc::new(Shared::new(
             self.config,
             self.inspectors,
             self.config_path,
             self.listen,
             static_files,
-            tls,
+            certificates,
         ));
         let admin_addr = match admin {
             Some(admin) => {

@@ -1,6 +1,7 @@
 //! Routes as the relay uses them at run time: longest-prefix lookup, each route's upstream and
 //! inspector chain, and the bytes a client is hashed by.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use http::header::COOKIE;
 
 use crate::config::{Config, HashKey, Mode};
 use crate::inspect::{ChainTemplate, InspectorRegistry};
-use crate::upstream::{BackendSets, Upstream};
+use crate::upstream::{BackendSets, BackendTls, Upstream};
 
 /// One `[[route]]`, ready to serve.
 pub(crate) struct Route {
@@ -35,11 +36,13 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from a validated configuration; inspector names resolve in `registry`.
+    /// Builds the table from a validated configuration; inspector names resolve in `registry`,
+    /// upstreams with `wss://` backends get their settings from `tls` (by upstream name).
     pub fn from_config(
         config: &Config,
         sets: &BackendSets,
         registry: &InspectorRegistry,
+        tls: &BTreeMap<String, Arc<BackendTls>>,
     ) -> RouteTable {
         let rate_limit = *config.limits.max_messages_per_second.get_ref();
         let upstreams: Vec<(String, Arc<Upstream>)> = config
@@ -52,6 +55,7 @@ impl RouteTable {
                         name,
                         upstream,
                         sets.get(name).map_or(&[][..], Vec::as_slice),
+                        tls.get(name).cloned(),
                     )),
                 )
             })

@@ -35,7 +35,7 @@ pub use client::{
     request_as, round_trip, user_ranked_first, users_ranked_first,
 };
 pub use dns::{TestDns, backends_on_one_port, has_ipv6_loopback, listeners_on_one_port};
-pub use files::{TempDir, TestCertificate};
+pub use files::{IssuedCertificate, TempDir, TestCa, TestCertificate};
 pub use isolated::{Isolated, spawn_isolated};
 pub use process::RelayProcess;
 pub use proxy::KillableProxy;

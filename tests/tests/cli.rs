@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsrelay_testkit::{
-    Client, RawClient, RelayProcess, TempDir, TestBackend, WAIT, backend_list, connect,
+    Client, RawClient, RelayProcess, TempDir, TestBackend, TestCa, WAIT, backend_list, connect,
     expect_close, retry, round_trip, unused_addr, wait_until, wsrelay_binary,
 };
 
@@ -172,18 +173,17 @@ fn check_validates_discover_and_resolver() {
 }
 
 #[tokio::test]
-async fn running_with_a_not_yet_implemented_key_refuses_to_start_and_names_the_key() {
+async fn running_with_an_unreadable_tls_file_refuses_to_start_and_names_the_key() {
     let dir = TempDir::new();
-    let cases = [("backends", config("", "", &["wss://127.0.0.1:9".into()]))];
-    for (key, source) in cases {
-        let path = dir.write("unsupported.toml", &source);
-        let mut relay = RelayProcess::spawn(&["--config", path.to_str().unwrap()], "info");
-        let status = relay.wait_exit().await;
-        assert!(!status.success(), "{key}: wsrelay started anyway");
-        let stderr = relay.stderr().join("\n");
-        assert!(stderr.contains("not supported yet: "), "{key}: {stderr}");
-        assert!(stderr.contains(key), "{key}: {stderr}");
-    }
+    let source =
+        config("", "", &["wss://127.0.0.1:9".into()]) + "tls = { ca_file = \"missing-ca.pem\" }\n";
+    let path = dir.write("unreadable.toml", &source);
+    let mut relay = RelayProcess::spawn(&["--config", path.to_str().unwrap()], "info");
+    let status = relay.wait_exit().await;
+    assert!(!status.success(), "wsrelay started anyway");
+    let stderr = relay.stderr().join("\n");
+    assert!(stderr.contains("upstream.chat.tls.ca_file"), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem"), "{stderr}");
 }
 
 /// Starts a relay, relays through it, sends `signal`, and checks the drain: the
@@ -371,6 +371,84 @@ async fn sighup_without_a_config_file_keeps_the_relay_running() {
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}");
+}
+
+/// The certificate a TLS listener at `addr` presents, trusting `ca`.
+async fn presented_certificate(
+    addr: SocketAddr,
+    ca: &TestCa,
+) -> tokio_rustls::rustls::pki_types::CertificateDer<'static> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.ca_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_listener_certificate_and_refuses_a_bad_pair() {
+    let backend = TestBackend::start("alpha").await;
+    let ca = TestCa::new("rotation");
+    let dir = TempDir::new();
+    let addr = unused_addr();
+    // Relative paths: beside the config file.
+    let install = |stem: &str| {
+        let issued = ca.issue(stem, &["localhost"]);
+        std::fs::copy(&issued.cert_path, dir.path().join("listener.pem")).unwrap();
+        std::fs::copy(&issued.key_path, dir.path().join("listener-key.pem")).unwrap();
+        issued
+    };
+    let first = install("first");
+    let source = config(
+        "tls_cert = \"listener.pem\"\ntls_key = \"listener-key.pem\"",
+        "",
+        &[backend.url()],
+    )
+    .replace("127.0.0.1:0", &addr.to_string());
+    let path = dir.write("relay.toml", &source);
+    let mut relay = RelayProcess::spawn(&["--config", path.to_str().unwrap()], "info");
+    relay.wait_listening(addr).await;
+    assert_eq!(presented_certificate(addr, &ca).await, first.der);
+    let reloads = |relay: &RelayProcess, what: &str| {
+        relay
+            .stderr()
+            .iter()
+            .filter(|line| line.contains(what))
+            .count()
+    };
+
+    // Renewed in place: the next handshake gets the new certificate.
+    let second = install("second");
+    relay.signal("HUP");
+    let deadline = Instant::now() + WAIT;
+    while reloads(&relay, "configuration reloaded") == 0 {
+        assert!(Instant::now() < deadline, "no reload: {:?}", relay.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(presented_certificate(addr, &ca).await, second.der);
+
+    // A key that is not the certificate's: refused with the reason, the second one stays.
+    std::fs::copy(&first.key_path, dir.path().join("listener-key.pem")).unwrap();
+    relay.signal("HUP");
+    wait_until("the refusal", || reloads(&relay, "reload refused") == 1).await;
+    let log = relay.stderr().join("\n");
+    assert!(log.contains("server.tls_key"), "{log}");
+    assert!(log.contains("TLS certificate and key"), "{log}");
+    assert!(relay.is_running());
+    assert_eq!(presented_certificate(addr, &ca).await, second.der);
+    relay.signal("TERM");
+    assert!(relay.wait_exit().await.success());
 }
 
 #[tokio::test]

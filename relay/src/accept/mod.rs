@@ -49,8 +49,9 @@ pub(crate) struct Acceptor {
     pub tasks: TaskTracker,
     /// The folder plain `GET`s are served from, if configured (fixed at start).
     pub static_files: Option<StaticFiles>,
-    /// TLS for the client listener, if configured (fixed at start).
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS for the client listener, if configured at start; a reload may change its
+    /// certificate.
+    pub tls: Option<tls::ListenerTls>,
 }
 
 /// Accepts until the relay stops accepting.
@@ -139,7 +140,7 @@ async fn serve_connection(
         .server
         .handshake_timeout
         .0;
-    let Some(tls) = acceptor.tls.clone() else {
+    let Some(tls) = acceptor.tls.as_ref().map(tls::ListenerTls::acceptor) else {
         return serve_http(acceptor, tcp, peer, admitted, "http", timeout).await;
     };
     // The TLS handshake is part of the client handshake and shares its deadline.

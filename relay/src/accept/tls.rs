@@ -1,49 +1,35 @@
 //! TLS on the client listener (`[server] tls_cert` and `tls_key`, PEM): wss:// with rustls and
-//! the `ring` provider, TLS 1.2 and 1.3, ALPN `http/1.1`.
+//! the `ring` provider, TLS 1.2 and 1.3, ALPN `http/1.1`. The certificate is swapped whole by
+//! a reload (`crate::certificates` reads the files): each new handshake takes the one current
+//! when it starts, and established connections keep the session they have.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::rustls::ServerConfig;
 
-/// Why the TLS settings could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file could not be read or holds nothing usable.
-    #[error("{path}: {reason}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// rustls refused the certificate and key (e.g. they don't match).
-    #[error("TLS certificate and key: {0}")]
-    Rustls(#[from] rustls::Error),
+/// The listener's current TLS configuration; whether the listener speaks TLS at all is fixed
+/// at start.
+pub(crate) struct ListenerTls {
+    current: ArcSwap<ServerConfig>,
 }
 
-/// Loads the certificate chain and private key into an acceptor.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let file_error = |path: &Path, reason: String| TlsError::File {
-        path: path.to_owned(),
-        reason,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| file_error(cert, e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(file_error(cert, "no CERTIFICATE in the file".into()));
+impl ListenerTls {
+    /// Starts with `config`.
+    pub fn new(config: Arc<ServerConfig>) -> ListenerTls {
+        ListenerTls {
+            current: ArcSwap::new(config),
+        }
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+
+    /// The acceptor for a new connection: the certificate current now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// New handshakes get `config` from now on.
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.current.store(config);
+    }
 }

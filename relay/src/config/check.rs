@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use super::{BackendUrl, Config, DiscoverConfig, RouteConfig, UpstreamConfig};
+use super::{BackendUrl, Config, DiscoverConfig, RouteConfig, UpstreamConfig, UpstreamTlsConfig};
 
 /// What the configuration asks of the inspectors its routes name: whether an `inspect` entry
 /// (`name` or `name:argument`) is known and its argument valid. The relay's inspector registry
@@ -72,7 +72,7 @@ impl fmt::Display for ConfigError {
 
 impl ConfigError {
     /// `Ok` when there are no problems, else the error naming `origin`.
-    pub(super) fn from_problems(origin: &str, problems: Vec<ConfigProblem>) -> Result<(), Self> {
+    pub(crate) fn from_problems(origin: &str, problems: Vec<ConfigProblem>) -> Result<(), Self> {
         if problems.is_empty() {
             Ok(())
         } else {
@@ -230,16 +230,23 @@ impl Report<'_> {
     }
 
     fn add(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
-        let line = self
-            .source
-            .filter(|_| span != (0..0))
-            .map(|s| line_of(s, span.start));
-        self.problems.push(ConfigProblem {
-            line,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.problems
+            .push(problem_at(self.source, span, key.into(), message.into()));
     }
+}
+
+/// A problem about the value at `span` of `source`, with its line when there is a source and
+/// the value came from it (defaults have the span `0..0`).
+pub(crate) fn problem_at(
+    source: Option<&str>,
+    span: Range<usize>,
+    key: String,
+    message: String,
+) -> ConfigProblem {
+    let line = source
+        .filter(|_| span != (0..0))
+        .map(|s| line_of(s, span.start));
+    ConfigProblem { line, key, message }
 }
 
 /// Every cross-key problem of `config`, in file order.
@@ -415,6 +422,9 @@ fn upstream_problems(name: &str, upstream: &UpstreamConfig, report: &mut Report<
     {
         report.add(links.span(), key("mux_links"), "must be at least 1");
     }
+    if let Some(tls) = &upstream.tls {
+        tls_problems(name, upstream, tls, report);
+    }
     if let Some(check) = &upstream.health_check {
         let values = check.get_ref();
         if values.interval.is_zero() || values.timeout.is_zero() {
@@ -488,6 +498,50 @@ pub(super) fn without_echoes(
         })
     });
     cross
+}
+
+/// An upstream's `tls`: it must serve some `wss://` backend, name its client certificate and
+/// key together, and give a server name a certificate can hold. Its files are read when the
+/// relay loads the configuration (`crate::tls`), not here.
+fn tls_problems(
+    name: &str,
+    upstream: &UpstreamConfig,
+    tls: &toml::Spanned<UpstreamTlsConfig>,
+    report: &mut Report<'_>,
+) {
+    let key = |field: &str| format!("upstream.{name}.tls{field}");
+    let values = tls.get_ref();
+    if !upstream.has_wss_backends() {
+        // An error, as every other key that can have no effect is: a file that says TLS while
+        // every backend is plain text more likely has a mistyped URL than a spare table.
+        report.add(
+            tls.span(),
+            key(""),
+            "applies to wss:// backends only, and every backend here is ws://: write the backends as wss:// or remove tls",
+        );
+    }
+    match (&values.client_cert, &values.client_key) {
+        (Some(_), None) => report.add(
+            tls.span(),
+            key(".client_cert"),
+            format!("needs upstream.{name}.tls.client_key too"),
+        ),
+        (None, Some(_)) => report.add(
+            tls.span(),
+            key(".client_key"),
+            format!("needs upstream.{name}.tls.client_cert too"),
+        ),
+        _ => {}
+    }
+    if let Some(server_name) = &values.server_name
+        && rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err()
+    {
+        report.add(
+            tls.span(),
+            key(".server_name"),
+            format!("{server_name:?} is not a DNS name or IP address a certificate can hold"),
+        );
+    }
 }
 
 /// 1-based line number of a byte offset.

@@ -26,6 +26,8 @@ pub use values::{
     ResolverAddr,
 };
 
+pub(crate) use check::problem_at;
+
 /// The whole relay configuration, as read from a TOML file or built from CLI flags.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +47,23 @@ pub struct Config {
     /// Named groups of backends that routes point at.
     #[serde(default, rename = "upstream")]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The text it was parsed from, so that problems found later (in the files it names)
+    /// can point at its lines too.
+    #[serde(skip)]
+    pub(crate) source: Source,
+}
+
+/// The TOML text a [`Config`] was read from, if it was read from one.
+#[derive(Clone, Default)]
+pub(crate) struct Source(pub Option<std::sync::Arc<str>>);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(text) => write!(f, "Source({} bytes)", text.len()),
+            None => f.write_str("Source(none)"),
+        }
+    }
 }
 
 /// `[server]`: the listener and process-wide settings.
@@ -210,12 +229,49 @@ pub struct UpstreamConfig {
     pub on_backend_loss: OnBackendLoss,
     /// Active health checking.
     pub health_check: Option<Spanned<HealthCheckConfig>>,
+    /// How the `wss://` backends are reached: trusted roots, client certificate, server name.
+    pub tls: Option<Spanned<UpstreamTlsConfig>>,
+}
+
+/// `tls = { ... }` of an upstream: the TLS client settings of its `wss://` backends. Paths are
+/// relative to the config file's directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the certificates to trust instead of the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain the relay presents to backends that ask for one (mTLS).
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<std::path::PathBuf>,
+    /// The name sent as SNI and verified in the backend's certificate, instead of the URL's
+    /// host.
+    pub server_name: Option<String>,
 }
 
 impl UpstreamConfig {
     /// The backends written in the file; none for a discovered upstream.
     pub fn configured_backends(&self) -> &[BackendConfig] {
         self.backends.as_ref().map_or(&[], |list| list.get_ref())
+    }
+
+    /// Whether its backends speak TLS: some `wss://` backend, or `discover` with `scheme =
+    /// "wss"`.
+    pub fn has_wss_backends(&self) -> bool {
+        self.configured_backends().iter().any(|b| b.url.secure)
+            || self
+                .discover
+                .as_ref()
+                .is_some_and(|d| d.get_ref().scheme == Scheme::Wss)
+    }
+
+    /// Where the backends are set, for problems about them: `backends` or `discover`.
+    pub fn backends_span(&self) -> std::ops::Range<usize> {
+        match (&self.backends, &self.discover) {
+            (Some(list), _) => list.span(),
+            (None, Some(discover)) => discover.span(),
+            (None, None) => 0..0,
+        }
     }
 }
 
@@ -325,7 +381,9 @@ impl Config {
         }
         problems.sort_by_key(|problem| problem.line);
         ConfigError::from_problems(origin, problems)?;
-        Ok(parsed.expect("a configuration without problems was parsed"))
+        let mut config = parsed.expect("a configuration without problems was parsed");
+        config.source = Source(Some(source.into()));
+        Ok(config)
     }
 
     /// Builds the quick-start configuration: one route `/` in per-client mode over `backends`.
@@ -367,8 +425,10 @@ impl Config {
                     mux_links: None,
                     on_backend_loss: OnBackendLoss::Reconnect,
                     health_check: None,
+                    tls: None,
                 },
             )]),
+            source: Source::default(),
         };
         // The quick start names no inspector.
         let none = |entry: &str| Err(format!("unknown inspector {entry:?}"));
@@ -381,6 +441,21 @@ impl Config {
     /// registers inspectors of its own after loading the file).
     pub fn check_inspectors(&self, inspectors: &dyn InspectorCatalog) -> Result<(), ConfigError> {
         ConfigError::from_problems("configuration", check::problems(self, None, inspectors))
+    }
+
+    /// The problems of `config` as a [`ConfigError`] from where it came (`origin`), each
+    /// problem with its line when `config` was read from a file.
+    pub(crate) fn error_at(
+        &self,
+        origin: &str,
+        problems: Vec<(std::ops::Range<usize>, String, String)>,
+    ) -> Result<(), ConfigError> {
+        let source = self.source.0.as_deref();
+        let problems = problems
+            .into_iter()
+            .map(|(span, key, message)| problem_at(source, span, key, message))
+            .collect();
+        ConfigError::from_problems(origin, problems)
     }
 
     /// The client-facing listen address.
@@ -461,14 +536,7 @@ on_backend_loss = "reconnect"
     }
 
     #[test]
-    fn unimplemented_keys_are_refused_not_ignored() {
-        let source = FULL.replace("ws://127.0.0.1:9001", "wss://127.0.0.1:9001");
-        let error = Config::from_toml(&source, "t.toml").unwrap_err();
-        let text = error.to_string();
-        assert!(
-            text.contains("not supported yet: wss:// backends"),
-            "{text}"
-        );
+    fn zero_mux_links_are_refused() {
         let zero_links = FULL.replace(
             "connect_timeout = \"5s\"",
             "connect_timeout = \"5s\"\nmux_links = 0",
@@ -482,6 +550,46 @@ on_backend_loss = "reconnect"
         );
         let mux = FULL.replace("mode = \"per-client\"", "mode = \"mux\"");
         assert!(Config::from_toml(&mux, "t.toml").is_ok());
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_refused_with_their_lines() {
+        let secure = FULL.replace("ws://127.0.0.1:9001", "wss://127.0.0.1:9001");
+        let with = |source: &str, tls: &str| {
+            source.replace(
+                "connect_timeout = \"5s\"",
+                &format!("connect_timeout = \"5s\"\ntls = {tls}"),
+            )
+        };
+        let fine = with(
+            &secure,
+            "{ ca_file = \"ca.pem\", client_cert = \"c.pem\", client_key = \"k.pem\", server_name = \"chat.internal\" }",
+        );
+        let config = Config::from_toml(&fine, "t.toml").unwrap();
+        let tls = config.upstreams["chat"].tls.as_ref().unwrap().get_ref();
+        assert_eq!(tls.server_name.as_deref(), Some("chat.internal"));
+        let messages = |source: &str| -> Vec<String> {
+            Config::from_toml(source, "t.toml")
+                .unwrap_err()
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            messages(&with(&secure, "{ client_key = \"k.pem\" }")),
+            ["line 29: upstream.chat.tls.client_key: needs upstream.chat.tls.client_cert too"]
+        );
+        let plain = messages(&with(FULL, "{ ca_file = \"ca.pem\" }"));
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(
+            plain[0].starts_with("line 29: upstream.chat.tls: applies to wss:// backends only"),
+            "{plain:?}"
+        );
+        let bad_name = messages(&with(&secure, "{ server_name = \"not a name\" }"));
+        assert!(bad_name[0].contains("tls.server_name"), "{bad_name:?}");
+        let typo = messages(&with(&secure, "{ ca_fle = \"ca.pem\" }"));
+        assert!(typo[0].contains("ca_fle"), "{typo:?}");
     }
 
     #[test]
@@ -518,6 +626,9 @@ on_backend_loss = "reconnect"
             config.server.resolver.unwrap().get_ref().0,
             "127.0.0.1:5353".parse().unwrap()
         );
+        let secure = discovered("discover = { dns = \"chat:9000\", scheme = \"wss\" }", "");
+        let config = Config::from_toml(&secure, "t.toml").unwrap();
+        assert!(config.upstreams["chat"].has_wss_backends());
         let defaults = discovered("discover = { dns = \"chat:9000\" }", "");
         let config = Config::from_toml(&defaults, "t.toml").unwrap();
         let discover = config.upstreams["chat"]
@@ -558,10 +669,6 @@ on_backend_loss = "reconnect"
             (
                 "discover = { dns = \"chat:9000\", scheme = \"http\" }",
                 "unknown variant `http`",
-            ),
-            (
-                "discover = { dns = \"chat:9000\", scheme = \"wss\" }",
-                "not supported yet: wss://",
             ),
             (
                 "discover = { dns = \"chat:9000\", path = \"ws\" }",
@@ -611,16 +718,20 @@ on_backend_loss = "reconnect"
 
     #[test]
     fn backend_urls() {
-        assert!(BackendUrl::parse("http://x:1").is_err());
         assert!(
-            BackendUrl::parse("wss://x:1")
+            BackendUrl::parse("http://x:1")
                 .unwrap_err()
-                .contains("not supported yet")
+                .contains("must start with ws:// or wss://")
         );
-        assert_eq!(
-            BackendUrl::parse("ws://example.com").unwrap().authority,
-            "example.com:80"
-        );
+        let plain = BackendUrl::parse("ws://example.com").unwrap();
+        assert_eq!(plain.authority, "example.com:80");
+        assert!(!plain.secure);
+        let secure = BackendUrl::parse("wss://chat.example.com/base").unwrap();
+        assert!(secure.secure);
+        assert_eq!(secure.authority, "chat.example.com:443");
+        assert_eq!(secure.host, "chat.example.com");
+        assert_eq!(secure.base_path, "/base");
+        assert_eq!(BackendUrl::parse("wss://[::1]:9443").unwrap().host, "[::1]");
         assert!(HashKey::parse("cookie:").is_err());
         assert_eq!(
             HashKey::parse("query:room").unwrap(),

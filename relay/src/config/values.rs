@@ -11,7 +11,7 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-/// One backend of an upstream: a `ws://` URL and a rendezvous weight.
+/// One backend of an upstream: a `ws://` or `wss://` URL and a rendezvous weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     /// The backend's URL as written in the config.
@@ -20,11 +20,16 @@ pub struct BackendConfig {
     pub weight: f64,
 }
 
-/// A parsed `ws://host:port[/base]` backend address.
+/// A parsed `ws[s]://host:port[/base]` backend address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendUrl {
     /// The URL exactly as configured; it is also the backend's identity for hashing.
     pub original: String,
+    /// `wss://`: the backend is reached over TLS (the upstream's `tls` settings).
+    pub secure: bool,
+    /// The host as written, without the port (IPv6 addresses keep their brackets): the TLS
+    /// server name unless the upstream's `tls.server_name` says otherwise.
+    pub host: String,
     /// `host:port` to dial and to send as `Host` when `preserve_host = false`.
     pub authority: String,
     /// Path prefix put in front of the client's path; empty for `/`.
@@ -37,15 +42,15 @@ impl BackendUrl {
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("invalid backend URL {text:?}: {e}"))?;
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") => {
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => {
                 return Err(format!(
-                    "not supported yet: wss:// backends ({text:?}); use ws://"
+                    "backend URL {text:?} must start with ws:// or wss://"
                 ));
             }
-            _ => return Err(format!("backend URL {text:?} must start with ws://")),
-        }
+        };
         let authority: &Authority = uri
             .authority()
             .ok_or_else(|| format!("backend URL {text:?} has no host"))?;
@@ -57,13 +62,17 @@ impl BackendUrl {
                 "backend URL {text:?} must not have a query: the client's query is forwarded"
             ));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         let base_path = match uri.path_and_query().map(PathAndQuery::path) {
             None | Some("/") | Some("") => String::new(),
             Some(path) => path.trim_end_matches('/').to_owned(),
         };
         Ok(BackendUrl {
             original: text.to_owned(),
+            secure,
+            host: authority.host().to_owned(),
             authority: format!("{}:{port}", authority.host()),
             base_path,
         })
@@ -82,7 +91,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
         impl<'de> Visitor<'de> for BackendVisitor {
             type Value = BackendConfig;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a backend URL "ws://host:port" or { url = "...", weight = 2.0 }"#)
+                f.write_str(r#"a backend URL "ws://host:port" (or wss://) or { url = "...", weight = 2.0 }"#)
             }
             fn visit_str<E: de::Error>(self, value: &str) -> Result<BackendConfig, E> {
                 Ok(BackendConfig {

@@ -109,9 +109,15 @@ pub enum AnyLeg<S> {
     Stream(StreamLeg),
 }
 
+/// The connection under a backend WebSocket: plain TCP for `ws://`, TLS over it for `wss://`.
+/// The TLS session is boxed: it is over a kilobyte, and every plain backend leg would carry
+/// that much otherwise.
+pub type BackendStream =
+    tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
 /// The backend side of a session: one WebSocket per client (per-client mode) or a stream on a
 /// shared link (mux mode).
-pub type BackendLeg = AnyLeg<TcpStream>;
+pub type BackendLeg = AnyLeg<BackendStream>;
 
 macro_rules! each_leg {
     ($self:expr, $leg:ident => $body:expr) => {
@@ -187,4 +193,18 @@ pub async fn close_leg<L: Leg>(leg: &mut L, frame: Option<CloseFrame>) {
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, finish).await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_backend_stream_costs_about_what_its_tcp_stream_does() {
+        assert!(
+            std::mem::size_of::<BackendStream>() <= 2 * std::mem::size_of::<TcpStream>(),
+            "{} bytes",
+            std::mem::size_of::<BackendStream>()
+        );
+    }
 }

@@ -28,7 +28,9 @@ use tungstenite::{Error as WsError, Message};
 
 pub use hooks::{Direction, PumpHooks, Side, Traffic, Verdict};
 pub use keepalive::KeepalivePolicy;
-pub use leg::{AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, Leg, StreamLeg, close_leg};
+pub use leg::{
+    AnyLeg, BackendLeg, BackendStream, CLOSE_HANDSHAKE_TIMEOUT, Leg, StreamLeg, close_leg,
+};
 
 use keepalive::{LegLiveness, LegVerdict, far_future};
 use replay::ReplayLog;

@@ -16,18 +16,19 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use super::tls;
 use crate::headers::has_token as header_has_token;
+use crate::pump::BackendStream;
 
 /// A backend leg that is open, and what the backend agreed to.
 pub(crate) struct Dialed {
     /// The open WebSocket to the backend.
-    pub socket: WebSocketStream<TcpStream>,
+    pub socket: WebSocketStream<BackendStream>,
     /// The subprotocol the backend picked, if any.
     pub protocol: Option<HeaderValue>,
 }
@@ -66,11 +67,11 @@ pub(crate) struct Refusal {
 }
 
 /// Performs the handshake of `request` (absolute `ws://` URI, `Host` and
-/// `Sec-WebSocket-Key` set) over `tcp`. The head and the upgrade must arrive before
+/// `Sec-WebSocket-Key` set) over `stream` (TCP, or TLS over it). The head and the upgrade must arrive before
 /// `deadline`; a refusal's body is read until the deadline or [`REFUSAL_BODY_WAIT`],
 /// whichever comes first, so a dial never outlasts its deadline.
 pub(crate) async fn open(
-    tcp: TcpStream,
+    stream: BackendStream,
     request: Request<()>,
     config: WebSocketConfig,
     deadline: Instant,
@@ -89,7 +90,7 @@ pub(crate) async fn open(
         .max_headers(MAX_RESPONSE_HEADERS)
         // Some backends still match the handshake's header names case-sensitively.
         .title_case_headers(true)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| Failure::Broken(describe("start the HTTP connection", &e)))?;
     let mut connection = Driven::new(connection.with_upgrades());
@@ -117,9 +118,9 @@ pub(crate) async fn open(
         .await
         .map_err(|_| Failure::TimedOut)?
         .map_err(|e| Failure::Broken(describe("take over the upgraded connection", &e)))?;
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().map_err(|_| {
-        Failure::Broken("the upgraded connection is not the TCP stream dialed".into())
-    })?;
+    let parts = upgraded
+        .downcast::<TokioIo<BackendStream>>()
+        .map_err(|_| Failure::Broken("the upgraded connection is not the stream dialed".into()))?;
     let socket = WebSocketStream::from_partially_read(
         parts.io.into_inner(),
         parts.read_buf.to_vec(),
@@ -249,6 +250,10 @@ where
 /// `what` failed because of `error`, with hyper's underlying cause, which its own message
 /// leaves out.
 fn describe(what: &str, error: &hyper::Error) -> String {
+    // A TLS 1.3 backend judges our certificate after its handshake: its alert arrives here.
+    if let Some(tls_error) = tls::rustls_cause(error) {
+        return tls::explain(tls_error, "the backend");
+    }
     if error.is_parse_too_large() {
         return "answered with an oversized response head".into();
     }

@@ -61,7 +61,15 @@ async fn check_upstream(
             () = stop.cancelled() => return,
         }
         for backend in &upstream.backends {
-            let succeeded = match dial(backend, &request, socket, check.timeout.0).await {
+            let succeeded = match dial(
+                backend,
+                upstream.tls.as_deref(),
+                &request,
+                socket,
+                check.timeout.0,
+            )
+            .await
+            {
                 Ok(mut leg) => {
                     let bye = CloseFrame {
                         code: CloseCode::Normal,

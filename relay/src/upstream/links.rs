@@ -200,7 +200,14 @@ impl LinkSlotTask {
         let mut failures_in_a_row = 0u32;
         while !self.retired.is_cancelled() {
             let attempt = async {
-                let dialed = dial(backend, &request, socket, timeout).await;
+                let dialed = dial(
+                    backend,
+                    self.upstream.tls.as_deref(),
+                    &request,
+                    socket,
+                    timeout,
+                )
+                .await;
                 let dialed = dialed.map_err(|e| e.to_string())?;
                 let establish =
                     Link::establish(dialed.socket, LinkRole::Initiator, self.config.clone());

@@ -9,15 +9,18 @@ mod handshake;
 mod health;
 mod links;
 mod request;
+mod tls;
 mod walk;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use book::{BackendBook, BackendState};
 pub(crate) use health::spawn_checks;
 pub(crate) use links::{LINK_SUBPROTOCOL, MuxPool, link_config, link_socket_config};
 pub(crate) use request::BackendRequest;
+pub(crate) use tls::BackendTls;
 pub(crate) use walk::{BackendRefusal, Replacing, Via, Walk, Walked};
 
 use crate::config::{BackendConfig, BackendUrl, HealthCheckConfig, OnBackendLoss};
@@ -43,6 +46,8 @@ pub(crate) struct Upstream {
     pub health_check: Option<HealthCheckConfig>,
     /// Links per backend when a mux route uses this upstream.
     pub mux_links: usize,
+    /// How its `wss://` backends are reached; `None` when it has none.
+    pub tls: Option<Arc<BackendTls>>,
 }
 
 impl Upstream {
@@ -55,11 +60,13 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// The run-time form of `[upstream.NAME]`, serving `backends`.
+    /// The run-time form of `[upstream.NAME]`, serving `backends`, with the TLS settings
+    /// loaded for it.
     pub fn from_config(
         name: &str,
         config: &crate::config::UpstreamConfig,
         backends: &[BackendConfig],
+        tls: Option<Arc<BackendTls>>,
     ) -> Upstream {
         Upstream {
             name: name.to_owned(),
@@ -72,6 +79,7 @@ impl Upstream {
                 .mux_links
                 .as_ref()
                 .map_or(2, |n| *n.get_ref() as usize),
+            tls,
         }
     }
 }

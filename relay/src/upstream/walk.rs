@@ -218,7 +218,15 @@ impl Walk<'_> {
     async fn attempt(&self, index: usize, timeout: Duration, resumed: bool) -> Attempt {
         let backend = &self.upstream.backends[index];
         match self.via {
-            Via::Socket(config) => match dial(backend, self.request, config, timeout).await {
+            Via::Socket(config) => match dial(
+                backend,
+                self.upstream.tls.as_deref(),
+                self.request,
+                config,
+                timeout,
+            )
+            .await
+            {
                 Ok(dialed) => Attempt::Connected(AnyLeg::Socket(dialed.socket), dialed.protocol),
                 Err(DialError::Refused {
                     status,

@@ -103,11 +103,14 @@ fn config_from_cli(run: &RunArgs) -> Result<Config> {
     }
 }
 
-/// `wsrelay check`: every problem of the file, each with its line and the line itself.
+/// `wsrelay check`: every problem of the file, each with its line and the line itself; the TLS
+/// files it names are read too, once the file itself is sound.
 fn check(path: &Path) -> Result<()> {
     let source = read(path)?;
     let name = path.display().to_string();
-    let error = match Config::from_toml(&source, &name) {
+    let loaded = Config::from_toml(&source, &name)
+        .and_then(|config| config.check_files(path.parent(), &name).map(|()| config));
+    let error = match loaded {
         Ok(config) => {
             let plural = |n: usize| if n == 1 { "" } else { "s" };
             let (routes, upstreams) = (config.routes.len(), config.upstreams.len());

@@ -193,6 +193,7 @@ impl RelayBuilder {
             (Some(cert), Some(key)) => Some(accept::tls::acceptor(
                 &near_config(cert.get_ref()),
                 &near_config(key.get_ref()),
+                self.config.server.http2,
             )?),
             _ => None,
         };

@@ -3,7 +3,8 @@
 //! this process from a TOML snippet ([`TestRelay`]), WebSocket clients ([`connect`] and
 //! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
 //! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
-//! certificate ([`TestCertificate`]), a way to run a server apart from the test's own tasks
+//! certificate ([`TestCertificate`]), an HTTP/2 client opening WebSockets by extended CONNECT
+//! ([`H2Connection`]), a way to run a server apart from the test's own tasks
 //! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
 //!
 //! Everything listens on 127.0.0.1, port 0 unless a test asks for a port. No wait asserts on
@@ -20,6 +21,7 @@ mod backend;
 mod binary;
 mod client;
 mod files;
+mod h2;
 mod isolated;
 mod proxy;
 mod raw;
@@ -33,6 +35,7 @@ pub use client::{
     request_as, round_trip, user_ranked_first, users_ranked_first,
 };
 pub use files::{TempDir, TestCertificate};
+pub use h2::{H2Answer, H2Connection, H2WebSocket};
 pub use isolated::{Isolated, spawn_isolated};
 pub use proxy::KillableProxy;
 pub use raw::{

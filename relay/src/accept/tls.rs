@@ -1,5 +1,6 @@
 //! TLS on the client listener (`[server] tls_cert` and `tls_key`, PEM): wss:// with rustls and
-//! the `ring` provider, TLS 1.2 and 1.3, ALPN `http/1.1`.
+//! the `ring` provider, TLS 1.2 and 1.3, ALPN `http/1.1`, and `h2` first when `[server] http2` is
+//! on (browsers then carry their WebSockets over HTTP/2 by themselves, RFC 8441).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +26,14 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Loads the certificate chain and private key into an acceptor.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The ALPN protocol id of HTTP/2.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol id of HTTP/1.1.
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Loads the certificate chain and private key into an acceptor that offers HTTP/2 as well as
+/// HTTP/1.1 when `http2` is set.
+pub fn acceptor(cert: &Path, key: &Path, http2: bool) -> Result<TlsAcceptor, TlsError> {
     let file_error = |path: &Path, reason: String| TlsError::File {
         path: path.to_owned(),
         reason,
@@ -44,6 +51,26 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn_protocols(http2);
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The ALPN protocols offered, in the server's order of preference.
+fn alpn_protocols(http2: bool) -> Vec<Vec<u8>> {
+    if http2 {
+        vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()]
+    } else {
+        vec![ALPN_HTTP1.to_vec()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2_is_offered_first_only_when_on() {
+        assert_eq!(alpn_protocols(false), [b"http/1.1".to_vec()]);
+        assert_eq!(alpn_protocols(true), [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
 }

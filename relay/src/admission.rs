@@ -2,6 +2,10 @@
 //! connection is admitted with a [`ConnectionSlot`] (its share of `max_connections` and of
 //! `max_connections_per_ip`), held until the connection, or the session it became, ends; new
 //! WebSocket handshakes are paced by `max_handshakes_per_second`.
+//!
+//! An HTTP/2 connection carries many WebSockets: its slot goes to the first, and each other
+//! one is admitted on its own ([`ConnectionAdmission::claim`]), so the limits count WebSockets
+//! whichever HTTP version carries them.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -90,6 +94,43 @@ impl Admission {
     }
 }
 
+/// A client connection's admission, shared by its requests: refused at accept, or its slot
+/// until a WebSocket takes it.
+pub(crate) struct ConnectionAdmission(Mutex<Result<Option<ConnectionSlot>, NotAdmitted>>);
+
+impl ConnectionAdmission {
+    /// The verdict at accept.
+    pub fn new(admitted: Result<ConnectionSlot, NotAdmitted>) -> ConnectionAdmission {
+        ConnectionAdmission(Mutex::new(admitted.map(Some)))
+    }
+
+    /// What one request of the connection may hold. A request that is no WebSocket holds
+    /// nothing, but over HTTP/1.1 a connection refused at accept has every request refused (it
+    /// is closed after the answer). A WebSocket takes the connection's slot while it has one;
+    /// otherwise (the slot went to an earlier WebSocket of an HTTP/2 connection, or such a
+    /// connection was refused at accept) it is admitted on its own from `ip`, which may hold
+    /// `per_ip_limit` connections.
+    pub fn claim(
+        &self,
+        http2: bool,
+        websocket: bool,
+        admission: &Admission,
+        ip: IpAddr,
+        per_ip_limit: usize,
+    ) -> Result<Option<ConnectionSlot>, NotAdmitted> {
+        {
+            let mut held = self.0.lock().expect("admission lock");
+            match &mut *held {
+                Err(refused) if !http2 => return Err(*refused),
+                _ if !websocket => return Ok(None),
+                Ok(slot @ Some(_)) => return Ok(slot.take()),
+                _ => {}
+            }
+        }
+        admission.admit(ip, per_ip_limit).map(Some)
+    }
+}
+
 /// Whether an IP holding `held` connections may open one more under `limit` (0: no limit).
 fn ip_admits(held: usize, limit: usize) -> bool {
     limit == 0 || held < limit
@@ -144,6 +185,49 @@ mod tests {
         assert_eq!(
             admission.admit(ip, 0).err(),
             Some(NotAdmitted::OverCapacity)
+        );
+    }
+
+    #[test]
+    fn an_http2_connection_gives_its_slot_to_one_websocket_and_admits_the_others() {
+        let admission = Admission::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let connection = ConnectionAdmission::new(admission.admit(ip, 0));
+        assert!(matches!(
+            connection.claim(true, false, &admission, ip, 0),
+            Ok(None)
+        ));
+        let first = connection.claim(true, true, &admission, ip, 0).unwrap();
+        assert!(first.is_some(), "the connection's own slot");
+        let second = connection.claim(true, true, &admission, ip, 0).unwrap();
+        assert!(second.is_some(), "a slot of its own");
+        assert_eq!(
+            connection.claim(true, true, &admission, ip, 0).err(),
+            Some(NotAdmitted::OverCapacity)
+        );
+        drop(first);
+        assert!(connection.claim(true, true, &admission, ip, 0).is_ok());
+    }
+
+    #[test]
+    fn an_http1_connection_refused_at_accept_stays_refused() {
+        let admission = Admission::new(1);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let _held = admission.admit(ip, 0).unwrap();
+        let connection = ConnectionAdmission::new(admission.admit(ip, 0));
+        drop(_held);
+        assert_eq!(
+            connection.claim(false, false, &admission, ip, 0).err(),
+            Some(NotAdmitted::OverCapacity),
+            "every request of it"
+        );
+        assert_eq!(
+            connection.claim(false, true, &admission, ip, 0).err(),
+            Some(NotAdmitted::OverCapacity)
+        );
+        assert!(
+            connection.claim(true, true, &admission, ip, 0).is_ok(),
+            "over HTTP/2 the next stream tries again"
         );
     }
 

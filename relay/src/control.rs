@@ -105,7 +105,10 @@ impl Shared {
                 next_conn_id: AtomicU64::new(1),
                 tasks: TaskTracker::new(),
                 static_files,
-                tls: certificates.listener.map(ListenerTls::new),
+                tls: certificates
+                    .listener
+                    .map(|listener| ListenerTls::new(listener, started.http2)),
+                http2: started.http2,
             }),
             started,
             listen,

@@ -213,6 +213,9 @@ pub(crate) fn restart_needed(before: &ServerConfig, after: &ServerConfig) -> Vec
     if speaks_tls(before) != speaks_tls(after) {
         keys.push("server.tls_cert/tls_key".to_owned());
     }
+    if before.http2 != after.http2 {
+        keys.push("server.http2".to_owned());
+    }
     let folder = |server: &ServerConfig| server.static_dir.as_ref().map(|p| p.get_ref().clone());
     if folder(before) != folder(after) {
         keys.push("server.static_dir".to_owned());
@@ -275,6 +278,11 @@ mod tests {
                 &config("127.0.0.1:3", "127.0.0.1:4", "max_connections = 5")
             ),
             ["server.listen", "server.admin", "server.max_connections"]
+        );
+        assert_eq!(
+            restart_needed(&base, &config("127.0.0.1:1", "127.0.0.1:2", "http2 = true")),
+            ["server.http2"],
+            "the TLS listener's ALPN list is fixed at start"
         );
     }
 

@@ -1,6 +1,7 @@
 //! WebSocket clients as the tests use them, and the hash keys that land on a given backend.
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -60,7 +61,10 @@ pub async fn refused_status(url: &str) -> StatusCode {
 }
 
 /// Sends a text message and returns the next data message's text.
-pub async fn round_trip(client: &mut Client, text: &str) -> String {
+pub async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+    text: &str,
+) -> String {
     client.send(Message::text(text)).await.unwrap();
     match next_data(client).await {
         Message::Text(reply) => reply.as_str().to_owned(),
@@ -69,7 +73,9 @@ pub async fn round_trip(client: &mut Client, text: &str) -> String {
 }
 
 /// The next text or binary message (skipping pings and pongs).
-pub async fn next_data(client: &mut Client) -> Message {
+pub async fn next_data<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+) -> Message {
     loop {
         let message = tokio::time::timeout(WAIT, client.next())
             .await
@@ -86,7 +92,9 @@ pub async fn next_data(client: &mut Client) -> Message {
 }
 
 /// Reads until the peer closes; returns its close frame (`None` if it closed without one).
-pub async fn expect_close(client: &mut Client) -> Option<CloseFrame> {
+pub async fn expect_close<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+) -> Option<CloseFrame> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let next = tokio::time::timeout_at(deadline, client.next())

@@ -3,7 +3,9 @@
 //! this process from a TOML snippet ([`TestRelay`]), WebSocket clients ([`connect`] and
 //! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
 //! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
-//! certificate ([`TestCertificate`]), a DNS server whose records a test changes ([`TestDns`]), a way to run a server apart from the test's own tasks
+//! certificate ([`TestCertificate`]), a DNS server whose records a test changes ([`TestDns`]),
+//! an HTTP/2 client opening WebSockets by extended CONNECT ([`H2Connection`]), a way to run a
+//! server apart from the test's own tasks
 //! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
 //!
 //! Everything listens on 127.0.0.1, port 0 unless a test asks for a port. No wait asserts on
@@ -21,6 +23,7 @@ mod binary;
 mod client;
 mod dns;
 mod files;
+mod h2;
 mod isolated;
 mod process;
 mod proxy;
@@ -36,6 +39,7 @@ pub use client::{
 };
 pub use dns::{TestDns, backends_on_one_port, has_ipv6_loopback, listeners_on_one_port};
 pub use files::{IssuedCertificate, TempDir, TestCa, TestCertificate};
+pub use h2::{H2Answer, H2Connection, H2WebSocket};
 pub use isolated::{Isolated, spawn_isolated};
 pub use process::RelayProcess;
 pub use proxy::KillableProxy;

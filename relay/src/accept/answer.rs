@@ -1,37 +1,41 @@
 //! What one client request gets: `/healthz`, a static file (`static_dir`), a refusal, a mux
-//! client's link, or a `101` with a session behind it. The backend leg is opened before the client gets its `101`, so the client
-//! sees the backend's own refusal, and the subprotocol the backend picked.
+//! client's link, or a `101` (HTTP/1.1) or `200` (HTTP/2) with a session behind it. The backend
+//! leg is opened before the client gets its answer, so the client sees the backend's own
+//! refusal, and the subprotocol the backend picked.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Request, StatusCode};
+use http::{Request, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::connect::{ClientRequest, route_client};
+use super::http2::StreamGuard;
 use super::outcome::{Answer, Outcome, text_response};
 use super::upgrade::{self, Refusal};
-use super::{Acceptor, Slot, mux_client};
+use super::{Acceptor, ClientConnection, mux_client};
 use crate::admission::NotAdmitted;
 use crate::config::Mode;
 use crate::headers;
 use crate::session::ClientStart;
 use crate::upstream::LINK_SUBPROTOCOL;
 
-/// Answers one HTTP request.
+/// Answers one HTTP request of `connection`, HTTP/1.1 or HTTP/2 alike.
 pub(super) async fn answer(
     acceptor: &Arc<Acceptor>,
-    peer: SocketAddr,
-    scheme: &'static str,
-    slot: &Slot,
+    connection: &ClientConnection,
     deadline: Instant,
     mut request: Request<Incoming>,
 ) -> Answer {
-    let headers = request.headers();
-    if !upgrade::wants_websocket(headers) && request.uri().path() == "/healthz" {
+    let http2 = request.version() == Version::HTTP_2;
+    if http2 {
+        let authority = request.uri().authority().cloned();
+        headers::fold_http2_fields(authority.as_ref(), request.headers_mut());
+    }
+    let websocket = upgrade::wants_websocket(&request);
+    if !websocket && request.uri().path() == "/healthz" {
         let method = request.method();
         return Answer::new(
             Outcome::NotAHandshake,
@@ -42,21 +46,33 @@ pub(super) async fn answer(
             },
         );
     }
-    if let Some(refused) = slot.refusal() {
-        let (outcome, reason) = match refused {
-            NotAdmitted::OverCapacity => (
-                Outcome::OverCapacity,
-                "too many connections (max_connections)",
-            ),
-            NotAdmitted::OverIpLimit => (
-                Outcome::OverIpLimit,
-                "too many connections from your address (max_connections_per_ip)",
-            ),
-        };
-        return Answer::refusal(outcome, retry_soon(reason, true));
-    }
+    let generation = acceptor.sessions.generations.current();
+    let per_ip = *generation.config.limits.max_connections_per_ip.get_ref();
+    let peer = connection.peer;
+    let claimed =
+        connection
+            .admission
+            .claim(http2, websocket, &acceptor.admission, peer.ip(), per_ip);
+    let slot = match claimed {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let (outcome, reason) = match refused {
+                NotAdmitted::OverCapacity => (
+                    Outcome::OverCapacity,
+                    "too many connections (max_connections)",
+                ),
+                NotAdmitted::OverIpLimit => (
+                    Outcome::OverIpLimit,
+                    "too many connections from your address (max_connections_per_ip)",
+                ),
+            };
+            // Over HTTP/1.1 every request of the connection would get the same answer; an
+            // HTTP/2 connection's other streams may be admitted on their own.
+            return Answer::refusal(outcome, retry_soon(reason, !http2));
+        }
+    };
     if let Some(files) = &acceptor.static_files
-        && !upgrade::wants_websocket(request.headers())
+        && !websocket
     {
         let page = files
             .answer(request.method(), request.uri().path(), request.headers())
@@ -67,7 +83,6 @@ pub(super) async fn answer(
         Ok(upgrade) => upgrade,
         Err(refusal) => return Answer::refusal(Outcome::Refused, refusal),
     };
-    let generation = acceptor.sessions.generations.current();
     let pace = &generation.config.limits.max_handshakes_per_second;
     if !acceptor
         .admission
@@ -81,21 +96,23 @@ pub(super) async fn answer(
         let refusal = Refusal::new(StatusCode::NOT_FOUND, format!("no route serves {path}"));
         return Answer::refusal(Outcome::Refused, refusal);
     };
+    let headers = request.headers();
     if let Err(refusal) = upgrade::check_origin(headers, &generation.config.limits.allowed_origins)
     {
         return Answer::refusal(Outcome::Refused, refusal);
     }
+    let (scheme, http) = (connection.scheme, if http2 { "2" } else { "1.1" });
+    // The connection stays open while the WebSocket lives (an HTTP/2 one carries it).
+    let open = connection.streams.open();
     if route.mode == Mode::Mux
         && headers::has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, LINK_SUBPROTOCOL)
     {
         // A mux client: the relay is the other end of its link, and routes each stream.
-        let response = upgrade::switching_protocols(
-            &upgrade,
-            Some(HeaderValue::from_static(LINK_SUBPROTOCOL)),
-        );
+        let response =
+            upgrade::websocket_accepted(&upgrade, Some(HeaderValue::from_static(LINK_SUBPROTOCOL)));
         let on_upgrade = hyper::upgrade::on(&mut request);
-        let link = mux_client::serve(acceptor.clone(), on_upgrade, peer, scheme, slot.take());
-        acceptor.tasks.spawn(link);
+        let link = mux_client::serve(acceptor.clone(), on_upgrade, peer, scheme, http, slot);
+        acceptor.tasks.spawn(holding(open, link));
         return Answer::new(Outcome::MuxClient, response);
     }
     let client = ClientStart::Upgrade(hyper::upgrade::on(&mut request));
@@ -104,16 +121,25 @@ pub(super) async fn answer(
         headers: request.headers(),
         peer,
         scheme,
+        http,
         deadline,
     };
     let (span, pending) = match route_client(acceptor, &generation, route, client_request).await {
         Ok(prepared) => prepared,
         Err(answer) => return answer,
     };
-    let response = upgrade::switching_protocols(&upgrade, pending.protocol.clone());
-    let session = pending.run(acceptor.sessions.clone(), client, slot.take());
-    acceptor.tasks.spawn(session.instrument(span));
+    let response = upgrade::websocket_accepted(&upgrade, pending.protocol.clone());
+    let session = pending.run(acceptor.sessions.clone(), client, slot);
+    acceptor
+        .tasks
+        .spawn(holding(open, session).instrument(span));
     Answer::new(Outcome::Upgraded, response)
+}
+
+/// Runs `task` with `stream` counted open until it ends.
+async fn holding(stream: StreamGuard, task: impl Future<Output = ()>) {
+    task.await;
+    drop(stream);
 }
 
 /// A 503 that asks the client to retry in a second; `close` also ends the connection, whose

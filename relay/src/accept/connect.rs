@@ -25,6 +25,8 @@ pub(super) struct ClientRequest<'a> {
     pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
+    /// The HTTP version that carries it: `1.1` or `2`.
+    pub http: &'static str,
     /// When its handshake must be answered.
     pub deadline: Instant,
 }
@@ -43,6 +45,7 @@ pub(super) async fn route_client(
         headers,
         peer,
         scheme,
+        http,
         deadline,
     } = client;
     let conn_id = acceptor
@@ -73,6 +76,7 @@ pub(super) async fn route_client(
         route: route.clone(),
         conn_id,
         peer,
+        http,
         path: path.to_owned(),
         hash_key,
         backend_index,

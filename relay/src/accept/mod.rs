@@ -1,9 +1,12 @@
 //! The client-facing listener: accept, limit, TLS, serve HTTP/1.1 with hyper until the request
-//! upgrades. What each request gets is decided in [`answer`]; the RFC 6455 checks are the pure
-//! functions of [`upgrade`]; clients that multiplex on their side are served by [`mux_client`].
+//! upgrades, or HTTP/2 (`[server] http2`, [`http2`]) while its streams live. What each request
+//! gets is decided in [`answer`], whichever version carried it; the RFC 6455 and RFC 8441 checks
+//! are the pure functions of [`upgrade`]; clients that multiplex on their side are served by
+//! [`mux_client`].
 
 mod answer;
 mod connect;
+mod http2;
 mod mux_client;
 mod outcome;
 mod static_files;
@@ -12,22 +15,26 @@ mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::admission::{Admission, ConnectionSlot, NotAdmitted};
+use crate::admission::{Admission, ConnectionAdmission, ConnectionSlot, NotAdmitted};
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use http2::{OpenStreams, Protocols, TrackedExecutor};
 pub use static_files::EmbeddedFiles;
 pub(crate) use static_files::StaticFiles;
-pub(crate) use upgrade::{check_upgrade, switching_protocols};
+pub(crate) use upgrade::{check_upgrade, websocket_accepted};
 
 use crate::session::SessionContext;
 
@@ -52,6 +59,8 @@ pub(crate) struct Acceptor {
     /// TLS for the client listener, if configured at start; a reload may change its
     /// certificate.
     pub tls: Option<tls::ListenerTls>,
+    /// `[server] http2` as the relay started (it needs a restart to change).
+    pub http2: bool,
 }
 
 /// Accepts until the relay stops accepting.
@@ -102,29 +111,19 @@ fn accept_backoff(failures: u32) -> Duration {
     (Duration::from_millis(10) * 2u32.pow(doublings)).min(Duration::from_secs(1))
 }
 
-/// A client connection's admission: refused (it gets 503 for every request), or its slot,
-/// until an upgrade hands it to a session.
-struct Admitted(Mutex<Result<Option<ConnectionSlot>, NotAdmitted>>);
-
-impl Admitted {
-    /// Why the connection was not admitted, if it wasn't.
-    fn refusal(&self) -> Option<NotAdmitted> {
-        self.0
-            .lock()
-            .expect("admission lock")
-            .as_ref()
-            .err()
-            .copied()
-    }
-
-    /// The slot, for the session (or mux link) the connection becomes.
-    fn take(&self) -> Option<ConnectionSlot> {
-        self.0.lock().expect("admission lock").as_mut().ok()?.take()
-    }
+/// What the requests of one client connection share.
+struct ClientConnection {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+    /// Its admission, and its slot until a WebSocket takes it.
+    pub admission: ConnectionAdmission,
+    /// Its requests in flight and the WebSockets they became.
+    pub streams: OpenStreams,
+    /// Set once a request came over HTTP/2: the connection then outlives its handshake.
+    pub http2: AtomicBool,
 }
-
-/// The admission of one client connection, shared by its requests.
-type Slot = Arc<Admitted>;
 
 async fn serve_connection(
     acceptor: Arc<Acceptor>,
@@ -132,16 +131,15 @@ async fn serve_connection(
     peer: SocketAddr,
     admitted: Result<ConnectionSlot, NotAdmitted>,
 ) {
-    let timeout = acceptor
-        .sessions
-        .generations
-        .current()
-        .config
-        .server
-        .handshake_timeout
-        .0;
+    let generation = acceptor.sessions.generations.current();
+    let timeout = generation.config.server.handshake_timeout.0;
+    drop(generation);
+    let admission = ConnectionAdmission::new(admitted);
+    let http2 = acceptor.http2;
     let Some(tls) = acceptor.tls.as_ref().map(tls::ListenerTls::acceptor) else {
-        return serve_http(acceptor, tcp, peer, admitted, "http", timeout).await;
+        let protocols = Protocols::for_connection(http2, None);
+        let connection = ClientConnection::new(peer, "http", admission);
+        return serve_http(acceptor, tcp, connection, protocols, timeout, timeout).await;
     };
     // The TLS handshake is part of the client handshake and shares its deadline.
     let started = tokio::time::Instant::now();
@@ -153,52 +151,130 @@ async fn serve_connection(
     match accepted {
         Ok(Ok(stream)) => {
             let left = timeout.saturating_sub(started.elapsed());
-            serve_http(acceptor, stream, peer, admitted, "https", left).await;
+            let protocols = Protocols::for_connection(http2, stream.get_ref().1.alpn_protocol());
+            let connection = ClientConnection::new(peer, "https", admission);
+            serve_http(acceptor, stream, connection, protocols, left, timeout).await;
         }
         Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
     }
 }
 
-/// Serves HTTP/1.1 on a client connection until it upgrades or `timeout` passes.
+impl ClientConnection {
+    fn new(peer: SocketAddr, scheme: &'static str, admission: ConnectionAdmission) -> Arc<Self> {
+        Arc::new(ClientConnection {
+            peer,
+            scheme,
+            admission,
+            streams: OpenStreams::new(),
+            http2: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Serves HTTP on a client connection with `protocols`. HTTP/1.1 (and a connection that sent
+/// no HTTP/2 request) has `left` to upgrade; an HTTP/2 connection lives while it carries
+/// streams, each request with `handshake_timeout` of its own.
 async fn serve_http<I>(
     acceptor: Arc<Acceptor>,
     io: I,
-    peer: SocketAddr,
-    admitted: Result<ConnectionSlot, NotAdmitted>,
-    scheme: &'static str,
-    timeout: Duration,
+    connection: Arc<ClientConnection>,
+    protocols: Protocols,
+    left: Duration,
+    handshake_timeout: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slot: Slot = Arc::new(Admitted(Mutex::new(admitted.map(Some))));
-    let drain = acceptor.sessions.shutdown.drain.clone();
+    let peer = connection.peer;
     // Backends are tried until the deadline; the connection lives a little longer, so that the
     // client still gets the answer (504) when they took all of it.
-    let deadline = tokio::time::Instant::now() + timeout;
-    let service = service_fn(move |request| {
-        let acceptor = acceptor.clone();
-        let slot = slot.clone();
-        async move {
-            let answer = answer::answer(&acceptor, peer, scheme, &slot, deadline, request).await;
-            Ok::<_, Infallible>(answer.counted(&acceptor.sessions.observe.metrics))
+    let deadline = tokio::time::Instant::now() + left;
+    if protocols == Protocols::Http2 {
+        connection.http2.store(true, Ordering::Relaxed);
+    }
+    let service = {
+        let (acceptor, connection) = (acceptor.clone(), connection.clone());
+        service_fn(move |request: Request<Incoming>| {
+            let acceptor = acceptor.clone();
+            let connection = connection.clone();
+            async move {
+                let _open = connection.streams.open();
+                let deadline = if request.version() == Version::HTTP_2 {
+                    connection.http2.store(true, Ordering::Relaxed);
+                    tokio::time::Instant::now() + handshake_timeout
+                } else {
+                    deadline
+                };
+                let answer = answer::answer(&acceptor, &connection, deadline, request).await;
+                Ok::<_, Infallible>(answer.counted(&acceptor.sessions.observe.metrics))
+            }
+        })
+    };
+    let shutdown = acceptor.sessions.shutdown.clone();
+    if protocols == Protocols::Http1 {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(left)
+            .max_buf_size(MAX_REQUEST_HEAD);
+        let served = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::select! {
+            served = tokio::time::timeout(left + ANSWER_GRACE, served) => match served {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) if error.is_parse_version_h2() => debug!(%peer, "a client sent the HTTP/2 preface, but HTTP/2 is off on this listener (set [server] http2 = true to serve it); closed"),
+                Ok(Err(error)) => debug!(%peer, %error, "client HTTP connection failed"),
+                Err(_) => debug!(%peer, ?left, "client handshake timed out"),
+            },
+            () = shutdown.drain.cancelled() => {}
         }
-    });
-    let mut builder = http1::Builder::new();
+        return;
+    }
+    let executor = TrackedExecutor {
+        tasks: acceptor.tasks.clone(),
+        abort: shutdown.abort.clone(),
+    };
+    let mut builder = auto::Builder::new(executor);
+    if protocols == Protocols::Http2 {
+        builder = builder.http2_only();
+    }
     builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
+        .header_read_timeout(left)
         .max_buf_size(MAX_REQUEST_HEAD);
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    http2::configure(&mut builder, MAX_REQUEST_HEAD);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let log = |served: Result<(), _>| {
+        if let Err(error) = served {
+            debug!(%peer, %error, "client HTTP connection failed");
+        }
+    };
+    let draining = tokio::select! {
+        served = served.as_mut() => return log(served),
+        () = tokio::time::sleep_until(deadline + ANSWER_GRACE) => false,
+        () = shutdown.drain.cancelled() => true,
+    };
+    if !connection.http2.load(Ordering::Relaxed) {
+        // HTTP/1.1 that has not upgraded by now, or a client that never sent a request.
+        debug!(%peer, ?left, "client handshake timed out");
+        return;
+    }
+    if !draining {
+        tokio::select! {
+            served = served.as_mut() => return log(served),
+            () = connection.streams.idle_for(handshake_timeout) => debug!(%peer, "HTTP/2 connection idle; closing it"),
+            () = shutdown.drain.cancelled() => {}
+        }
+    }
+    // GOAWAY: no new streams; the open ones (their sessions close 1001 in a drain) finish,
+    // then the connection ends.
+    served.as_mut().graceful_shutdown();
     tokio::select! {
-        served = tokio::time::timeout(timeout + ANSWER_GRACE, connection) => match served {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => debug!(%peer, %error, "client HTTP connection failed"),
-            Err(_) => debug!(%peer, ?timeout, "client handshake timed out"),
-        },
-        () = drain.cancelled() => {}
+        served = served => log(served),
+        () = shutdown.abort.cancelled() => {}
     }
 }
 

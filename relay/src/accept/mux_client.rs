@@ -25,12 +25,14 @@ use crate::upstream::link_socket_config;
 const MAX_STREAMS_PER_CLIENT: usize = 1024;
 
 /// Runs a mux client's link until it ends, routing each stream it opens. `_slot` is the
-/// client's connection slot, held for the link's life.
+/// client's connection slot, held for the link's life; `http` is the HTTP version that
+/// carries the link (`1.1`, or `2` for a link on an HTTP/2 stream).
 pub(super) async fn serve(
     acceptor: Arc<Acceptor>,
     on_upgrade: OnUpgrade,
     peer: SocketAddr,
     scheme: &'static str,
+    http: &'static str,
     _slot: Option<ConnectionSlot>,
 ) {
     let Ok(upgraded) = on_upgrade.await else {
@@ -61,7 +63,7 @@ pub(super) async fn serve(
             ended = &mut driver => break ended,
             incoming = link.accept() => {
                 let Some(incoming) = incoming else { continue };
-                let task = route_stream(acceptor.clone(), incoming, window, peer, scheme);
+                let task = route_stream(acceptor.clone(), incoming, window, peer, scheme, http);
                 acceptor.tasks.spawn(task);
             }
             () = shutdown.drain.cancelled() => {
@@ -84,6 +86,7 @@ async fn route_stream(
     window: u64,
     peer: SocketAddr,
     scheme: &'static str,
+    http: &'static str,
 ) {
     let generation = acceptor.sessions.generations.current();
     let target = if incoming.query.is_empty() {
@@ -114,6 +117,7 @@ async fn route_stream(
         headers: &headers,
         peer,
         scheme,
+        http,
         deadline,
     };
     match route_client(&acceptor, &generation, route, request).await {

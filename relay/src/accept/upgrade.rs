@@ -1,9 +1,12 @@
-//! The client side of the WebSocket opening handshake (RFC 6455 section 4.2), as pure checks
-//! over a parsed HTTP request: what to refuse and with which status, and the 101 answer.
+//! The server side of the WebSocket opening handshake, as pure checks over a parsed HTTP
+//! request: an HTTP/1.1 `Upgrade` (RFC 6455 section 4.2) or an HTTP/2 extended CONNECT with
+//! `:protocol = websocket` (RFC 8441 section 5). What to refuse and with which status is the same
+//! for both; the answer is `101 Switching Protocols` for one, `200` for the other.
 
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
+use hyper::ext::Protocol;
 use tungstenite::handshake::derive_accept_key;
 
 use crate::headers::has_token as header_has_token;
@@ -30,32 +33,44 @@ impl Refusal {
     }
 }
 
-/// What a valid upgrade request asked for.
+/// A valid WebSocket request, in the form it came.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpgradeRequest {
-    /// The client's `Sec-WebSocket-Key`, needed for the `Sec-WebSocket-Accept` answer.
-    pub key: HeaderValue,
+pub enum UpgradeRequest {
+    /// An HTTP/1.1 `GET` with `Upgrade: websocket`, answered `101`.
+    Http1 {
+        /// The client's `Sec-WebSocket-Key`, needed for the `Sec-WebSocket-Accept` answer.
+        key: HeaderValue,
+    },
+    /// An HTTP/2 extended CONNECT, answered `200`; RFC 8441 uses no key.
+    Http2,
 }
 
-/// True when the request asks for a WebSocket at all (`Upgrade: websocket`).
-pub fn wants_websocket(headers: &HeaderMap) -> bool {
-    header_has_token(headers, &header::UPGRADE, "websocket")
+/// True when the request asks for a WebSocket at all: `Upgrade: websocket` over HTTP/1.1, a
+/// CONNECT with `:protocol = websocket` over HTTP/2.
+pub fn wants_websocket<B>(request: &Request<B>) -> bool {
+    if request.version() == Version::HTTP_2 {
+        request.method() == Method::CONNECT
+            && request
+                .extensions()
+                .get::<Protocol>()
+                .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"))
+    } else {
+        header_has_token(request.headers(), &header::UPGRADE, "websocket")
+    }
 }
 
-/// Checks a request that asked for a WebSocket: 426 without `Upgrade: websocket` or with a
-/// version other than 13 (with `Sec-WebSocket-Version: 13`), 400 for a malformed upgrade.
+/// Checks a request that asked for a WebSocket: 426 for a request that does not ask for one or
+/// names a version other than 13 (with `Sec-WebSocket-Version: 13`), 400 for a malformed
+/// upgrade.
 pub fn check_upgrade<B>(request: &Request<B>) -> Result<UpgradeRequest, Refusal> {
+    if !wants_websocket(request) {
+        return Err(not_a_websocket(request.version()));
+    }
     let headers = request.headers();
-    if !wants_websocket(headers) {
-        return Err(Refusal {
-            status: StatusCode::UPGRADE_REQUIRED,
-            reason: "this is a WebSocket endpoint: send an HTTP/1.1 Upgrade: websocket request"
-                .into(),
-            headers: vec![
-                (header::UPGRADE, HeaderValue::from_static("websocket")),
-                (header::CONNECTION, HeaderValue::from_static("Upgrade")),
-            ],
-        });
+    if request.version() == Version::HTTP_2 {
+        // Method, `:protocol`, `:scheme` and `:path` are checked above and by the HTTP/2 layer.
+        check_version(headers)?;
+        return Ok(UpgradeRequest::Http2);
     }
     if request.method() != Method::GET {
         return Err(Refusal::new(
@@ -75,29 +90,7 @@ pub fn check_upgrade<B>(request: &Request<B>) -> Result<UpgradeRequest, Refusal>
             "missing \"Connection: Upgrade\" in a WebSocket upgrade",
         ));
     }
-    if headers
-        .get_all(header::SEC_WEBSOCKET_VERSION)
-        .iter()
-        .count()
-        != 1
-        || headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .map(HeaderValue::as_bytes)
-            != Some(b"13")
-    {
-        let got = headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .unwrap_or_else(|| "none".into());
-        return Err(Refusal {
-            status: StatusCode::UPGRADE_REQUIRED,
-            reason: format!("unsupported Sec-WebSocket-Version {got:?}: this server speaks 13"),
-            headers: vec![(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            )],
-        });
-    }
+    check_version(headers)?;
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
     let key = match (keys.next(), keys.next()) {
         (Some(key), None) => key.clone(),
@@ -121,7 +114,48 @@ pub fn check_upgrade<B>(request: &Request<B>) -> Result<UpgradeRequest, Refusal>
             "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
     }
-    Ok(UpgradeRequest { key })
+    Ok(UpgradeRequest::Http1 { key })
+}
+
+/// The 426 for a request to a WebSocket endpoint that is no WebSocket request, saying what
+/// to send in the client's own HTTP version.
+fn not_a_websocket(version: Version) -> Refusal {
+    if version == Version::HTTP_2 {
+        // Upgrade and Connection are HTTP/1.1's own: an HTTP/2 answer must not carry them.
+        return Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a WebSocket endpoint: send an extended CONNECT with :protocol websocket (RFC 8441)",
+        );
+    }
+    Refusal {
+        status: StatusCode::UPGRADE_REQUIRED,
+        reason: "this is a WebSocket endpoint: send an HTTP/1.1 Upgrade: websocket request".into(),
+        headers: vec![
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+            (header::CONNECTION, HeaderValue::from_static("Upgrade")),
+        ],
+    }
+}
+
+/// 426 with `Sec-WebSocket-Version: 13` unless the request names version 13, once.
+fn check_version(headers: &HeaderMap) -> Result<(), Refusal> {
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(version), None) if version.as_bytes() == b"13" => Ok(()),
+        (first, _) => {
+            let got = first
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| "none".into());
+            Err(Refusal {
+                status: StatusCode::UPGRADE_REQUIRED,
+                reason: format!("unsupported Sec-WebSocket-Version {got:?}: this server speaks 13"),
+                headers: vec![(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                )],
+            })
+        }
+    }
 }
 
 /// Checks the `Origin` header against `allowed` (exact matches; empty allows all).
@@ -144,25 +178,30 @@ pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refus
 }
 
 /// The `Sec-WebSocket-Accept` value for a client's key.
-pub fn accept_value(upgrade: &UpgradeRequest) -> HeaderValue {
-    HeaderValue::from_str(&derive_accept_key(upgrade.key.as_bytes()))
+pub fn accept_value(key: &HeaderValue) -> HeaderValue {
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
         .expect("base64 is a valid header value")
 }
 
-/// The `101 Switching Protocols` answer to a valid upgrade, with `protocol` as the agreed
-/// subprotocol.
-pub fn switching_protocols<B: Default>(
+/// The answer that makes a valid WebSocket request one, with `protocol` as the agreed
+/// subprotocol: `101 Switching Protocols` over HTTP/1.1, `200` over HTTP/2.
+pub fn websocket_accepted<B: Default>(
     upgrade: &UpgradeRequest,
     protocol: Option<HeaderValue>,
 ) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(upgrade));
     if let Some(protocol) = protocol {
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    match upgrade {
+        UpgradeRequest::Http1 { key } => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(key));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        }
+        UpgradeRequest::Http2 => *response.status_mut() = StatusCode::OK,
     }
     response
 }
@@ -186,10 +225,93 @@ mod tests {
         check_upgrade(&request).unwrap_err().status
     }
 
+    /// An RFC 8441 extended CONNECT, as hyper's HTTP/2 server hands it over.
+    fn connect(edit: impl FnOnce(&mut http::request::Builder)) -> Request<()> {
+        let mut builder = Request::connect("https://relay/chat")
+            .version(Version::HTTP_2)
+            .extension(Protocol::from_static("websocket"))
+            .header("Sec-WebSocket-Version", "13");
+        edit(&mut builder);
+        builder.body(()).unwrap()
+    }
+
     #[test]
     fn accepts_the_rfc_example() {
         let upgrade = check_upgrade(&request(|_| {})).unwrap();
-        assert_eq!(accept_value(&upgrade), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let response: http::Response<()> = websocket_accepted(&upgrade, None);
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            response.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn accepts_an_extended_connect_with_200() {
+        let request = connect(|_| {});
+        assert!(wants_websocket(&request));
+        let upgrade = check_upgrade(&request).unwrap();
+        assert_eq!(upgrade, UpgradeRequest::Http2);
+        let chat = HeaderValue::from_static("chat");
+        let response: http::Response<()> = websocket_accepted(&upgrade, Some(chat));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
+        assert!(
+            !response.headers().contains_key("upgrade")
+                && !response.headers().contains_key("sec-websocket-accept"),
+            "HTTP/1.1's own headers stay out of an HTTP/2 answer"
+        );
+    }
+
+    #[test]
+    fn http2_refusals_match_http1() {
+        let version = check_upgrade(&connect(|b| {
+            b.headers_mut()
+                .unwrap()
+                .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        }))
+        .unwrap_err();
+        assert_eq!(version.status, StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(
+            version.headers,
+            [(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13")
+            )]
+        );
+        let no_version = connect(|b| {
+            b.headers_mut().unwrap().remove("sec-websocket-version");
+        });
+        assert_eq!(status(no_version), StatusCode::UPGRADE_REQUIRED);
+        // A CONNECT for another protocol, a plain CONNECT, a GET: not WebSockets.
+        let other = Request::connect("https://relay/chat")
+            .version(Version::HTTP_2)
+            .extension(Protocol::from_static("webtransport"))
+            .body(())
+            .unwrap();
+        let plain_connect = Request::connect("relay:443")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let get = Request::get("https://relay/chat")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        for request in [other, plain_connect, get] {
+            assert!(!wants_websocket(&request));
+            let refusal = check_upgrade(&request).unwrap_err();
+            assert_eq!(refusal.status, StatusCode::UPGRADE_REQUIRED);
+            assert!(
+                refusal.reason.contains("extended CONNECT"),
+                "{}",
+                refusal.reason
+            );
+            assert!(refusal.headers.is_empty(), "no Upgrade header in HTTP/2");
+        }
+        // `Upgrade: websocket` means nothing in HTTP/2.
+        let mut upgrade_header = request(|_| {});
+        *upgrade_header.version_mut() = Version::HTTP_2;
+        assert!(!wants_websocket(&upgrade_header));
     }
 
     #[test]
@@ -266,10 +388,23 @@ mod properties {
                 }
             }
             match check_upgrade(&request) {
-                Ok(upgrade) => prop_assert!(!accept_value(&upgrade).is_empty()),
+                Ok(upgrade) => {
+                    let response: http::Response<()> = websocket_accepted(&upgrade, None);
+                    prop_assert!(response.headers().contains_key("sec-websocket-accept"));
+                }
                 Err(refusal) => prop_assert!(refusal.status.is_client_error()),
             }
             let _ = check_origin(request.headers(), &["https://a.example".to_owned()]);
+            // The same headers on an extended CONNECT.
+            let (mut parts, ()) = request.into_parts();
+            parts.method = Method::CONNECT;
+            parts.version = Version::HTTP_2;
+            parts.extensions.insert(Protocol::from_static("websocket"));
+            let connect = Request::from_parts(parts, ());
+            match check_upgrade(&connect) {
+                Ok(upgrade) => prop_assert_eq!(upgrade, UpgradeRequest::Http2),
+                Err(refusal) => prop_assert!(refusal.status.is_client_error()),
+            }
         }
     }
 }

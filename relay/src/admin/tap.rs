@@ -18,7 +18,7 @@ use tungstenite::Message;
 use tungstenite::protocol::Role;
 
 use super::{percent_decode, text};
-use crate::accept::{check_upgrade, switching_protocols};
+use crate::accept::{check_upgrade, websocket_accepted};
 use crate::control::Shared;
 use crate::observe::{TapFilter, TapSubscription};
 use crate::route::query_value;
@@ -59,7 +59,7 @@ pub(super) fn open(
         stream_tap(&shared, socket, subscription, filter).await;
         info!(%peer, "tap closed");
     });
-    let mut response = switching_protocols(&upgrade, None);
+    let mut response = websocket_accepted(&upgrade, None);
     // Tells `wsrelay tap` it reached a tap, not a backend behind the client listener.
     response
         .headers_mut()

@@ -76,6 +76,10 @@ pub struct ServerConfig {
     pub tls_cert: Option<Spanned<PathBuf>>,
     /// TLS private key (PEM).
     pub tls_key: Option<Spanned<PathBuf>>,
+    /// Also speak HTTP/2 on `listen` (h2 by ALPN under TLS, h2c with prior knowledge on plain
+    /// TCP), with WebSockets over it by extended CONNECT (RFC 8441). Off by default: the
+    /// listener speaks HTTP/1.1 alone.
+    pub http2: bool,
     /// Plain `GET`s that are not upgrades are served from this folder (relative to the config
     /// file); unset, they get 426.
     pub static_dir: Option<Spanned<PathBuf>>,
@@ -99,6 +103,7 @@ impl Default for ServerConfig {
             listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([0, 0, 0, 0], 8080)))),
             tls_cert: None,
             tls_key: None,
+            http2: false,
             static_dir: None,
             admin: None,
             admin_token: None,

@@ -66,6 +66,8 @@ pub struct SessionEntry {
     pub id: u64,
     /// Client address.
     pub client_addr: SocketAddr,
+    /// The HTTP version that carries the client: `1.1` or `2`.
+    pub http: &'static str,
     /// Route path prefix.
     pub route: Arc<str>,
     /// Request path.
@@ -86,6 +88,7 @@ impl SessionEntry {
     pub fn new(
         id: u64,
         client_addr: SocketAddr,
+        http: &'static str,
         route: Arc<str>,
         path: String,
         mode: &'static str,
@@ -94,6 +97,7 @@ impl SessionEntry {
         SessionEntry {
             id,
             client_addr,
+            http,
             route,
             path,
             mode,
@@ -149,6 +153,7 @@ impl SessionEntry {
         SessionSnapshot {
             id: self.id,
             client_addr: self.client_addr.to_string(),
+            http: self.http,
             route: self.route.to_string(),
             path: self.path.clone(),
             backend: self.backend().to_string(),
@@ -172,6 +177,8 @@ pub struct SessionSnapshot {
     pub id: u64,
     /// Client address.
     pub client_addr: String,
+    /// The HTTP version that carries the client: `"1.1"` or `"2"`.
+    pub http: &'static str,
     /// Route path prefix.
     pub route: String,
     /// Request path.

@@ -67,6 +67,8 @@ pub(crate) struct PendingSession {
     pub conn_id: u64,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The HTTP version that carries the client: `1.1` or `2`.
+    pub http: &'static str,
     /// The request path.
     pub path: String,
     /// The client's hash key, to rank backends again after a loss.
@@ -153,6 +155,7 @@ impl Session {
             route,
             conn_id,
             peer,
+            http,
             path,
             hash_key,
             backend_index,
@@ -176,7 +179,7 @@ impl Session {
             Mode::PerClient => "per-client",
             Mode::Mux => "mux",
         };
-        let entry = SessionEntry::new(conn_id, peer, route_path, path, mode, backend_url);
+        let entry = SessionEntry::new(conn_id, peer, http, route_path, path, mode, backend_url);
         let observer = SessionObserver::new(&context.observe, entry, inspectors, route.sensitive);
         let started = Instant::now();
         let replayable = upstream.on_backend_loss == OnBackendLoss::Reconnect;

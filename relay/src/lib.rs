@@ -29,6 +29,9 @@ mod admin;
 mod admission;
 pub mod config;
 mod control;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod generation;
 pub mod hashing;
 mod headers;

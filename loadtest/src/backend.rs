@@ -1,5 +1,6 @@
 //! The backends the harness brings along: an echo server and a chat-room server, both plain
-//! tokio-tungstenite. `compare` runs them as child processes (`wsrelay-loadtest serve echo|chat`)
+//! tokio-tungstenite, and a mux echo server (the client SDK's `MuxServer`) for relay routes in
+//! mode "mux". `compare` runs them as child processes (`wsrelay-loadtest serve echo|chat`)
 //! so their CPU is not the load generator's; tests run them in-process.
 //!
 //! The chat protocol (JSON text messages): every connection starts in room `"lobby"`;
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use wsrelay_client::MuxServer;
 
 /// Which server to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -28,6 +30,19 @@ pub enum BackendKind {
     Echo,
     /// Chat rooms: join, say, said (see the module docs).
     Chat,
+    /// Echoes every message of every stream of the mux links a relay opens to it.
+    MuxEcho,
+}
+
+impl BackendKind {
+    /// Its name on the command line (`serve NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Echo => "echo",
+            BackendKind::Chat => "chat",
+            BackendKind::MuxEcho => "mux-echo",
+        }
+    }
 }
 
 /// A backend running in the current tokio runtime; stops when dropped.
@@ -82,6 +97,9 @@ fn server_ws_config() -> WebSocketConfig {
 }
 
 async fn accept_loop(kind: BackendKind, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    if kind == BackendKind::MuxEcho {
+        return mux_echo(listener, stopped).await;
+    }
     let rooms = Arc::new(Rooms::default());
     loop {
         let accepted = tokio::select! {
@@ -100,6 +118,7 @@ async fn accept_loop(kind: BackendKind, listener: TcpListener, mut stopped: watc
                 match kind {
                     BackendKind::Echo => echo(tcp).await,
                     BackendKind::Chat => chat(tcp, rooms).await,
+                    BackendKind::MuxEcho => unreachable!("served by mux_echo"),
                 }
             };
             let mut stopped = stopped;
@@ -144,6 +163,30 @@ async fn echo(tcp: TcpStream) {
         if sink.flush().await.is_err() {
             return;
         }
+    }
+}
+
+/// Serves mux links on `listener`: every stream of every link is accepted and echoed in its
+/// own task, which ends with its stream (and so with its link).
+async fn mux_echo(listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    let Ok(server) = MuxServer::from_listener(listener) else {
+        return;
+    };
+    loop {
+        let conn = tokio::select! {
+            conn = server.accept() => conn,
+            _ = stopped.changed() => return,
+        };
+        let Some(conn) = conn else { return };
+        let mut stream = conn.accept(None);
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if (message.is_text() || message.is_binary()) && stream.send(message).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
     }
 }
 

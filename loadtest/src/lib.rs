@@ -9,6 +9,7 @@
 //! wsrelay-loadtest fanout  --target URL -c 1000 --room-size 10 --rate 500
 //! wsrelay-loadtest hold    --target URL -c 100000 -d 60s --watch-pid $(pidof wsrelay)
 //! wsrelay-loadtest churn   --target URL -c 16 -d 30s --watch-pid PID
+//! wsrelay-loadtest soak    -c 10000 -d 30m                       (starts its own relay and backends)
 //! wsrelay-loadtest compare --scenario echo -c 50 --size 64 -d 10s --json out.json --html out.html
 //! ```
 //!

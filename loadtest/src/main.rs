@@ -1,7 +1,7 @@
 //! The `wsrelay-loadtest` command: a thin CLI over the `wsrelay_loadtest` library.
 //!
-//! Exit status: 0 when the run had no errors, 2 when it finished with errors (the figures are
-//! still printed and written), 1 when the harness itself failed, 130 on Ctrl-C.
+//! Exit status: 0 when the run had no errors, 2 when it finished with errors or (soak) broke
+//! an invariant (the figures are still printed and written), 1 when the harness itself failed, 130 on Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ use wsrelay_loadtest::scenario::echo::EchoOpts;
 use wsrelay_loadtest::scenario::fanout::FanoutOpts;
 use wsrelay_loadtest::scenario::hold::HoldOpts;
 use wsrelay_loadtest::scenario::rate::RateOpts;
+use wsrelay_loadtest::scenario::soak::{self, SoakOpts};
 use wsrelay_loadtest::worker::{self, WorkerLauncher};
 
 /// Load tests for WebSocket servers and proxies, wsrelay first: closed and open loop echo,
@@ -90,6 +91,12 @@ enum Command {
         common: CommonOpts,
         #[command(flatten)]
         opts: ChurnOpts,
+    },
+    /// Hours of churn and backend crashes against a wsrelay process: every message checked
+    /// end to end, the relay's memory and files back near the baseline afterwards.
+    Soak {
+        #[command(flatten)]
+        opts: SoakOpts,
     },
     /// Start backends, wsrelay (per-client, mux) and nginx on loopback and run one scenario
     /// against each, alternating, side by side.
@@ -163,6 +170,7 @@ fn main() -> ExitCode {
             common,
             opts,
         } => single(common, ScenarioOpts::Churn(opts), targets.urls),
+        Command::Soak { opts } => run_soak(opts),
         Command::Compare { common, opts } => {
             let threads = threads(&common);
             let exe = match std::env::current_exe() {
@@ -174,6 +182,42 @@ fn main() -> ExitCode {
             });
             conclude(&common, outcome)
         }
+    }
+}
+
+fn run_soak(opts: SoakOpts) -> ExitCode {
+    let programs = std::env::current_exe()
+        .map_err(|e| anyhow::anyhow!("find my own executable: {e}"))
+        .and_then(|exe| {
+            soak::programs(&exe, opts.relay_bin.as_deref(), opts.relay_builtin)
+                .map_err(anyhow::Error::msg)
+        });
+    let outcome = programs.and_then(|programs| {
+        runtime(None).and_then(|rt| {
+            rt.block_on(interruptible(async {
+                Ok(soak::run(&opts, &programs).await?)
+            }))
+        })
+    });
+    let report = match outcome {
+        Ok(Some(report)) => report,
+        Ok(None) => return ExitCode::from(130),
+        Err(error) => return fail(error),
+    };
+    print!("{}", soak::render(&report));
+    if let Some(path) = &opts.json {
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|json| Ok(std::fs::write(path, json)?));
+        if let Err(error) = written {
+            return fail(error.context(format!("write {}", path.display())));
+        }
+        eprintln!("JSON written to {}", path.display());
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 

@@ -156,6 +156,17 @@ impl ChildProcess {
         }
     }
 
+    /// SIGKILL to its process group at once (a crash, as far as its peers can tell), then
+    /// reaps it.
+    pub fn kill_now(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: signalling a process group we created.
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM to its process group, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -201,24 +212,27 @@ pub struct Backend {
     pub url: String,
 }
 
-/// Starts `wsrelay-loadtest serve KIND` from `exe` and waits for its `listening on` line.
+/// Starts `wsrelay-loadtest serve KIND` from `exe` on any free port and waits for its
+/// `listening on` line.
 pub fn start_backend(exe: &Path, kind: BackendKind, index: usize) -> Result<Backend, StartError> {
-    let name = format!(
-        "{} backend {index}",
-        match kind {
-            BackendKind::Echo => "echo",
-            BackendKind::Chat => "chat",
-        }
-    );
+    start_backend_on(exe, kind, SocketAddr::from(([127, 0, 0, 1], 0)), index)
+}
+
+/// Starts `wsrelay-loadtest serve KIND --listen LISTEN` from `exe` and waits for its
+/// `listening on` line.
+pub fn start_backend_on(
+    exe: &Path,
+    kind: BackendKind,
+    listen: SocketAddr,
+    index: usize,
+) -> Result<Backend, StartError> {
+    let name = format!("{} backend {index}", kind.name());
     let mut command = Command::new(exe);
     command
         .arg("serve")
-        .arg(match kind {
-            BackendKind::Echo => "echo",
-            BackendKind::Chat => "chat",
-        })
+        .arg(kind.name())
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -230,9 +244,12 @@ pub fn start_backend(exe: &Path, kind: BackendKind, index: usize) -> Result<Back
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| failed(format!("start {name}"), "no `listening on` line within 10s"))?;
+    let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+        let why = process
+            .exited()
+            .unwrap_or_else(|| "no `listening on` line within 10s".into());
+        failed(format!("start {name}"), why)
+    })?;
     let url = line
         .trim()
         .strip_prefix("listening on ")
@@ -393,36 +410,66 @@ pub fn start_relay(
         RelayMode::Mux => "relay-mux",
     };
     let port = free_port().map_err(|e| failed("pick a port", e))?;
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, relay_config(spec, port)).map_err(|e| failed("write config", e))?;
-    check_relay_config(bin, &config)?;
-    let log_path = dir.join(format!("{name}.log"));
-    let log_file = std::fs::File::create(&log_path).map_err(|e| failed("create log", e))?;
-    let mut command = match bin {
-        RelayBin::Binary(path) => Command::new(path),
-        RelayBin::Builtin(exe) => {
-            let mut c = Command::new(exe);
-            c.arg("serve-relay");
-            c
-        }
+    let launch = RelayLaunch {
+        name,
+        config: relay_config(spec, port),
+        port,
+        workers,
+        log,
     };
-    command
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    if let Some(n) = workers {
-        command.env("TOKIO_WORKER_THREADS", n.to_string());
+    launch.start(bin, dir)
+}
+
+/// A relay to start from a config of the caller's.
+#[derive(Debug, Clone)]
+pub struct RelayLaunch<'a> {
+    /// Its name in messages, and of its config and log files.
+    pub name: &'a str,
+    /// The config file's text.
+    pub config: String,
+    /// The port `config` listens on, on 127.0.0.1.
+    pub port: u16,
+    /// `TOKIO_WORKER_THREADS`, if set.
+    pub workers: Option<usize>,
+    /// `RUST_LOG`.
+    pub log: &'a str,
+}
+
+impl RelayLaunch<'_> {
+    /// Writes the config into `dir`, checks it, starts the relay and waits for its port.
+    pub fn start(&self, bin: &RelayBin, dir: &Path) -> Result<Relay, StartError> {
+        let name = self.name;
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, &self.config).map_err(|e| failed("write config", e))?;
+        check_relay_config(bin, &config)?;
+        let log_path = dir.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log_path).map_err(|e| failed("create log", e))?;
+        let mut command = match bin {
+            RelayBin::Binary(path) => Command::new(path),
+            RelayBin::Builtin(exe) => {
+                let mut c = Command::new(exe);
+                c.arg("serve-relay");
+                c
+            }
+        };
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if let Some(n) = self.workers {
+            command.env("TOKIO_WORKER_THREADS", n.to_string());
+        }
+        let mut process = ChildProcess::spawn(name, command, Some(log_path))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        process.wait_for_port(addr, Duration::from_secs(15))?;
+        Ok(Relay {
+            process,
+            url: format!("ws://{addr}/"),
+        })
     }
-    let mut process = ChildProcess::spawn(name, command, Some(log_path))?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    process.wait_for_port(addr, Duration::from_secs(15))?;
-    Ok(Relay {
-        process,
-        url: format!("ws://{addr}/"),
-    })
 }
 
 /// Finds nginx: the given path, else `nginx` on PATH, else `/usr/sbin/nginx`.

@@ -32,6 +32,9 @@ mod certificates;
 pub mod config;
 mod control;
 mod discovery;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod generation;
 pub mod hashing;
 mod headers;

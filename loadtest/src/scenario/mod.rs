@@ -10,6 +10,7 @@
 //! | [`fanout`] | open loop, chat rooms of `--room-size` | deliveries/s | say -> each member's delivery |
 //! | [`hold`] | idle connections with keepalive | connections/s (ramp) | WebSocket handshake |
 //! | [`churn`] | connect, one message, close, repeat | connections/s | handshake |
+//! | [`soak`] | churn and backend kills through a relay process it starts, for hours | pass/fail on invariants | — |
 
 pub mod churn;
 mod driver;
@@ -18,6 +19,7 @@ pub mod fanout;
 pub mod hold;
 mod messages;
 pub mod rate;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -96,13 +96,40 @@ pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) 
             }
         };
         let _ = tcp.set_nodelay(true);
-        let generation = acceptor.sessions.generations.current();
-        let per_ip = *generation.config.limits.max_connections_per_ip.get_ref();
-        let admitted = acceptor.admission.admit(peer.ip(), per_ip);
+        let admitted = admit(&acceptor, peer);
         acceptor
             .tasks
             .spawn(serve_connection(acceptor.clone(), tcp, peer, admitted));
     }
+}
+
+/// Asks admission for a slot for a connection from `peer`, under the current limits.
+fn admit(acceptor: &Acceptor, peer: SocketAddr) -> Result<ConnectionSlot, NotAdmitted> {
+    let generation = acceptor.sessions.generations.current();
+    let per_ip = *generation.config.limits.max_connections_per_ip.get_ref();
+    acceptor.admission.admit(peer.ip(), per_ip)
+}
+
+/// Serves one plain-HTTP client connection arriving on `io` from `peer` exactly as the accept
+/// loop serves an accepted TCP one (admission, then hyper until the request upgrades): the
+/// fuzz target's way in, with the client's bytes in memory.
+#[cfg(feature = "fuzzing")]
+pub(crate) async fn serve_plain<I>(acceptor: Arc<Acceptor>, io: I, peer: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let admitted = admit(&acceptor, peer);
+    let timeout = acceptor
+        .sessions
+        .generations
+        .current()
+        .config
+        .server
+        .handshake_timeout
+        .0;
+    let protocols = Protocols::for_connection(acceptor.http2, None);
+    let connection = ClientConnection::new(peer, "http", ConnectionAdmission::new(admitted));
+    serve_http(acceptor, io, connection, protocols, timeout, timeout).await;
 }
 
 /// The pause after the `failures`-th accept error in a row: 10 ms, doubling, at most 1 s.

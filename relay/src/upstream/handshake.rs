@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Duration, Instant};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
@@ -26,9 +27,9 @@ use crate::headers::has_token as header_has_token;
 use crate::pump::BackendStream;
 
 /// A backend leg that is open, and what the backend agreed to.
-pub(crate) struct Dialed {
+pub(crate) struct Dialed<S = BackendStream> {
     /// The open WebSocket to the backend.
-    pub socket: WebSocketStream<BackendStream>,
+    pub socket: WebSocketStream<S>,
     /// The subprotocol the backend picked, if any.
     pub protocol: Option<HeaderValue>,
 }
@@ -67,15 +68,19 @@ pub(crate) struct Refusal {
 }
 
 /// Performs the handshake of `request` (absolute `ws://` URI, `Host` and
-/// `Sec-WebSocket-Key` set) over `stream` (TCP, or TLS over it). The head and the upgrade must arrive before
+/// `Sec-WebSocket-Key` set) over `io`, the dialed stream (TCP, or TLS over it; for the fuzz target, bytes
+/// in memory). The head and the upgrade must arrive before
 /// `deadline`; a refusal's body is read until the deadline or [`REFUSAL_BODY_WAIT`],
 /// whichever comes first, so a dial never outlasts its deadline.
-pub(crate) async fn open(
-    stream: BackendStream,
+pub(crate) async fn open<S>(
+    io: S,
     request: Request<()>,
     config: WebSocketConfig,
     deadline: Instant,
-) -> Result<Dialed, Failure> {
+) -> Result<Dialed<S>, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let key = request
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
@@ -90,7 +95,7 @@ pub(crate) async fn open(
         .max_headers(MAX_RESPONSE_HEADERS)
         // Some backends still match the handshake's header names case-sensitively.
         .title_case_headers(true)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
         .await
         .map_err(|e| Failure::Broken(describe("start the HTTP connection", &e)))?;
     let mut connection = Driven::new(connection.with_upgrades());
@@ -118,9 +123,9 @@ pub(crate) async fn open(
         .await
         .map_err(|_| Failure::TimedOut)?
         .map_err(|e| Failure::Broken(describe("take over the upgraded connection", &e)))?;
-    let parts = upgraded
-        .downcast::<TokioIo<BackendStream>>()
-        .map_err(|_| Failure::Broken("the upgraded connection is not the stream dialed".into()))?;
+    let parts = upgraded.downcast::<TokioIo<S>>().map_err(|_| {
+        Failure::Broken("the upgraded connection is not the stream dialed".into())
+    })?;
     let socket = WebSocketStream::from_partially_read(
         parts.io.into_inner(),
         parts.read_buf.to_vec(),

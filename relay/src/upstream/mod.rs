@@ -5,7 +5,7 @@
 
 mod book;
 mod dial;
-mod handshake;
+pub(crate) mod handshake;
 mod health;
 mod links;
 mod request;

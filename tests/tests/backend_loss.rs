@@ -310,3 +310,45 @@ shutdown_grace = "200ms"
     );
     assert!(!staying.texts().is_empty(), "the clients moved");
 }
+
+#[tokio::test]
+async fn messages_replayed_to_a_replacement_that_dies_too_reach_the_next_one() {
+    // "a" and "b" take the client's messages and acknowledge none; both die in turn.
+    let a = TestBackend::with_behavior("a", BackendBehavior::silent()).await;
+    let b = TestBackend::with_behavior("b", BackendBehavior::silent()).await;
+    let c = TestBackend::start("c").await;
+    let urls = [a.url(), b.url(), c.url()];
+    let ranking = wsrelay::hashing::Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    let user = (0..10_000)
+        .map(|n| format!("user-{n}"))
+        .find(|user| ranking.rank(user.as_bytes()) == [0, 1, 2])
+        .expect("a user ranked a, b, c");
+    let relay = TestRelay::start(&config("reconnect", &urls), &[]).await;
+    let mut client = chat_as(&relay, &user).await;
+    for n in 0..10 {
+        client.send(Message::text(format!("{n:06}"))).await.unwrap();
+    }
+    wait_until("the relay to send them to a", || a.open() == 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Gone for good, so that the next move can't go back to it.
+    let _a = a.stop();
+    wait_until("the move to b", || b.open() == 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.kill_connections();
+    c.wait_for("all ten messages at c", |_| numbers(&c).len() == 10)
+        .await;
+    assert_eq!(
+        numbers(&c),
+        (0..10).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+    for n in 0..10 {
+        let echo = next_data(&mut client).await;
+        assert_eq!(
+            echo.to_text().unwrap(),
+            format!("{n:06}"),
+            "c's echoes reach the client"
+        );
+    }
+    assert_eq!(round_trip(&mut client, "still here").await, "still here");
+}

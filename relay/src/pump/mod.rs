@@ -197,10 +197,16 @@ impl<H: PumpHooks> PumpState<H> {
 
     /// A new backend leg replaces a lost one: returns the client messages the old leg may not
     /// have delivered, oldest first, or `None` if that can't be known (the replay log
-    /// overflowed, or the session keeps none).
+    /// overflowed, or the session keeps none). They stay in the log as sent to the new leg.
     pub fn take_replay(&mut self, now: Instant) -> Option<Vec<Message>> {
-        let mut replay = self.replay.as_mut()?.take_for_replay()?;
+        let log = self.replay.as_mut()?;
+        let mut replay = log.take_for_replay()?;
         replay.extend(self.inbound.waiting.take());
+        // The replacement has acknowledged none of them yet: if it is lost as well, they go
+        // to the next one (the caller sends them all, or ends the session).
+        for message in &replay {
+            log.sent(message.clone(), now);
+        }
         self.inbound.needs_flush = false;
         // A message already read from the lost backend (`outbound`) is still the client's.
         self.backend_live = LegLiveness::new(now);

@@ -123,9 +123,9 @@ where
         .await
         .map_err(|_| Failure::TimedOut)?
         .map_err(|e| Failure::Broken(describe("take over the upgraded connection", &e)))?;
-    let parts = upgraded.downcast::<TokioIo<S>>().map_err(|_| {
-        Failure::Broken("the upgraded connection is not the stream dialed".into())
-    })?;
+    let parts = upgraded
+        .downcast::<TokioIo<S>>()
+        .map_err(|_| Failure::Broken("the upgraded connection is not the stream dialed".into()))?;
     let socket = WebSocketStream::from_partially_read(
         parts.io.into_inner(),
         parts.read_buf.to_vec(),

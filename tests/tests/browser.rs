@@ -1,7 +1,9 @@
 //! The demo chat in a real browser: Debian's `chromium`, driven over WebDriver by
 //! `chromedriver` (apt: `chromium chromium-driver`). Two browser sessions join one room; one
 //! types, the other sees it; the backend serving the first is killed from its page and both
-//! keep talking on the sockets they had. Screenshots go to `target/browser/`.
+//! keep talking on the sockets they had. Over https (the demo with a test certificate made here)
+//! Chromium carries the chat's WebSockets over HTTP/2 by itself (RFC 8441), as the relay's
+//! `/api/connections` shows. Screenshots go to `target/browser/`.
 //!
 //! Without a browser the test writes a banner saying it did not run (on the terminal, past the
 //! test harness's capture) and passes, so `cargo test` works on a machine without Chromium;
@@ -81,18 +83,24 @@ impl Driver {
         }
     }
 
-    /// A new headless browser session with a profile of its own.
-    async fn session(&self, chromium: &Path, profile: &Path) -> Client {
+    /// A new headless browser session with a profile of its own; `trust_any` accepts the
+    /// test's own certificate.
+    async fn session(&self, chromium: &Path, profile: &Path, trust_any: bool) -> Client {
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--window-size=1400,850".into(),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        if trust_any {
+            args.push("--ignore-certificate-errors".into());
+        }
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
             "goog:chromeOptions".into(),
-            json!({
-                "binary": chromium,
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1400,850", format!("--user-data-dir={}", profile.display()),
-                ],
-            }),
+            json!({ "binary": chromium, "args": args }),
         );
         ClientBuilder::new(HttpConnector::new())
             .capabilities(capabilities)
@@ -209,10 +217,10 @@ async fn two_browsers_chat_through_the_demo_and_keep_their_sockets_when_a_backen
     let driver = Driver::start(&driver).await;
     let profiles = TempDir::new();
     let ann = driver
-        .session(&chromium, &profiles.path().join("ann"))
+        .session(&chromium, &profiles.path().join("ann"), false)
         .await;
     let bob = driver
-        .session(&chromium, &profiles.path().join("bob"))
+        .session(&chromium, &profiles.path().join("bob"), false)
         .await;
 
     let ann_backend = join(&ann, &base, "ann", "browsers").await;
@@ -260,6 +268,104 @@ async fn two_browsers_chat_through_the_demo_and_keep_their_sockets_when_a_backen
     let shot = screenshot(&ann, "chat-ann-after-kill").await;
     screenshot(&bob, "chat-bob-after-kill").await;
     assert!(shot.metadata().unwrap().len() > 10_000, "a real screenshot");
+
+    ann.close().await.unwrap();
+    bob.close().await.unwrap();
+    demo.signal("TERM");
+    assert!(demo.wait_exit().await.success(), "{:?}", demo.stderr());
+}
+
+/// The admin address `wsrelay demo` printed.
+fn admin_of(demo: &RelayProcess) -> String {
+    demo.stdout()
+        .iter()
+        .find_map(|line| {
+            let rest = line.trim_start().strip_prefix("admin")?.trim_start();
+            Some(
+                rest.strip_prefix("http://")?
+                    .split_whitespace()
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .expect("the demo prints its admin address")
+}
+
+#[tokio::test]
+async fn over_wss_chromium_carries_the_chat_websockets_over_http2() {
+    let Some((chromium, driver)) = browser() else {
+        return;
+    };
+    let certificate = wsrelay_testkit::TestCertificate::new();
+    let addr = unused_addr();
+    let (cert, key) = (certificate.cert_path(), certificate.key_path());
+    let mut demo = RelayProcess::spawn(
+        &[
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        "info",
+    );
+    demo.wait_listening(addr).await;
+    wsrelay_testkit::wait_until("the demo banner", || {
+        demo.stdout()
+            .iter()
+            .any(|l| l.contains(&format!("https://{addr}/")))
+            && demo
+                .stdout()
+                .iter()
+                .any(|l| l.trim_start().starts_with("admin"))
+    })
+    .await;
+    let base = format!("https://{addr}/");
+    let driver = Driver::start(&driver).await;
+    let profiles = TempDir::new();
+    let ann = driver
+        .session(&chromium, &profiles.path().join("ann"), true)
+        .await;
+    let bob = driver
+        .session(&chromium, &profiles.path().join("bob"), true)
+        .await;
+    join(&ann, &base, "ann", "h2").await;
+    join(&bob, &base, "bob", "h2").await;
+    say(&ann, "hello over wss").await;
+    sees_line(&bob, "hello over wss").await;
+    screenshot(&bob, "chat-bob-wss").await;
+
+    // The relay says which HTTP each chat WebSocket came over.
+    let admin = admin_of(&demo);
+    let listing = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(&admin).await.unwrap();
+        let request =
+            format!("GET /api/connections HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+    .await;
+    let body = listing.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let connections: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {listing}"));
+    let chats: Vec<&Value> = connections
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["path"].as_str().is_some_and(|p| p.starts_with("/chat")))
+        .collect();
+    assert_eq!(chats.len(), 2, "{connections}");
+    for chat in chats {
+        assert_eq!(
+            chat["http"], "2",
+            "Chromium used HTTP/2 for its WebSocket: {chat}"
+        );
+    }
 
     ann.close().await.unwrap();
     bob.close().await.unwrap();

@@ -85,6 +85,13 @@ pub enum Command {
         /// Client listener address for the demo relay (pick another if 8080 is taken).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Serve the page and its WebSockets over TLS with this PEM certificate chain (browsers
+        /// then carry the WebSockets over HTTP/2).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The private key of `--tls-cert`.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
 }
 

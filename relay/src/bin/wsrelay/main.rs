@@ -26,7 +26,14 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let outcome = match &cli.command {
         Some(Command::Check { config }) => check(config),
-        Some(Command::Demo { listen }) => runtime().and_then(|rt| rt.block_on(demo::run(*listen))),
+        Some(Command::Demo {
+            listen,
+            tls_cert,
+            tls_key,
+        }) => {
+            let tls = tls_cert.clone().zip(tls_key.clone());
+            runtime().and_then(|rt| rt.block_on(demo::run(*listen, tls)))
+        }
         Some(Command::Reload { admin, token }) => {
             runtime().and_then(|rt| rt.block_on(reload::run(admin, token.as_deref())))
         }

@@ -9,6 +9,7 @@ mod backends;
 mod hub;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -31,8 +32,9 @@ fn page() -> EmbeddedFiles {
         .file("/chat.css", include_str!("page/chat.css"))
 }
 
-/// The demo's configuration, as a user would write it.
-fn config(listen: SocketAddr, hosts: &[Host]) -> Result<Config> {
+/// The demo's configuration, as a user would write it; with `tls` (certificate and key) the
+/// listener speaks TLS.
+fn config(listen: SocketAddr, hosts: &[Host], tls: Option<&(PathBuf, PathBuf)>) -> Result<Config> {
     let list = |url: fn(&Host) -> String| {
         hosts
             .iter()
@@ -40,13 +42,21 @@ fn config(listen: SocketAddr, hosts: &[Host]) -> Result<Config> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let tls = tls.map_or_else(String::new, |(cert, key)| {
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    });
     let source = format!(
         r#"
 [server]
 listen = "{listen}"
 admin = "127.0.0.1:0"
 shutdown_grace = "5s"
-
+http2 = true
+{tls}
 [[route]]
 path = "/chat"
 upstream = "chat"
@@ -75,8 +85,8 @@ health_check = {{ interval = "1s", timeout = "1s", unhealthy_after = 1, healthy_
     Config::from_toml(&source, "the demo's configuration").context("the demo's configuration")
 }
 
-/// Runs the demo until SIGINT or SIGTERM.
-pub async fn run(listen: SocketAddr) -> Result<()> {
+/// Runs the demo until SIGINT or SIGTERM; with `tls` (certificate and key files) over TLS.
+pub async fn run(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<()> {
     let signals = ShutdownSignals::install()?;
     let hub = Arc::new(Hub::new(&NAMES));
     let (kills, kill_requests) = mpsc::channel(16);
@@ -84,7 +94,7 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
     for name in NAMES {
         hosts.push(Host::start(name, hub.clone(), kills.clone()).context("start a demo backend")?);
     }
-    let relay = Relay::builder(config(listen, &hosts)?)
+    let relay = Relay::builder(config(listen, &hosts, tls.as_ref())?)
         .static_files(page())
         .bind()
         .await
@@ -103,8 +113,10 @@ pub async fn run(listen: SocketAddr) -> Result<()> {
     drop(kills);
 
     let addr = relay.local_addr();
-    let web = format!("http://{addr}/");
-    let ws = format!("ws://{addr}");
+    let (web, ws) = match tls {
+        Some(_) => (format!("https://{addr}/"), format!("wss://{addr}")),
+        None => (format!("http://{addr}/"), format!("ws://{addr}")),
+    };
     println!("wsrelay demo: open {web} in a browser (two tabs, to chat between them)");
     println!();
     println!(

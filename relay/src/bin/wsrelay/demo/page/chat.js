@@ -235,6 +235,13 @@ function join(newNick, newRoom) {
 
 function openTap(url) {
   if (tap && tap.url === url && tap.readyState <= WebSocket.OPEN) return;
+  if (location.protocol === "https:" && url.startsWith("ws:")) {
+    // The tap is on the admin listener, plain ws://, which an https page may not open.
+    $("frames").replaceChildren(el("li", "ctl empty",
+      "the tap is on the admin listener (plain ws://), which this https page may not open: " +
+      "run `wsrelay tap --admin ADDR --route /chat` instead"));
+    return;
+  }
   closeTap();
   $("frames").replaceChildren(el("li", "ctl empty", "waiting for frames: say something"));
   tap = new WebSocket(url);

@@ -41,7 +41,7 @@ pub use dns::{TestDns, backends_on_one_port, has_ipv6_loopback, listeners_on_one
 pub use files::{IssuedCertificate, TempDir, TestCa, TestCertificate};
 pub use h2::{H2Answer, H2Connection, H2WebSocket};
 pub use isolated::{Isolated, spawn_isolated};
-pub use process::RelayProcess;
+pub use process::{RelayProcess, resident_bytes};
 pub use proxy::KillableProxy;
 pub use raw::{
     RawClient, find_close_code, raw_exchange, read_until_quiet, status_of, unused_addr,

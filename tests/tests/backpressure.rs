@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use wsrelay_testkit::{Client, TestBackend, TestRelay, WAIT, connect, round_trip};
+use wsrelay_testkit::{Client, TestBackend, TestRelay, WAIT, connect, resident_bytes, round_trip};
 
 const MIB: u64 = 1 << 20;
 const MESSAGE: usize = 256 * 1024;
@@ -152,17 +152,6 @@ fn assert_bounded(pusher: &str, who: &str, sent_at_stall: u64, rss_before: u64, 
     );
 }
 
-/// This process's resident memory in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
-}
-
 /// Waits until `progress` has not moved for [`QUIET`] and returns its value then.
 async fn wait_for_stall(what: &str, progress: &AtomicU64) -> u64 {
     let deadline = Instant::now() + WAIT + WAIT;
@@ -254,11 +243,11 @@ async fn slow_reader() -> (String, JoinHandle<u64>) {
 
 /// Samples this process's resident memory until aborted; the peak is in the counter.
 fn sample_peak_rss() -> (Arc<AtomicU64>, JoinHandle<()>) {
-    let peak = Arc::new(AtomicU64::new(rss()));
+    let peak = Arc::new(AtomicU64::new(resident_bytes(None)));
     let writer = peak.clone();
     let task = tokio::spawn(async move {
         loop {
-            writer.fetch_max(rss(), Ordering::SeqCst);
+            writer.fetch_max(resident_bytes(None), Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
@@ -291,12 +280,12 @@ async fn a_client_that_stops_reading_stalls_its_backend_without_relay_buffering(
     let echo = TestBackend::start("echo").await;
     let pusher = pusher().await;
     let (relay, mut bystander) = relay_with_bystander(&pusher.url, &echo).await;
-    let rss_before = rss();
+    let rss_before = resident_bytes(None);
 
     // Handshake done, then never polled until the end of the test.
     let mut stalled = connect(&relay.url("/slow")).await;
     let sent_at_stall = wait_for_stall("the pushing backend", &pusher.sent_bytes).await;
-    let rss_during = rss();
+    let rss_during = resident_bytes(None);
 
     assert_bounded(
         "the backend",
@@ -343,7 +332,7 @@ async fn a_backend_that_stops_reading_stalls_its_client_without_relay_buffering(
     let echo = TestBackend::start("echo").await;
     let sink = sink().await;
     let (relay, mut bystander) = relay_with_bystander(&sink.url, &echo).await;
-    let rss_before = rss();
+    let rss_before = resident_bytes(None);
 
     let mut pushing = connect(&relay.url("/slow")).await;
     let mut handed_over = 0;
@@ -358,7 +347,7 @@ async fn a_backend_that_stops_reading_stalls_its_client_without_relay_buffering(
         }
         completed += 1;
     }
-    let rss_during = rss();
+    let rss_during = resident_bytes(None);
 
     let sent_at_stall = (completed * MESSAGE) as u64;
     assert_bounded(
@@ -389,7 +378,7 @@ async fn a_backend_slower_than_its_client_keeps_relay_memory_bounded() {
     let echo = TestBackend::start("echo").await;
     let (url, reading) = slow_reader().await;
     let relay = TestRelay::start(&config(&url, &echo), &[]).await;
-    let rss_before = rss();
+    let rss_before = resident_bytes(None);
     let (peak, sampler) = sample_peak_rss();
 
     // The relay is back-pressured the whole time: whatever it keeps per message it has

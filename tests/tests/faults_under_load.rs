@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use wsrelay_testkit::{
     RawClient, RelayProcess, TempDir, TestBackend, TestRelay, WAIT, connect, echo_backend_binary,
-    round_trip, unused_addr, wait_until,
+    resident_bytes, round_trip, unused_addr, wait_until,
 };
 
 #[tokio::test]
@@ -214,17 +214,6 @@ async fn pusher(message_size: usize, sent: Arc<AtomicU64>) -> String {
     url
 }
 
-/// The resident memory of process `pid`, in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 #[tokio::test]
 async fn many_clients_that_stop_reading_hold_bounded_relay_memory_and_others_are_served() {
     const READERS: u64 = 200;
@@ -264,7 +253,7 @@ backends = ["{}"]
     let mut bystander = connect(&format!("ws://{listen}/")).await;
     assert_eq!(round_trip(&mut bystander, "warm").await, "warm");
     let pid = relay.pid();
-    let baseline = rss_of(pid);
+    let baseline = resident_bytes(Some(pid));
 
     // Clients that upgrade and then never read a byte.
     let mut readers = Vec::new();
@@ -284,7 +273,7 @@ backends = ["{}"]
         }
         assert!(Instant::now() < deadline, "the pushers never stalled");
     }
-    let stalled = rss_of(pid);
+    let stalled = resident_bytes(Some(pid));
     let per_reader = stalled.saturating_sub(baseline) / READERS;
     let pushed_per_reader = last / READERS;
     println!(

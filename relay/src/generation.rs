@@ -79,8 +79,8 @@ impl Generation {
         let socket = WebSocketConfig::default()
             .read_buffer_size(READ_CHUNK)
             .write_buffer_size(WRITE_BATCH)
-            .max_message_size(Some(limits.max_message_size.as_usize()))
-            .max_frame_size(Some(limits.max_frame_size.as_usize()));
+            .max_message_size(Some(limits.max_message_size.get_ref().as_usize()))
+            .max_frame_size(Some(limits.max_frame_size.get_ref().as_usize()));
         // Entries for upstreams that are gone or no longer discovered mean nothing.
         discovered.retain(|name, _| {
             config
@@ -102,7 +102,7 @@ impl Generation {
         let routes = RouteTable::from_config(&config, &sets, inspectors, &upstream_tls);
         let keepalive = keepalive_policy(&config.keepalive);
         let link_config = upstream::link_config(
-            limits.max_message_size.0,
+            limits.max_message_size.get_ref().0,
             keepalive.ping_interval,
             keepalive.pong_timeout,
         );

@@ -66,7 +66,28 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and completes the handshake.
     pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        RawClient::handshake(TcpStream::connect(addr).await.unwrap(), path).await
+    }
+
+    /// Connects with a fixed kernel receive buffer of `bytes` (which turns off the kernel's
+    /// autotuning), so a client that never reads holds a few KiB in its kernel rather than
+    /// megabytes: tests of what the relay buffers then measure the relay.
+    pub async fn connect_with_receive_buffer(
+        addr: SocketAddr,
+        path: &str,
+        bytes: u32,
+    ) -> RawClient {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        RawClient::handshake(socket.connect(addr).await.unwrap(), path).await
+    }
+
+    async fn handshake(mut tcp: TcpStream, path: &str) -> RawClient {
         tcp.write_all(&upgrade_request(path, "")).await.unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8; 1];

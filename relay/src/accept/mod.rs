@@ -126,6 +126,7 @@ where
         .config
         .server
         .handshake_timeout
+        .get_ref()
         .0;
     let protocols = Protocols::for_connection(acceptor.http2, None);
     let connection = ClientConnection::new(peer, "http", ConnectionAdmission::new(admitted));
@@ -159,7 +160,7 @@ async fn serve_connection(
     admitted: Result<ConnectionSlot, NotAdmitted>,
 ) {
     let generation = acceptor.sessions.generations.current();
-    let timeout = generation.config.server.handshake_timeout.0;
+    let timeout = generation.config.server.handshake_timeout.get_ref().0;
     drop(generation);
     let admission = ConnectionAdmission::new(admitted);
     let http2 = acceptor.http2;

@@ -111,7 +111,8 @@ async fn route_stream(
             headers.append(name, value);
         }
     }
-    let deadline = tokio::time::Instant::now() + generation.config.server.handshake_timeout.0;
+    let deadline =
+        tokio::time::Instant::now() + generation.config.server.handshake_timeout.get_ref().0;
     let request = ClientRequest {
         uri: &uri,
         headers: &headers,

@@ -305,9 +305,9 @@ fn server_problems(config: &Config, report: &mut Report<'_>) {
             ),
         );
     }
-    if server.handshake_timeout.is_zero() {
+    if server.handshake_timeout.get_ref().is_zero() {
         report.add(
-            0..0,
+            server.handshake_timeout.span(),
             "server.handshake_timeout",
             "must be above 0s: every client would time out at once",
         );
@@ -327,12 +327,17 @@ fn server_problems(config: &Config, report: &mut Report<'_>) {
             "must be above 0s while ping_interval is set",
         );
     }
-    if config.limits.max_message_size.0 == 0 || config.limits.max_frame_size.0 == 0 {
-        report.add(
-            0..0,
-            "limits",
-            "max_message_size and max_frame_size must be above 0",
-        );
+    for (name, size) in [
+        ("max_message_size", &config.limits.max_message_size),
+        ("max_frame_size", &config.limits.max_frame_size),
+    ] {
+        if size.get_ref().0 == 0 {
+            report.add(
+                size.span(),
+                format!("limits.{name}"),
+                "must be above 0, e.g. \"1MiB\"",
+            );
+        }
     }
 }
 
@@ -414,8 +419,12 @@ fn upstream_problems(name: &str, upstream: &UpstreamConfig, report: &mut Report<
             );
         }
     }
-    if upstream.connect_timeout.is_zero() {
-        report.add(0..0, key("connect_timeout"), "must be above 0s");
+    if upstream.connect_timeout.get_ref().is_zero() {
+        report.add(
+            upstream.connect_timeout.span(),
+            key("connect_timeout"),
+            "must be above 0s",
+        );
     }
     if let Some(links) = &upstream.mux_links
         && *links.get_ref() == 0

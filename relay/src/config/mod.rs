@@ -90,7 +90,7 @@ pub struct ServerConfig {
     /// Connections (handshaking or established) above which new ones get HTTP 503.
     pub max_connections: Spanned<usize>,
     /// Time allowed for a client's whole handshake, backend dial included.
-    pub handshake_timeout: HumanDuration,
+    pub handshake_timeout: Spanned<HumanDuration>,
     /// Time allowed for a graceful drain on SIGTERM/SIGINT.
     pub shutdown_grace: HumanDuration,
     /// The DNS server that `discover` upstreams ask; unset, the system's (`/etc/resolv.conf`).
@@ -108,7 +108,7 @@ impl Default for ServerConfig {
             admin: None,
             admin_token: None,
             max_connections: Spanned::new(0..0, 100_000),
-            handshake_timeout: HumanDuration(Duration::from_secs(10)),
+            handshake_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
             resolver: None,
         }
@@ -142,9 +142,9 @@ impl Default for KeepaliveConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest whole message; larger closes the sender with 1009.
-    pub max_message_size: ByteSize,
+    pub max_message_size: Spanned<ByteSize>,
     /// Largest single frame; larger closes the sender with 1009.
-    pub max_frame_size: ByteSize,
+    pub max_frame_size: Spanned<ByteSize>,
     /// Per-client message rate; 0 means unlimited.
     pub max_messages_per_second: Spanned<u32>,
     /// Connections (handshaking or established) one client IP address may hold; 0 means
@@ -160,8 +160,8 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_message_size: ByteSize(1 << 20),
-            max_frame_size: ByteSize(1 << 20),
+            max_message_size: Spanned::new(0..0, ByteSize(1 << 20)),
+            max_frame_size: Spanned::new(0..0, ByteSize(1 << 20)),
             max_messages_per_second: Spanned::new(0..0, 0),
             max_connections_per_ip: Spanned::new(0..0, 0),
             max_handshakes_per_second: Spanned::new(0..0, 0),
@@ -226,7 +226,7 @@ pub struct UpstreamConfig {
     pub discover: Option<Spanned<DiscoverConfig>>,
     /// Time allowed for one backend's TCP connect plus WebSocket handshake.
     #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: HumanDuration,
+    pub connect_timeout: Spanned<HumanDuration>,
     /// Shared links per backend in mux mode.
     pub mux_links: Option<Spanned<u32>>,
     /// What happens to a client whose backend goes away.
@@ -339,8 +339,8 @@ impl DiscoverConfig {
     }
 }
 
-fn default_connect_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(5))
+fn default_connect_timeout() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(5)))
 }
 
 /// What a client experiences when its backend closes or dies.
@@ -510,7 +510,7 @@ on_backend_loss = "reconnect"
         let config = Config::from_toml(FULL, "t.toml").unwrap();
         assert_eq!(config.listen_addr(), "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.keepalive.ping_interval.0, Duration::from_secs(20));
-        assert_eq!(config.limits.max_message_size.0, 1 << 20);
+        assert_eq!(config.limits.max_message_size.get_ref().0, 1 << 20);
         let route = &config.routes[0];
         assert_eq!(
             route.hash_key,
@@ -538,6 +538,37 @@ on_backend_loss = "reconnect"
         let error = Config::from_toml(&source, "t.toml").unwrap_err();
         assert_eq!(error.problems[0].line, Some(24));
         assert!(error.problems[0].message.contains("preserve_hots"));
+    }
+
+    #[test]
+    fn a_zero_that_cannot_work_points_at_its_line() {
+        for (from, to, expected) in [
+            (
+                "max_frame_size = \"1MiB\"",
+                "max_frame_size = \"00KiB\"",
+                "line 15: limits.max_frame_size: must be above 0",
+            ),
+            (
+                "max_message_size = \"1MiB\"",
+                "max_message_size = \"0B\"",
+                "line 14: limits.max_message_size: must be above 0",
+            ),
+            (
+                "handshake_timeout = \"10s\"",
+                "handshake_timeout = \"0s\"",
+                "line 5: server.handshake_timeout: must be above 0s",
+            ),
+            (
+                "connect_timeout = \"5s\"",
+                "connect_timeout = \"0s\"",
+                "line 28: upstream.chat.connect_timeout: must be above 0s",
+            ),
+        ] {
+            let text = Config::from_toml(&FULL.replace(from, to), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(text.contains(expected), "{to}: {text}");
+        }
     }
 
     #[test]

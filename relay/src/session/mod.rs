@@ -338,15 +338,15 @@ impl Session {
 }
 
 /// Completes `grace` after `backend` is drained (by the admin, or by a reload that removed
-/// it); never, if it isn't.
+/// it); never, if it isn't. `None`, a backend the current generation does not have, was
+/// removed after the walk that chose it and before this look-up (a reload or DNS answer
+/// installed meanwhile drained the state the session never got): it is gone as well, so the
+/// grace starts now. Waiting forever there left the client on a removed backend.
 async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
-    match backend {
-        Some(state) => {
-            state.drained().cancelled().await;
-            tokio::time::sleep(grace).await;
-        }
-        None => std::future::pending().await,
+    if let Some(state) = backend {
+        state.drained().cancelled().await;
     }
+    tokio::time::sleep(grace).await;
 }
 
 /// One leg to close: the leg, its farewell (`None`: nothing to send), and a message already

@@ -406,3 +406,21 @@ async fn close_forwarding<A: Leg, B: Leg>(
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A move that lands on a backend removed while it dialed finds no state for it in the
+    /// current generation: that must start the grace, not wait forever (the churn proof's
+    /// client that stayed on a removed backend).
+    #[tokio::test]
+    async fn a_backend_the_current_generation_lacks_counts_as_drained() {
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            drained(None, Duration::from_millis(1)),
+        )
+        .await;
+        assert!(ended.is_ok(), "waited on for a backend that is gone");
+    }
+}

@@ -23,10 +23,17 @@ use crate::upstream::BackendTls;
 
 /// What one load of a configuration's TLS files gave.
 pub(crate) struct Certificates {
-    /// The listener's rustls configuration, when `[server]` sets `tls_cert` and `tls_key`.
-    pub listener: Option<Arc<ServerConfig>>,
+    /// The listener's certificate, when `[server]` sets `tls_cert` and `tls_key`.
+    pub listener: Option<ListenerChain>,
     /// The TLS settings of each upstream that has a `wss://` backend, by name.
     pub upstreams: BTreeMap<String, Arc<BackendTls>>,
+}
+
+/// The listener's rustls configuration and the chain it presents: a reload compares the chain
+/// with the one in force to tell whether the certificate changed.
+pub(crate) struct ListenerChain {
+    pub config: Arc<ServerConfig>,
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 /// A problem found: the span of the key in the file, the key, what is wrong.
@@ -49,7 +56,10 @@ pub(crate) fn load(
                 key.span(),
             );
             match listener(&files.0, &files.1) {
-                Ok(listener) => Some(Arc::new(listener)),
+                Ok((config, chain)) => Some(ListenerChain {
+                    config: Arc::new(config),
+                    chain,
+                }),
                 Err((Which::Cert, message)) => {
                     problems.push((files.2, "server.tls_cert".to_owned(), message));
                     None
@@ -97,8 +107,13 @@ enum Which {
 }
 
 /// The listener's configuration: TLS 1.2 and 1.3, ALPN `http/1.1`, no client certificates.
-fn listener(cert: &Path, key: &Path) -> Result<ServerConfig, (Which, String)> {
+/// Also returns the chain it presents.
+fn listener(
+    cert: &Path,
+    key: &Path,
+) -> Result<(ServerConfig, Vec<CertificateDer<'static>>), (Which, String)> {
     let chain = read_certificates(cert).map_err(|e| (Which::Cert, e))?;
+    let presented = chain.clone();
     let key = read_key(key).map_err(|e| (Which::Key, e))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -107,7 +122,7 @@ fn listener(cert: &Path, key: &Path) -> Result<ServerConfig, (Which, String)> {
         .with_single_cert(chain, key)
         .map_err(|e| (Which::Key, format!("TLS certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, presented))
 }
 
 /// The client settings of upstream `name`'s `wss://` backends.

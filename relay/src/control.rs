@@ -198,12 +198,16 @@ impl Shared {
         let restart_needed = generation::restart_needed(&self.started, &config.server);
         let mut report = self.install(config.clone(), discovered, certificates.upstreams);
         report.restart_needed = restart_needed;
-        let listener_certificate = match (&self.acceptor.tls, certificates.listener) {
-            (Some(tls), Some(config)) => {
-                tls.replace(config);
-                "replaced"
+        report.listener_certificate = match (&self.acceptor.tls, certificates.listener) {
+            (Some(tls), Some(certificate)) => {
+                if tls.replace(certificate) {
+                    ListenerCertificate::Changed
+                } else {
+                    ListenerCertificate::Unchanged
+                }
             }
-            _ => "unchanged",
+            (Some(_), None) => ListenerCertificate::Kept,
+            (None, _) => ListenerCertificate::NoTls,
         };
         self.restart_watches(&config, &resolver, &failing);
         tracing::info!(
@@ -211,7 +215,7 @@ impl Shared {
             removed = %list(&report.removed),
             routes = report.routes,
             restart_needed = %list(&report.restart_needed),
-            listener_certificate,
+            listener_certificate = report.listener_certificate.as_str(),
             "configuration reloaded"
         );
         Ok(report)
@@ -266,6 +270,7 @@ impl Shared {
             removed,
             routes,
             restart_needed: Vec::new(),
+            listener_certificate: ListenerCertificate::NoTls,
         })
     }
 
@@ -457,6 +462,48 @@ pub struct ReloadReport {
     pub routes: usize,
     /// Changed keys that only take effect after a restart (the old values stay in force).
     pub restart_needed: Vec<String>,
+    /// What became of the client listener's certificate.
+    pub listener_certificate: ListenerCertificate,
+}
+
+/// What a reload did with the client listener's certificate (`[server] tls_cert`, `tls_key`).
+/// The files are read at every reload; a pair that can't be used refuses the reload, so a
+/// report always describes a usable one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerCertificate {
+    /// The listener does not speak TLS (and a file that turns it on needs a restart).
+    NoTls,
+    /// Read again: the same chain as the one in force, which stays (so do resumable sessions).
+    Unchanged,
+    /// Read again: a different chain, which new handshakes get from now on.
+    Changed,
+    /// The file no longer names a certificate; turning TLS off needs a restart, so the one in
+    /// force stays (`restart_needed` says so).
+    Kept,
+}
+
+impl ListenerCertificate {
+    /// The name the log and the admin API's JSON use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerCertificate::NoTls => "no_tls",
+            ListenerCertificate::Unchanged => "unchanged",
+            ListenerCertificate::Changed => "changed",
+            ListenerCertificate::Kept => "kept",
+        }
+    }
+}
+
+impl std::fmt::Display for ListenerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ListenerCertificate::NoTls => "no TLS",
+            ListenerCertificate::Unchanged => "re-read, unchanged",
+            ListenerCertificate::Changed => "re-read, changed: new handshakes get the new one",
+            ListenerCertificate::Kept => "kept until a restart",
+        })
+    }
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -475,7 +522,11 @@ impl std::fmt::Display for ReloadReport {
             list(&self.added),
             list(&self.removed),
             list(&self.restart_needed)
-        )
+        )?;
+        if self.listener_certificate != ListenerCertificate::NoTls {
+            write!(f, "; listener certificate: {}", self.listener_certificate)?;
+        }
+        Ok(())
     }
 }
 

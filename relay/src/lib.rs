@@ -53,7 +53,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use accept::EmbeddedFiles;
-pub use control::{ReloadError, ReloadReport};
+pub use control::{ListenerCertificate, ReloadError, ReloadReport};
 
 use crate::config::{Config, ConfigError};
 use crate::control::Shared;

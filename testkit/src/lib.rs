@@ -4,6 +4,7 @@
 //! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
 //! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
 //! certificate ([`TestCertificate`]), a DNS server whose records a test changes ([`TestDns`]),
+//! a backend that accepts TCP and never answers ([`HungBackend`]),
 //! an HTTP/2 client opening WebSockets by extended CONNECT ([`H2Connection`]), a way to run a
 //! server apart from the test's own tasks
 //! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
@@ -24,6 +25,7 @@ mod client;
 mod dns;
 mod files;
 mod h2;
+mod hung;
 mod isolated;
 mod process;
 mod proxy;
@@ -40,6 +42,7 @@ pub use client::{
 pub use dns::{TestDns, backends_on_one_port, has_ipv6_loopback, listeners_on_one_port};
 pub use files::{IssuedCertificate, TempDir, TestCa, TestCertificate};
 pub use h2::{H2Answer, H2Connection, H2WebSocket};
+pub use hung::HungBackend;
 pub use isolated::{Isolated, spawn_isolated};
 pub use process::{RelayProcess, resident_bytes};
 pub use proxy::KillableProxy;

@@ -7,6 +7,8 @@ use wsrelay::config::Config;
 use wsrelay::{Relay, RelayBuilder, RelayHandle};
 
 use crate::backend::TestBackend;
+use crate::raw::{raw_exchange, status_of};
+use crate::wait::WAIT;
 
 /// Turns on logs when `RUST_LOG` is set; harmless to call many times.
 pub fn init_logs() {
@@ -100,5 +102,17 @@ impl TestRelay {
     /// The relay's client address.
     pub fn addr(&self) -> SocketAddr {
         self.handle.local_addr()
+    }
+
+    /// The body of `GET path` on the admin listener (`[server] admin`), which must answer 200.
+    pub async fn admin_get(&self, path: &str) -> String {
+        let addr = self.handle.admin_addr().expect("an admin listener");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let response = raw_exchange(addr, request.as_bytes(), WAIT).await;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        assert_eq!(status_of(&response), 200, "GET {path}: {text}");
+        text.split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body)
+            .to_owned()
     }
 }

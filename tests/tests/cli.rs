@@ -437,6 +437,11 @@ async fn sighup_rotates_the_listener_certificate_and_refuses_a_bad_pair() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(presented_certificate(addr, &ca).await, second.der);
+    let log = relay.stderr().join("\n");
+    assert!(
+        log.contains("listener certificate: re-read, changed"),
+        "SIGHUP's line says the certificate changed: {log}"
+    );
 
     // A key that is not the certificate's: refused with the reason, the second one stays.
     std::fs::copy(&first.key_path, dir.path().join("listener-key.pem")).unwrap();

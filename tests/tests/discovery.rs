@@ -9,8 +9,6 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use wsrelay_client::MuxClient;
 use wsrelay_testkit::*;
@@ -49,24 +47,9 @@ connect_timeout = "2s"
     )
 }
 
-/// A plain HTTP/1.1 GET to the admin listener; returns the body.
-async fn admin_get(relay: &TestRelay, path: &str) -> String {
-    let addr = relay.handle.admin_addr().expect("admin listener");
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    within("an admin answer", tcp.read_to_end(&mut response))
-        .await
-        .unwrap();
-    assert_eq!(status_of(&response), 200);
-    let text = String::from_utf8_lossy(&response).into_owned();
-    text.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
 /// The backend URLs `/api/backends` lists.
 async fn listed(relay: &TestRelay) -> Vec<String> {
-    let rows: serde_json::Value = serde_json::from_str(&admin_get(relay, "/api/backends").await)
+    let rows: serde_json::Value = serde_json::from_str(&relay.admin_get("/api/backends").await)
         .expect("/api/backends is JSON");
     rows.as_array()
         .unwrap()
@@ -202,7 +185,7 @@ async fn added_addresses_join_and_removed_ones_move_their_clients() {
     assert_eq!(connections_of(&backends["c"], &newcomer), 1);
     wait_until("b's clients to leave it", || backends["b"].open() == 0).await;
 
-    let metrics = admin_get(&relay, "/metrics").await;
+    let metrics = relay.admin_get("/metrics").await;
     assert_eq!(
         sample(&metrics, "wsrelay_discovered_backends{upstream=\"main\"}"),
         Some(2.0),
@@ -262,7 +245,7 @@ async fn a_failing_dns_server_keeps_the_last_set_and_is_counted() {
     let mut counted = 0.0;
     within("failed lookups to be counted", async {
         loop {
-            counted = failures(&admin_get(&relay, "/metrics").await);
+            counted = failures(&relay.admin_get("/metrics").await);
             if counted >= 2.0 {
                 return;
             }
@@ -279,7 +262,7 @@ async fn a_failing_dns_server_keeps_the_last_set_and_is_counted() {
     dns.set(NAME, &[]).await;
     within("NXDOMAIN answers to be counted", async {
         loop {
-            if failures(&admin_get(&relay, "/metrics").await) >= counted + 2.0 {
+            if failures(&relay.admin_get("/metrics").await) >= counted + 2.0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -289,7 +272,7 @@ async fn a_failing_dns_server_keeps_the_last_set_and_is_counted() {
     let mut now = listed(&relay).await;
     now.sort();
     assert_eq!(now, two, "the last set stays");
-    let metrics = admin_get(&relay, "/metrics").await;
+    let metrics = relay.admin_get("/metrics").await;
     assert_eq!(
         sample(&metrics, "wsrelay_discovered_backends{upstream=\"main\"}"),
         Some(2.0),
@@ -348,7 +331,7 @@ async fn a_reload_that_replaces_discover_stops_its_refreshes() {
     dns.set(NAME, &addresses(&backends, &["c"])).await;
     wait_listed(&relay, &urls(&backends, &["b", "c"])).await;
     let rows: serde_json::Value =
-        serde_json::from_str(&admin_get(&relay, "/api/backends").await).unwrap();
+        serde_json::from_str(&relay.admin_get("/api/backends").await).unwrap();
     let of = |upstream: &str| -> Vec<String> {
         rows.as_array()
             .unwrap()
@@ -454,7 +437,7 @@ async fn health_checks_cover_discovered_backends() {
     within("the stopped backend to be unhealthy", async {
         loop {
             let rows: serde_json::Value =
-                serde_json::from_str(&admin_get(&relay, "/api/backends").await).unwrap();
+                serde_json::from_str(&relay.admin_get("/api/backends").await).unwrap();
             let unhealthy = rows
                 .as_array()
                 .unwrap()

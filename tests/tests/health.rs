@@ -1,6 +1,7 @@
 //! Health (docs/operations.md, "Health"): an unhealthy backend leaves the ranking, so only its own
 //! clients move; it comes back after `healthy_after` good probes; with none healthy, clients
-//! get 503 with Retry-After.
+//! get 503 with Retry-After; a hung backend (accepts TCP, never answers) is found by the
+//! probes' timeout and skipped.
 
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -140,24 +141,82 @@ async fn a_reoriginations_dials_count_toward_passive_health() {
     b.stop();
     a.kill_connections();
     assert_eq!(round_trip(&mut client, "whoami").await, "c");
-    let admin = relay.handle.admin_addr().unwrap();
-    let response = raw_exchange(
-        admin,
-        b"GET /api/backends HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        WAIT,
-    )
-    .await;
-    let text = String::from_utf8_lossy(&response);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let body = relay.admin_get("/api/backends").await;
+    assert_eq!(healthy(&body, &b_url), Some(false), "{body}");
+    assert_eq!(healthy(&body, &c.url()), Some(true), "{body}");
+}
+
+/// Whether `/api/backends` (its `body`) lists `url` as healthy; `None` if it is not listed.
+fn healthy(body: &str, url: &str) -> Option<bool> {
     let rows: serde_json::Value = serde_json::from_str(body).expect("JSON rows");
-    let row = |url: &str| {
-        rows.as_array()
-            .unwrap()
+    rows.as_array()?.iter().find(|row| row["url"] == url)?["healthy"].as_bool()
+}
+
+#[tokio::test]
+async fn a_hung_backend_is_marked_unhealthy_by_the_probes_and_skipped() {
+    let a = TestBackend::start("a").await;
+    let hung = HungBackend::start().await;
+    let c = TestBackend::start("c").await;
+    let urls = [a.url(), hung.url(), c.url()];
+    // Dials as patient as the test's own wait: a client dialed to the hung backend would not
+    // get its answer in time, so only a skipped backend lets the clients below connect.
+    let patient = config()
+        .replace("BACKENDS", &backend_list(&urls))
+        .replace(
+            "[server]",
+            "[server]\nhandshake_timeout = \"30s\"\nshutdown_grace = \"1s\"",
+        )
+        .replace("health_check", "connect_timeout = \"30s\"\nhealth_check");
+    let relay = TestRelay::start(&patient, &[]).await;
+    let on_c = user_ranked_first(&urls, 2);
+    let mut bystander = connect_as(&relay.url("/"), &on_c).await;
+    assert_eq!(round_trip(&mut bystander, "whoami").await, "c");
+
+    // Each probe connects and then waits out its timeout: two in a row mark it unhealthy.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = relay.admin_get("/api/backends").await;
+        if healthy(&body, &hung.url()) == Some(false) {
+            assert_eq!(healthy(&body, &a.url()), Some(true), "{body}");
+            assert_eq!(healthy(&body, &c.url()), Some(true), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hung backend was never marked unhealthy: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let probes = hung.heads();
+    assert!(probes.len() >= 2, "{probes:?}");
+    assert!(
+        probes
             .iter()
-            .find(|row| row["url"] == url)
-            .unwrap_or_else(|| panic!("{url} in {body}"))
-            .clone()
-    };
-    assert_eq!(row(&b_url)["healthy"], false, "{body}");
-    assert_eq!(row(&c.url())["healthy"], true, "{body}");
+            .all(|head| head.to_ascii_lowercase().contains("wsrelay-health-check")),
+        "only probes reached it: {probes:?}"
+    );
+
+    // New clients whose first choice is the hung backend go to their second, and the relay
+    // never dials it for them.
+    let ranking = Ranking::new(urls.iter().map(|u| (u.as_str(), 1.0)));
+    for user in users_ranked_first(&urls, 1, 5) {
+        let second = ["a", "hung", "c"][ranking.rank(user.as_bytes())[1]];
+        let mut client = connect_as(&relay.url("/"), &user).await;
+        assert_eq!(round_trip(&mut client, "whoami").await, second, "{user}");
+    }
+    let dialed: Vec<String> = hung
+        .heads()
+        .into_iter()
+        .filter(|head| head.to_ascii_lowercase().contains("x-user"))
+        .collect();
+    assert!(dialed.is_empty(), "clients were dialed to it: {dialed:?}");
+    // The bystander on a healthy backend noticed nothing.
+    assert_eq!(round_trip(&mut bystander, "whoami").await, "c");
+    assert_eq!(
+        c.connections()
+            .iter()
+            .filter(|seen| seen.header("x-user").as_deref() == Some(on_c.as_str()))
+            .count(),
+        1
+    );
 }

@@ -21,6 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use wsrelay::ListenerCertificate;
 use wsrelay_testkit::*;
 use wsrelay_tests::MuxBackend;
 
@@ -585,8 +586,27 @@ async fn a_reload_rotates_the_listener_certificate_for_new_handshakes_only() {
     write_config(&second.cert_path, &second.key_path);
     let report = relay.handle.reload_from_file().await.unwrap();
     assert!(report.restart_needed.is_empty(), "{report}");
+    assert_eq!(
+        report.listener_certificate,
+        ListenerCertificate::Changed,
+        "{report}"
+    );
+    assert!(
+        report
+            .to_string()
+            .contains("listener certificate: re-read, changed"),
+        "{report}"
+    );
     let (mut new, presented) = wss_client(&relay, &ca).await;
     assert_eq!(presented, second.der);
+    // The same files again: read, found the same, and said so.
+    let report = relay.handle.reload_from_file().await.unwrap();
+    assert_eq!(
+        report.listener_certificate,
+        ListenerCertificate::Unchanged,
+        "{report}"
+    );
+    assert_eq!(wss_client(&relay, &ca).await.1, second.der);
     assert_eq!(echo(&mut new, "new").await, "new");
     // The connection made before the reload keeps its session.
     assert_eq!(echo(&mut old, "still here").await, "still here");
@@ -599,11 +619,13 @@ async fn a_reload_rotates_the_listener_certificate_for_new_handshakes_only() {
         WAIT,
     )
     .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(status_of(&answer), 200, "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
     assert_eq!(
-        status_of(&answer),
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer)
+        body["listener_certificate"], "changed",
+        "the answer says the certificate changed: {text}"
     );
     let (_, presented) = wss_client(&relay, &ca).await;
     assert_eq!(presented, renewed.der);

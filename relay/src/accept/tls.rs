@@ -5,11 +5,14 @@
 //! handshake takes the one current when it starts, and established connections keep the
 //! session they have.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use rustls_pki_types::CertificateDer;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+
+use crate::certificates::ListenerChain;
 
 /// The ALPN protocol id of HTTP/2.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
@@ -20,14 +23,18 @@ const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// whether it offers HTTP/2, are fixed at start.
 pub(crate) struct ListenerTls {
     current: ArcSwap<ServerConfig>,
+    /// The chain `current` presents. Locked across a replacement, so that two reloads at once
+    /// each compare with what the other left.
+    chain: Mutex<Vec<CertificateDer<'static>>>,
     http2: bool,
 }
 
 impl ListenerTls {
-    /// Starts with `config`, offering HTTP/2 by ALPN when `http2` is set.
-    pub fn new(config: Arc<ServerConfig>, http2: bool) -> ListenerTls {
+    /// Starts with `certificate`, offering HTTP/2 by ALPN when `http2` is set.
+    pub fn new(certificate: ListenerChain, http2: bool) -> ListenerTls {
         ListenerTls {
-            current: ArcSwap::new(with_alpn(config, http2)),
+            current: ArcSwap::new(with_alpn(certificate.config, http2)),
+            chain: Mutex::new(certificate.chain),
             http2,
         }
     }
@@ -37,9 +44,18 @@ impl ListenerTls {
         TlsAcceptor::from(self.current.load_full())
     }
 
-    /// New handshakes get `config` from now on.
-    pub fn replace(&self, config: Arc<ServerConfig>) {
-        self.current.store(with_alpn(config, self.http2));
+    /// New handshakes get `certificate` from now on, if its chain is not the one presented
+    /// already; returns whether it was new. The same chain keeps the configuration in force,
+    /// and with it the TLS sessions clients may resume.
+    pub fn replace(&self, certificate: ListenerChain) -> bool {
+        let mut chain = self.chain.lock().expect("listener chain lock");
+        if *chain == certificate.chain {
+            return false;
+        }
+        self.current
+            .store(with_alpn(certificate.config, self.http2));
+        *chain = certificate.chain;
+        true
     }
 }
 

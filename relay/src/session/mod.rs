@@ -338,15 +338,15 @@ impl Session {
 }
 
 /// Completes `grace` after `backend` is drained (by the admin, or by a reload that removed
-/// it); never, if it isn't.
+/// it); never, if it isn't. `None`, a backend the current generation does not have, was
+/// removed after the walk that chose it and before this look-up (a reload or DNS answer
+/// installed meanwhile drained the state the session never got): it is gone as well, so the
+/// grace starts now. Waiting forever there left the client on a removed backend.
 async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
-    match backend {
-        Some(state) => {
-            state.drained().cancelled().await;
-            tokio::time::sleep(grace).await;
-        }
-        None => std::future::pending().await,
+    if let Some(state) = backend {
+        state.drained().cancelled().await;
     }
+    tokio::time::sleep(grace).await;
 }
 
 /// One leg to close: the leg, its farewell (`None`: nothing to send), and a message already
@@ -405,4 +405,22 @@ async fn close_forwarding<A: Leg, B: Leg>(
         let _ = second.flush().await;
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A move that lands on a backend removed while it dialed finds no state for it in the
+    /// current generation: that must start the grace, not wait forever (the churn proof's
+    /// client that stayed on a removed backend).
+    #[tokio::test]
+    async fn a_backend_the_current_generation_lacks_counts_as_drained() {
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            drained(None, Duration::from_millis(1)),
+        )
+        .await;
+        assert!(ended.is_ok(), "waited on for a backend that is gone");
+    }
 }

@@ -3,9 +3,11 @@
 //! ends. Sessions pick the least loaded live link of their backend.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,10 +31,23 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between re-dials.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One link slot: the live link, if any.
+/// One link slot: the live link, if any, and whether its first dial is over.
 #[derive(Default)]
 struct Slot {
     link: Mutex<Option<LinkHandle>>,
+    /// Set once the slot's first dial has succeeded or failed (or its generation retired).
+    settled: AtomicBool,
+    /// Woken when `settled` is set.
+    first_dial: Notify,
+}
+
+impl Slot {
+    /// Marks the first dial over, waking whoever waits for it.
+    fn settle(&self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            self.first_dial.notify_waiters();
+        }
+    }
 }
 
 /// The link slots of one upstream, by backend index.
@@ -85,6 +100,37 @@ impl MuxPool {
             .filter_map(|slot| slot.link.lock().expect("slot lock").clone())
             .filter(|link| !link.is_closed() && !link.is_going_away())
             .min_by_key(LinkHandle::open_streams)
+    }
+
+    /// [`MuxPool::pick`], waiting up to `timeout` while a slot of that backend still makes its
+    /// first dial. Every generation dials its links afresh, so right after a reload or a
+    /// discovery change the new links are not up yet: a client arriving or moved then waits for
+    /// them instead of being told no backend took it. A slot whose first dial failed is not
+    /// waited for (its backend is down; the walk goes on to the next).
+    pub async fn pick_or_wait(
+        &self,
+        upstream: &str,
+        index: usize,
+        timeout: Duration,
+    ) -> Option<LinkHandle> {
+        let deadline = Instant::now() + timeout;
+        let slots = self.upstreams.get(upstream)?.backends.get(index)?;
+        loop {
+            if let Some(link) = self.pick(upstream, index) {
+                return Some(link);
+            }
+            let dialing = slots
+                .iter()
+                .find(|slot| !slot.settled.load(Ordering::Acquire))?;
+            let settled = dialing.first_dial.notified();
+            tokio::pin!(settled);
+            // Registered before the second look, so a settle in between is not missed.
+            settled.as_mut().enable();
+            if dialing.settled.load(Ordering::Acquire) {
+                continue;
+            }
+            tokio::time::timeout_at(deadline, settled).await.ok()?;
+        }
     }
 
     /// Live links to `url` (any upstream), for `/api/backends` and metrics.
@@ -224,6 +270,7 @@ impl LinkSlotTask {
                     self.book.record(url, true, thresholds);
                     info!(backend = %url, link = number, "mux link up");
                     *self.slot.link.lock().expect("slot lock") = Some(link.clone());
+                    self.slot.settle();
                     let ended = self.serve(&link, driver).await;
                     *self.slot.link.lock().expect("slot lock") = None;
                     let Some(ended) = ended else {
@@ -240,6 +287,7 @@ impl LinkSlotTask {
                     }
                 }
                 Err(error) => {
+                    self.slot.settle();
                     self.book.record(url, false, thresholds);
                     failures_in_a_row += 1;
                     if failures_in_a_row == 1 {
@@ -255,6 +303,8 @@ impl LinkSlotTask {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        // Retired before a first dial ended: nobody should wait for it.
+        self.slot.settle();
     }
 
     /// Runs a live link until it ends (`Some`), or until the grace period of a retirement is

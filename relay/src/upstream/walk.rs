@@ -241,9 +241,12 @@ impl Walk<'_> {
                 Err(unreachable) => Attempt::Failed(unreachable.to_string()),
             },
             Via::Mux(pool) => {
-                let Some(link) = pool.pick(&self.upstream.name, index) else {
+                let started = Instant::now();
+                let Some(link) = pool.pick_or_wait(&self.upstream.name, index, timeout).await
+                else {
                     return Attempt::NoLink;
                 };
+                let timeout = timeout.saturating_sub(started.elapsed());
                 let window = u64::from(link.params().send_initial_window);
                 let open = self.request.to_open(&backend.authority, self.peer, resumed);
                 match tokio::time::timeout(timeout, link.open(open)).await {

@@ -53,7 +53,8 @@ pub async fn run(admin: &str, token: Option<&str>) -> Result<()> {
     }
 }
 
-/// One readable summary of a reload report (`{added, removed, routes, restart_needed}`).
+/// One readable summary of a reload report (`{added, removed, routes, restart_needed,
+/// listener_certificate}`).
 fn describe(report: &str) -> String {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(report) else {
         return report.to_owned();
@@ -75,6 +76,15 @@ fn describe(report: &str) -> String {
         list("added"),
         list("removed")
     );
+    // Said only for a listener with TLS, whose operator may be rotating its certificate.
+    let certificate = serde_json::from_value::<wsrelay::ListenerCertificate>(
+        value["listener_certificate"].clone(),
+    );
+    if let Ok(certificate) = certificate
+        && certificate != wsrelay::ListenerCertificate::NoTls
+    {
+        line.push_str(&format!("\nlistener certificate: {certificate}"));
+    }
     if value["restart_needed"]
         .as_array()
         .is_some_and(|keys| !keys.is_empty())
@@ -85,4 +95,37 @@ fn describe(report: &str) -> String {
         ));
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn the_summary_says_what_became_of_a_tls_listeners_certificate() {
+        let report = |certificate: &str| {
+            format!(
+                r#"{{"added":[],"removed":[],"routes":1,"restart_needed":[],"listener_certificate":"{certificate}"}}"#
+            )
+        };
+        assert_eq!(
+            describe(&report("no_tls")),
+            "reloaded: 1 routes; backends added: none; removed: none"
+        );
+        assert!(
+            describe(&report("changed")).ends_with(
+                "\nlistener certificate: re-read, changed: new handshakes get the new one"
+            ),
+            "{}",
+            describe(&report("changed"))
+        );
+        assert!(
+            describe(&report("unchanged")).ends_with("\nlistener certificate: re-read, unchanged")
+        );
+        // An older relay's answer, without the field, is summed up as before.
+        assert_eq!(
+            describe(r#"{"added":[],"removed":[],"routes":2,"restart_needed":[]}"#),
+            "reloaded: 2 routes; backends added: none; removed: none"
+        );
+    }
 }

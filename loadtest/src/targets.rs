@@ -720,7 +720,7 @@ pub fn haproxy_config(spec: &PeerSpec<'_>) -> String {
 
 /// Caddy's `reverse_proxy` (it proxies WebSocket upgrades by itself) with a consistent hash of
 /// the client's address (`ip_hash`; `uri_hash` for rooms), plain HTTP on 127.0.0.1 only, no
-/// admin endpoint, nothing persisted.
+/// admin endpoint (its data and autosaved config go to the temp dir).
 pub fn caddy_config(spec: &PeerSpec<'_>) -> String {
     let upstreams: Vec<&str> = spec.hosts().collect();
     let policy = match spec.hash {
@@ -730,7 +730,7 @@ pub fn caddy_config(spec: &PeerSpec<'_>) -> String {
     let port = spec.port;
     format!(
         "# written by wsrelay-loadtest: Caddy's reverse_proxy\n\
-         {{\n    admin off\n    auto_https off\n    persist_config off\n}}\n\n\
+         {{\n    admin off\n    auto_https off\n}}\n\n\
          http://127.0.0.1:{port} {{\n    bind 127.0.0.1\n\
          \x20   reverse_proxy {} {{\n        lb_policy {policy}\n    }}\n}}\n",
         upstreams.join(" ")

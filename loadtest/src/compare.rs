@@ -2,8 +2,9 @@
 //!
 //! It starts its own backends (`serve echo`, or `serve chat` for fanout) and, in front of the
 //! same backends, a relay in per-client mode, a relay in mux mode (with mux backends; skipped
-//! when this relay build or the mux example is missing), and nginx configured the classic way
-//! (skipped when nginx is not installed). Then it runs the scenario against each target in
+//! when this relay build or the mux example is missing), and the peer proxies a user would
+//! otherwise run: nginx configured the classic way, HAProxy and Caddy (each skipped, with one
+//! line saying so, when it is not installed; see [`crate::targets::Peer`]). Then it runs the scenario against each target in
 //! turn, `--rounds` times, rotating the order every round so that drift of a shared, noisy
 //! machine spreads over all targets alike; the rounds of a target are merged. Every process it
 //! started is stopped at the end, on error, and on Ctrl-C (see [`crate::targets`]).
@@ -26,7 +27,8 @@ use crate::scenario::hold::HoldOpts;
 use crate::scenario::rate::{RateOpts, Slo};
 use crate::scenario::{CommonOpts, Measurement, RunTarget};
 use crate::targets::{
-    self, Backend, ChildProcess, RelayBin, RelayMode, RelaySpec, StartError, TempDir,
+    self, Backend, ChildProcess, Peer, PeerHash, PeerProxy, RelayBin, RelayMode, RelaySpec,
+    StartError, TempDir,
 };
 use crate::worker::WorkerLauncher;
 
@@ -58,6 +60,10 @@ pub enum TargetKind {
     Mux,
     /// nginx, the classic WebSocket proxy config.
     Nginx,
+    /// HAProxy, `balance source` with `hash-type consistent`.
+    Haproxy,
+    /// Caddy, `reverse_proxy` with `lb_policy ip_hash`.
+    Caddy,
 }
 
 impl TargetKind {
@@ -67,6 +73,28 @@ impl TargetKind {
             TargetKind::PerClient => "per-client",
             TargetKind::Mux => "mux",
             TargetKind::Nginx => "nginx",
+            TargetKind::Haproxy => "haproxy",
+            TargetKind::Caddy => "caddy",
+        }
+    }
+
+    /// The peer proxy this target runs, if it is one.
+    pub fn peer(self) -> Option<Peer> {
+        match self {
+            TargetKind::Direct | TargetKind::PerClient | TargetKind::Mux => None,
+            TargetKind::Nginx => Some(Peer::Nginx),
+            TargetKind::Haproxy => Some(Peer::Haproxy),
+            TargetKind::Caddy => Some(Peer::Caddy),
+        }
+    }
+}
+
+impl From<Peer> for TargetKind {
+    fn from(peer: Peer) -> TargetKind {
+        match peer {
+            Peer::Nginx => TargetKind::Nginx,
+            Peer::Haproxy => TargetKind::Haproxy,
+            Peer::Caddy => TargetKind::Caddy,
         }
     }
 }
@@ -82,7 +110,7 @@ pub struct CompareOpts {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,per-client,mux,nginx"
+        default_value = "direct,per-client,mux,nginx,haproxy,caddy"
     )]
     pub targets: Vec<TargetKind>,
     /// Rounds: each target runs the scenario once per round (order rotated every round).
@@ -104,11 +132,18 @@ pub struct CompareOpts {
     /// nginx binary (default: `nginx` on PATH or /usr/sbin/nginx).
     #[arg(long)]
     pub nginx_bin: Option<PathBuf>,
+    /// HAProxy binary (default: `haproxy` on PATH or /usr/sbin/haproxy).
+    #[arg(long)]
+    pub haproxy_bin: Option<PathBuf>,
+    /// Caddy binary (default: `caddy` on PATH or /usr/bin/caddy).
+    #[arg(long)]
+    pub caddy_bin: Option<PathBuf>,
     /// The mux echo backend (default: `examples/mux_echo_backend` beside this executable).
     #[arg(long)]
     pub mux_backend_bin: Option<PathBuf>,
-    /// Worker threads of the relay (`TOKIO_WORKER_THREADS`) and nginx `worker_processes`;
-    /// default: the relay as shipped (one thread per core), nginx 1 worker.
+    /// Worker threads of the relay (`TOKIO_WORKER_THREADS`), nginx's `worker_processes`,
+    /// HAProxy's `nbthread` and Caddy's `GOMAXPROCS`; default: the relay as shipped (one
+    /// thread per core), each peer proxy 1.
     #[arg(long)]
     pub proxy_workers: Option<usize>,
     /// Keep the temp dir (configs, logs) for inspection.
@@ -131,6 +166,15 @@ pub struct CompareOpts {
 }
 
 impl CompareOpts {
+    /// The binary `--nginx-bin`, `--haproxy-bin` or `--caddy-bin` names, if given.
+    fn peer_bin(&self, peer: Peer) -> Option<&std::path::Path> {
+        match peer {
+            Peer::Nginx => self.nginx_bin.as_deref(),
+            Peer::Haproxy => self.haproxy_bin.as_deref(),
+            Peer::Caddy => self.caddy_bin.as_deref(),
+        }
+    }
+
     /// Defaults for tests: direct and per-client with the built-in relay, one round.
     pub fn tiny(scenario: ScenarioKind) -> CompareOpts {
         CompareOpts {
@@ -142,6 +186,8 @@ impl CompareOpts {
             relay_builtin: true,
             relay_log: "warn".into(),
             nginx_bin: None,
+            haproxy_bin: None,
+            caddy_bin: None,
             mux_backend_bin: None,
             proxy_workers: None,
             keep_temp: false,
@@ -280,30 +326,18 @@ pub async fn run(
                 processes: vec![relay.process],
             }),
             TargetKind::Mux => start_mux(common, opts, &relay_bin, &temp, fanout),
-            TargetKind::Nginx => match targets::find_nginx(opts.nginx_bin.as_deref()) {
-                None => Err(StartError::Unsupported(
-                    "nginx is not installed (apt-get update && apt-get install -y nginx)".into(),
-                )),
-                Some(bin) => {
-                    let hash = if fanout { "$arg_room" } else { "$remote_addr" };
-                    targets::start_nginx(
-                        &bin,
-                        &backend_urls,
-                        hash,
-                        temp.path(),
-                        workers.unwrap_or(1),
-                    )
-                    .map(|nginx| {
-                        extra.insert("nginx".into(), nginx.version.clone().into());
-                        Live {
-                            kind,
-                            urls: vec![nginx.url.clone()],
-                            proxy: vec![nginx.process.pid()],
-                            processes: vec![nginx.process],
-                        }
-                    })
-                }
-            },
+            TargetKind::Nginx | TargetKind::Haproxy | TargetKind::Caddy => {
+                let peer = kind.peer().expect("a peer target");
+                start_peer(peer, opts, &backend_urls, fanout, &temp).map(|proxy| {
+                    extra.insert(peer.name().into(), proxy.version.clone().into());
+                    Live {
+                        kind,
+                        urls: vec![proxy.url.clone()],
+                        proxy: vec![proxy.process.pid()],
+                        processes: vec![proxy.process],
+                    }
+                })
+            }
         };
         match started {
             Ok(target) => {
@@ -409,7 +443,7 @@ pub async fn run(
             }
         }
     }
-    report::fill_ratios(&mut ordered);
+    let best_peer = report::fill_ratios(&mut ordered);
     // Stop everything before reporting (Drop would too).
     drop(live);
     drop(backends);
@@ -425,6 +459,7 @@ pub async fn run(
         started_unix_s,
         wall_s: started.elapsed().as_secs_f64(),
         notes,
+        best_peer,
         targets: ordered,
     };
     if let Some(cfg) = report.config.as_object_mut() {
@@ -433,11 +468,40 @@ pub async fn run(
     report.notes.extend(report::saturation_notes(&report));
     if opts.proxy_workers.is_none() {
         report.notes.push(format!(
-            "the relay ran with its default worker threads ({} here), nginx with worker_processes 1",
+            "the relay ran with its default worker threads ({} here), the peer proxies with one \
+             each (nginx worker_processes 1, HAProxy nbthread 1, Caddy GOMAXPROCS=1)",
             report.machine.cpus
         ));
     }
     Ok(report)
+}
+
+/// Starts a peer proxy in front of the backends, hashing as the relay does (`remote_addr`, or
+/// the room for fanout), with `--proxy-workers` workers (1 by default); `Unsupported` when it
+/// is not installed.
+fn start_peer(
+    peer: Peer,
+    opts: &CompareOpts,
+    backends: &[String],
+    fanout: bool,
+    temp: &TempDir,
+) -> Result<PeerProxy, StartError> {
+    let bin = peer
+        .find(opts.peer_bin(peer))
+        .ok_or_else(|| StartError::Unsupported(peer.missing()))?;
+    let hash = if fanout {
+        PeerHash::RoomParameter
+    } else {
+        PeerHash::ClientAddress
+    };
+    targets::start_peer(
+        peer,
+        &bin,
+        backends,
+        hash,
+        temp.path(),
+        opts.proxy_workers.unwrap_or(1),
+    )
 }
 
 /// Starts the mux target: checks the relay accepts a mux config first, then finds and starts

@@ -17,7 +17,7 @@
 //! per-connection loop in `scenario/driver.rs`), [`pacer`] (the open-loop schedule), [`conn`]
 //! (connecting, source addresses), [`stats`] (histograms, errors), [`monitor`] (sampling,
 //! progress), [`procstat`] (`/proc`), [`backend`] (echo and chat servers), [`targets`]
-//! (starting and stopping relay, nginx and backends), [`compare`], [`worker`] (hold worker
+//! (starting and stopping relay, peer proxies and backends), [`compare`], [`worker`] (hold worker
 //! processes), [`report`] (table, JSON, HTML/SVG).
 
 pub mod backend;

@@ -25,7 +25,7 @@ use wsrelay_loadtest::worker::{self, WorkerLauncher};
 
 /// Load tests for WebSocket servers and proxies, wsrelay first: closed and open loop echo,
 /// chat fanout, idle connection holding, connection churn, and side-by-side comparisons of
-/// direct backends, wsrelay and nginx.
+/// direct backends, wsrelay, nginx, HAProxy and Caddy.
 #[derive(Debug, Parser)]
 #[command(name = "wsrelay-loadtest", version, about)]
 struct Cli {
@@ -98,8 +98,8 @@ enum Command {
         #[command(flatten)]
         opts: SoakOpts,
     },
-    /// Start backends, wsrelay (per-client, mux) and nginx on loopback and run one scenario
-    /// against each, alternating, side by side.
+    /// Start backends, wsrelay (per-client, mux), nginx, HAProxy and Caddy on loopback and run
+    /// one scenario against each, alternating, side by side.
     Compare {
         #[command(flatten)]
         common: CommonOpts,

@@ -150,6 +150,7 @@ pub async fn run_single(
         started_unix_s,
         wall_s: started.elapsed().as_secs_f64(),
         notes: Vec::new(),
+        best_peer: None,
         targets: vec![t],
     };
     if common.watch_pids.is_empty() {

@@ -1,10 +1,10 @@
 //! The processes `compare` starts and always stops: backends, the relay (per-client and mux),
-//! nginx, each in a temporary directory of its own.
+//! and the peer proxies (nginx, HAProxy, Caddy), each in a temporary directory of its own.
 //!
 //! Every child runs in its own process group with `PR_SET_PDEATHSIG = SIGKILL`, so it dies with
 //! the harness even if the harness is killed outright; normally [`ChildProcess`]'s `Drop` sends
 //! SIGTERM to the group, waits up to two seconds, then SIGKILLs it. Nothing here touches a
-//! system service: nginx runs from a config and prefix in the temp directory, as a child.
+//! system service: each peer proxy runs from a config in the temp directory, as a child.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -472,52 +472,207 @@ impl RelayLaunch<'_> {
     }
 }
 
-/// Finds nginx: the given path, else `nginx` on PATH, else `/usr/sbin/nginx`.
-pub fn find_nginx(given: Option<&Path>) -> Option<PathBuf> {
-    if let Some(path) = given {
-        return path.exists().then(|| path.to_owned());
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("nginx"))
-            .find(|candidate| candidate.is_file())
-    });
-    on_path.or_else(|| {
-        let sbin = PathBuf::from("/usr/sbin/nginx");
-        sbin.is_file().then_some(sbin)
-    })
+/// The proxies `compare` runs beside the relay, each from its Debian package and a config of
+/// its own in the temp dir, as a child process (never the system service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// nginx, the classic WebSocket reverse-proxy config.
+    Nginx,
+    /// HAProxy: `balance source`, `hash-type consistent`, `timeout tunnel`.
+    Haproxy,
+    /// Caddy: `reverse_proxy` with `lb_policy ip_hash`.
+    Caddy,
 }
 
-/// `nginx -v`'s answer.
-pub fn nginx_version(bin: &Path) -> String {
-    Command::new(bin)
-        .arg("-v")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// How a peer proxy picks a client's backend, so it keeps the same keys together as the relay
+/// (`hash_key`) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerHash {
+    /// By the client's address (the relay's `remote_addr`).
+    ClientAddress,
+    /// By the `room` query parameter (the relay's `query:room`, for fanout). Caddy 2.6 has no
+    /// query policy: it hashes the whole URI, which holds the room and nothing that varies
+    /// within one.
+    RoomParameter,
+}
+
+/// What a peer proxy's config says.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSpec<'a> {
+    /// Its own directory: config, pid file, logs, Caddy's data.
+    pub dir: &'a Path,
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+    /// Backend `ws://` URLs.
+    pub backends: &'a [String],
+    /// How it spreads clients over them.
+    pub hash: PeerHash,
+    /// Worker processes (nginx), threads (HAProxy) or `GOMAXPROCS` (Caddy).
+    pub workers: usize,
+}
+
+impl PeerSpec<'_> {
+    /// `host:port` of each backend.
+    fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.backends
+            .iter()
+            .map(|b| b.trim_start_matches("ws://").trim_end_matches('/'))
+    }
+}
+
+impl Peer {
+    /// Every peer, in report order.
+    pub const ALL: [Peer; 3] = [Peer::Nginx, Peer::Haproxy, Peer::Caddy];
+
+    /// Its name in reports, and of its binary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Nginx => "nginx",
+            Peer::Haproxy => "haproxy",
+            Peer::Caddy => "caddy",
+        }
+    }
+
+    /// Where Debian's package installs it, for when it is not on PATH (root's PATH has
+    /// /usr/sbin, a user's may not).
+    fn packaged_path(self) -> &'static str {
+        match self {
+            Peer::Nginx => "/usr/sbin/nginx",
+            Peer::Haproxy => "/usr/sbin/haproxy",
+            Peer::Caddy => "/usr/bin/caddy",
+        }
+    }
+
+    /// Finds the binary: the given path, else its name on PATH, else where Debian puts it.
+    pub fn find(self, given: Option<&Path>) -> Option<PathBuf> {
+        if let Some(path) = given {
+            return path.exists().then(|| path.to_owned());
+        }
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(self.name()))
+                .find(|candidate| candidate.is_file())
+        });
+        on_path.or_else(|| {
+            let packaged = PathBuf::from(self.packaged_path());
+            packaged.is_file().then_some(packaged)
+        })
+    }
+
+    /// Why it was skipped, when [`Peer::find`] finds nothing.
+    pub fn missing(self) -> String {
+        format!(
+            "{} is not installed (apt-get update && apt-get install -y {})",
+            self.name(),
+            self.name()
+        )
+    }
+
+    /// Its version line (`nginx -v`, `haproxy -v`, `caddy version`).
+    pub fn version(self, bin: &Path) -> String {
+        let arg = match self {
+            Peer::Nginx | Peer::Haproxy => "-v",
+            Peer::Caddy => "version",
+        };
+        Command::new(bin)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| {
+                // nginx answers on stderr, the others on stdout.
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                text.lines().next().map(|l| l.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Its config file's name in its directory.
+    fn config_name(self) -> &'static str {
+        match self {
+            Peer::Nginx => "nginx.conf",
+            Peer::Haproxy => "haproxy.cfg",
+            Peer::Caddy => "Caddyfile",
+        }
+    }
+
+    /// The config file for `spec`.
+    pub fn config(self, spec: &PeerSpec<'_>) -> String {
+        match self {
+            Peer::Nginx => nginx_config(spec),
+            Peer::Haproxy => haproxy_config(spec),
+            Peer::Caddy => caddy_config(spec),
+        }
+    }
+
+    /// The arguments that run it in the foreground from `config` in `dir` (`check`: that only
+    /// check the config and exit).
+    fn args(self, dir: &Path, config: &Path, check: bool) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        match self {
+            Peer::Nginx => {
+                // -e: nginx writes its early errors to the default error log (under /var/log)
+                // before it has read the config; this keeps them in the temp dir too.
+                args.extend(["-p".into(), dir.into(), "-c".into(), config.into()]);
+                args.extend(["-e".into(), dir.join("error.log").into()]);
+                if check {
+                    args.push("-t".into());
+                }
+            }
+            Peer::Haproxy => {
+                // -db: stay in the foreground, one process, so its pid is the proxy.
+                args.push(if check { "-c" } else { "-db" }.into());
+                args.extend(["-f".into(), config.into()]);
+            }
+            Peer::Caddy => {
+                args.push(if check { "validate" } else { "run" }.into());
+                args.extend(["--config".into(), config.into()]);
+                args.extend(["--adapter".into(), "caddyfile".into()]);
+            }
+        }
+        args
+    }
+
+    /// Environment it runs with: Caddy's data and config dirs in `dir` (else it writes under
+    /// $HOME), and its Go scheduler held to `workers` threads to match the others.
+    fn env(self, dir: &Path, workers: usize) -> Vec<(&'static str, std::ffi::OsString)> {
+        match self {
+            Peer::Nginx | Peer::Haproxy => Vec::new(),
+            Peer::Caddy => vec![
+                ("HOME", dir.into()),
+                ("XDG_DATA_HOME", dir.join("data").into()),
+                ("XDG_CONFIG_HOME", dir.join("config").into()),
+                ("GOMAXPROCS", workers.to_string().into()),
+            ],
+        }
+    }
+
+    /// The file its errors go to: nginx's error log (set in its config), the others' stderr.
+    fn log_name(self) -> &'static str {
+        match self {
+            Peer::Nginx => "error.log",
+            Peer::Haproxy | Peer::Caddy => "stderr.log",
+        }
+    }
 }
 
 /// nginx configured as in the classic WebSocket proxying guide: HTTP/1.1 to the upstream,
-/// Upgrade and Connection headers passed, `hash $remote_addr consistent`, long read timeout.
-/// Master process on, one worker (`workers` overrides), everything under `dir`.
-pub fn nginx_config(
-    dir: &Path,
-    port: u16,
-    backends: &[String],
-    hash: &str,
-    workers: usize,
-) -> String {
-    let servers: String = backends
-        .iter()
-        .map(|b| {
-            let host = b
-                .trim_start_matches("ws://")
-                .trim_end_matches('/')
-                .to_owned();
-            format!("        server {host};\n")
-        })
+/// Upgrade and Connection headers passed, `hash ... consistent`, long read timeout. Master
+/// process on, `workers` workers, everything under the spec's dir.
+pub fn nginx_config(spec: &PeerSpec<'_>) -> String {
+    let servers: String = spec
+        .hosts()
+        .map(|host| format!("        server {host};\n"))
         .collect();
-    let d = dir.display();
+    let hash = match spec.hash {
+        PeerHash::ClientAddress => "$remote_addr",
+        PeerHash::RoomParameter => "$arg_room",
+    };
+    let (d, port, workers) = (spec.dir.display(), spec.port, spec.workers);
     format!(
         "# written by wsrelay-loadtest: the classic WebSocket reverse-proxy setup\n\
          daemon off;\nmaster_process on;\nworker_processes {workers};\n\
@@ -538,68 +693,136 @@ pub fn nginx_config(
     )
 }
 
-/// A running nginx (master and workers).
+/// HAProxy as its docs proxy WebSockets: HTTP mode (it switches to a tunnel after the `101`),
+/// `balance source` (or the `room` URL parameter) with `hash-type consistent`, `timeout
+/// tunnel` for the upgraded connection, one process with `workers` threads. `maxconn` fits
+/// two sockets per client in the 20,000 files a process may hold here.
+pub fn haproxy_config(spec: &PeerSpec<'_>) -> String {
+    let servers: String = spec
+        .hosts()
+        .enumerate()
+        .map(|(i, host)| format!("    server b{i} {host}\n"))
+        .collect();
+    let balance = match spec.hash {
+        PeerHash::ClientAddress => "source",
+        PeerHash::RoomParameter => "url_param room",
+    };
+    let (port, workers) = (spec.port, spec.workers);
+    format!(
+        "# written by wsrelay-loadtest: WebSocket proxying as in HAProxy's docs\n\
+         global\n    nbthread {workers}\n    maxconn 9900\n\n\
+         defaults\n    mode http\n    timeout connect 5s\n    timeout client 3600s\n\
+         \x20   timeout server 3600s\n    timeout tunnel 3600s\n    timeout http-request 10s\n\n\
+         frontend clients\n    bind 127.0.0.1:{port}\n    default_backend backends\n\n\
+         backend backends\n    balance {balance}\n    hash-type consistent\n{servers}"
+    )
+}
+
+/// Caddy's `reverse_proxy` (it proxies WebSocket upgrades by itself) with a consistent hash of
+/// the client's address (`ip_hash`; `uri_hash` for rooms), plain HTTP on 127.0.0.1 only, no
+/// admin endpoint (its data and autosaved config go to the temp dir).
+pub fn caddy_config(spec: &PeerSpec<'_>) -> String {
+    let upstreams: Vec<&str> = spec.hosts().collect();
+    let policy = match spec.hash {
+        PeerHash::ClientAddress => "ip_hash",
+        PeerHash::RoomParameter => "uri_hash",
+    };
+    let port = spec.port;
+    format!(
+        "# written by wsrelay-loadtest: Caddy's reverse_proxy\n\
+         {{\n    admin off\n    auto_https off\n}}\n\n\
+         http://127.0.0.1:{port} {{\n    bind 127.0.0.1\n\
+         \x20   reverse_proxy {} {{\n        lb_policy {policy}\n    }}\n}}\n",
+        upstreams.join(" ")
+    )
+}
+
+/// A running peer proxy (nginx's master and workers, HAProxy's or Caddy's one process).
 #[derive(Debug)]
-pub struct Nginx {
-    /// The master process (its workers are its children).
+pub struct PeerProxy {
+    /// Which one.
+    pub peer: Peer,
+    /// The process (nginx's workers are its children).
     pub process: ChildProcess,
     /// Where clients connect.
     pub url: String,
-    /// `nginx -v`.
+    /// Its version line.
     pub version: String,
 }
 
-/// Writes the config, tests it (`nginx -t`), starts nginx in the foreground and waits for its
-/// port.
-pub fn start_nginx(
+/// Writes `peer`'s config into `dir/NAME/`, has the proxy check it, starts it in the
+/// foreground and waits for its port.
+pub fn start_peer(
+    peer: Peer,
     bin: &Path,
     backends: &[String],
-    hash: &str,
+    hash: PeerHash,
     dir: &Path,
     workers: usize,
-) -> Result<Nginx, StartError> {
-    let prefix = dir.join("nginx");
-    std::fs::create_dir_all(prefix.join("logs")).map_err(|e| failed("create nginx dir", e))?;
+) -> Result<PeerProxy, StartError> {
+    let name = peer.name();
+    let own = dir.join(name);
+    std::fs::create_dir_all(own.join("logs"))
+        .map_err(|e| failed(format!("create {name} dir"), e))?;
     let port = free_port().map_err(|e| failed("pick a port", e))?;
-    let conf = prefix.join("nginx.conf");
-    std::fs::write(&conf, nginx_config(&prefix, port, backends, hash, workers))
-        .map_err(|e| failed("write nginx.conf", e))?;
-    let error_log = prefix.join("error.log");
-    let args = |command: &mut Command| {
-        command
-            .arg("-p")
-            .arg(&prefix)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(&error_log);
+    let spec = PeerSpec {
+        dir: &own,
+        port,
+        backends,
+        hash,
+        workers: workers.max(1),
     };
-    let mut test = Command::new(bin);
-    args(&mut test);
-    let output = test
-        .arg("-t")
-        .output()
-        .map_err(|e| failed("run nginx -t", e))?;
-    if !output.status.success() {
-        return Err(failed(
-            "nginx -t",
-            String::from_utf8_lossy(&output.stderr).trim(),
-        ));
-    }
+    let conf = own.join(peer.config_name());
+    std::fs::write(&conf, peer.config(&spec))
+        .map_err(|e| failed(format!("write {}", conf.display()), e))?;
+    check_peer_config(peer, bin, &own, &conf)?;
+    let log = own.join(peer.log_name());
+    let stderr = std::fs::File::create(own.join("stderr.log"))
+        .map_err(|e| failed(format!("create {name}'s log"), e))?;
     let mut command = Command::new(bin);
-    args(&mut command);
     command
+        .args(peer.args(&own, &conf, false))
+        .envs(peer.env(&own, spec.workers))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut process = ChildProcess::spawn("nginx", command, Some(error_log))?;
+        .stderr(stderr);
+    let mut process = ChildProcess::spawn(name, command, Some(log))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     process.wait_for_port(addr, Duration::from_secs(10))?;
-    Ok(Nginx {
+    Ok(PeerProxy {
+        peer,
         process,
         url: format!("ws://{addr}/"),
-        version: nginx_version(bin),
+        version: peer.version(bin),
     })
+}
+
+/// Has `peer` check `conf` (`nginx -t`, `haproxy -c`, `caddy validate`).
+pub fn check_peer_config(
+    peer: Peer,
+    bin: &Path,
+    dir: &Path,
+    conf: &Path,
+) -> Result<(), StartError> {
+    let what = format!("{} config check", peer.name());
+    let output = Command::new(bin)
+        .args(peer.args(dir, conf, true))
+        .envs(peer.env(dir, 1))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| failed(&what, e))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(failed(
+            what,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout).trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        ))
+    }
 }
 
 /// Where the harness looks for the relay binary and examples: the directory of its own
@@ -634,26 +857,100 @@ mod tests {
         assert_eq!(config.listen_addr().port(), 8080);
     }
 
+    static BACKENDS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        vec!["ws://127.0.0.1:9001/".into(), "ws://127.0.0.1:9002/".into()]
+    });
+
+    fn spec(dir: &Path, hash: PeerHash) -> PeerSpec<'_> {
+        PeerSpec {
+            dir,
+            port: 8081,
+            backends: &BACKENDS,
+            hash,
+            workers: 1,
+        }
+    }
+
     #[test]
     fn nginx_config_is_the_classic_one() {
-        let text = nginx_config(
-            Path::new("/tmp/x"),
-            8081,
-            &["ws://127.0.0.1:9001/".into()],
-            "$remote_addr",
-            1,
-        );
+        let text = nginx_config(&spec(Path::new("/tmp/x"), PeerHash::ClientAddress));
         for needle in [
             "proxy_http_version 1.1;",
             "proxy_set_header Upgrade $http_upgrade;",
             "hash $remote_addr consistent;",
             "server 127.0.0.1:9001;",
+            "server 127.0.0.1:9002;",
             "proxy_read_timeout 3600s;",
             "master_process on;",
+            "worker_processes 1;",
             "daemon off;",
             "listen 127.0.0.1:8081;",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        let rooms = nginx_config(&spec(Path::new("/tmp/x"), PeerHash::RoomParameter));
+        assert!(rooms.contains("hash $arg_room consistent;"), "{rooms}");
+    }
+
+    #[test]
+    fn haproxy_config_hashes_consistently_and_tunnels() {
+        let mut s = spec(Path::new("/tmp/x"), PeerHash::ClientAddress);
+        s.workers = 3;
+        let text = haproxy_config(&s);
+        for needle in [
+            "nbthread 3",
+            "mode http",
+            "timeout tunnel 3600s",
+            "bind 127.0.0.1:8081",
+            "balance source",
+            "hash-type consistent",
+            "server b0 127.0.0.1:9001",
+            "server b1 127.0.0.1:9002",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        let rooms = haproxy_config(&spec(Path::new("/tmp/x"), PeerHash::RoomParameter));
+        assert!(rooms.contains("balance url_param room"), "{rooms}");
+    }
+
+    #[test]
+    fn caddy_config_hashes_the_client_address_on_loopback() {
+        let text = caddy_config(&spec(Path::new("/tmp/x"), PeerHash::ClientAddress));
+        for needle in [
+            "admin off",
+            "auto_https off",
+            "http://127.0.0.1:8081 {",
+            "bind 127.0.0.1",
+            "reverse_proxy 127.0.0.1:9001 127.0.0.1:9002 {",
+            "lb_policy ip_hash",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        let rooms = caddy_config(&spec(Path::new("/tmp/x"), PeerHash::RoomParameter));
+        assert!(rooms.contains("lb_policy uri_hash"), "{rooms}");
+    }
+
+    /// Each installed peer accepts the config the harness writes for it (`nginx -t`,
+    /// `haproxy -c`, `caddy validate`); an absent one is skipped, and says so.
+    #[test]
+    fn installed_peers_accept_their_configs() {
+        for peer in Peer::ALL {
+            let Some(bin) = peer.find(None) else {
+                eprintln!("SKIPPED: {}: {}", peer.name(), peer.missing());
+                continue;
+            };
+            for hash in [PeerHash::ClientAddress, PeerHash::RoomParameter] {
+                let temp = TempDir::new(false).unwrap();
+                let dir = temp.path().join(peer.name());
+                std::fs::create_dir_all(dir.join("logs")).unwrap();
+                let mut s = spec(&dir, hash);
+                s.port = free_port().unwrap();
+                let conf = dir.join(peer.config_name());
+                std::fs::write(&conf, peer.config(&s)).unwrap();
+                if let Err(error) = check_peer_config(peer, &bin, &dir, &conf) {
+                    panic!("{}: {error}\n{}", peer.name(), peer.config(&s));
+                }
+            }
         }
     }
 }

@@ -1,30 +1,37 @@
 //! `compare` in a tiny configuration: real child processes (backends, the relay library
-//! compiled into the harness, nginx when installed) on 127.0.0.1, and the JSON it reports has
+//! compiled into the harness, nginx, HAProxy and Caddy when installed) on 127.0.0.1, and the JSON it reports has
 //! the contract's shape. Counts are asserted, timings never.
 
 use std::time::Duration;
 
 use wsrelay_loadtest::compare::{self, CompareOpts, HarnessExe, ScenarioKind, TargetKind};
 use wsrelay_loadtest::scenario::CommonOpts;
-use wsrelay_loadtest::targets;
+use wsrelay_loadtest::targets::Peer;
 
 fn exe() -> HarnessExe {
     HarnessExe(env!("CARGO_BIN_EXE_wsrelay-loadtest").into())
 }
 
-fn with_nginx_if_installed(mut targets: Vec<TargetKind>) -> (Vec<TargetKind>, bool) {
-    let nginx = targets::find_nginx(None).is_some();
-    if nginx {
-        targets.push(TargetKind::Nginx);
+/// `targets` and each installed peer proxy after them, with the names of those installed; an
+/// absent one is skipped, loudly.
+fn with_peers_if_installed(mut targets: Vec<TargetKind>) -> (Vec<TargetKind>, Vec<&'static str>) {
+    let mut installed = Vec::new();
+    for peer in Peer::ALL {
+        if peer.find(None).is_some() {
+            targets.push(peer.into());
+            installed.push(peer.name());
+        } else {
+            eprintln!("SKIPPED in this test: {}", peer.missing());
+        }
     }
-    (targets, nginx)
+    (targets, installed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_echo_json_has_the_contract_shape() {
     let common = CommonOpts::tiny();
     let mut opts = CompareOpts::tiny(ScenarioKind::Echo);
-    let (targets, nginx) = with_nginx_if_installed(vec![
+    let (targets, peers) = with_peers_if_installed(vec![
         TargetKind::Direct,
         TargetKind::PerClient,
         TargetKind::Mux,
@@ -43,10 +50,10 @@ async fn compare_echo_json_has_the_contract_shape() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     let mut expected = vec!["direct", "per-client", "mux"];
-    if nginx {
-        expected.push("nginx");
-    }
+    expected.extend(&peers);
     assert_eq!(names, expected);
+    let nginx = peers.contains(&"nginx");
+    assert_eq!(json["best_peer"].is_null(), peers.is_empty());
 
     for t in targets {
         let name = t["name"].as_str().unwrap();
@@ -59,6 +66,7 @@ async fn compare_echo_json_has_the_contract_shape() {
             "rss_kib_per_conn",
             "ratio_to_direct",
             "ratio_to_nginx",
+            "ratio_to_best_peer",
         ] {
             assert!(t.get(key).is_some(), "{name}: no {key}");
         }
@@ -79,6 +87,11 @@ async fn compare_echo_json_has_the_contract_shape() {
         }
         assert!(t["ratio_to_direct"]["throughput"].is_number(), "{name}");
         assert_eq!(t["ratio_to_nginx"].is_null(), !nginx, "{name}");
+        assert_eq!(
+            t["ratio_to_best_peer"].is_null(),
+            peers.is_empty(),
+            "{name}"
+        );
         if name == "direct" {
             assert!(t["proxy_cpu_s_per_million_msgs"].is_null());
             assert!(t["rss_kib_per_conn"].is_null());
@@ -119,4 +132,25 @@ async fn compare_hold_measures_the_relay_memory() {
     assert_eq!(memory.connections, 20);
     // Each client costs the relay two sockets (client and backend legs).
     assert!(memory.fds_loaded >= memory.fds_before + 40, "{memory:?}");
+}
+
+/// Fanout over two backends: each peer proxy (and the relay) must hash a room's members onto
+/// one backend, or members miss says (`undelivered` errors). Direct is left out: it spreads
+/// clients round-robin, rooms and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_fanout_keeps_rooms_together_through_every_peer() {
+    let mut common = CommonOpts::tiny();
+    common.connections = 16;
+    common.duration = Duration::from_millis(300);
+    let mut opts = CompareOpts::tiny(ScenarioKind::Fanout);
+    opts.backends = 2;
+    opts.room_size = 4;
+    let (targets, _) = with_peers_if_installed(vec![TargetKind::PerClient]);
+    opts.targets = targets;
+    let report = compare::run(&common, &opts, &exe(), 2).await.unwrap();
+    for t in &report.targets {
+        assert_eq!(t.status, "ok", "{}", t.name);
+        assert_eq!(t.errors, 0, "{}: {:?}", t.name, t.error_kinds);
+        assert!(t.messages > 0, "{}", t.name);
+    }
 }

@@ -28,6 +28,8 @@
 mod accept;
 mod admin;
 mod admission;
+#[doc(hidden)]
+pub mod benching;
 mod certificates;
 pub mod config;
 mod control;

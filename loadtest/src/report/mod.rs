@@ -5,9 +5,12 @@
 //! Each [`TargetReport`] has the contract's keys (`name`, `messages`, `errors`,
 //! `throughput_msgs_per_s`, `latency_us{p50,p90,p99,p999,max}`,
 //! `proxy_cpu_s_per_million_msgs`, `rss_kib_per_conn`, `ratio_to_direct`, `ratio_to_nginx`) and
-//! more. A skipped target (mux on a relay without mux) keeps its place with `status` saying why
-//! and `null` figures. Ratios are `target / direct` and `target / nginx` for every figure, so
-//! a throughput ratio above 1 is better and a latency, CPU or memory ratio above 1 is worse.
+//! more (`ratio_to_best_peer`, and the report's `best_peer`). A skipped target (mux on a relay
+//! without mux) keeps its place with `status` saying why and `null` figures. Ratios are
+//! `target / direct`, `target / nginx` and `target / best peer` for every figure, so a
+//! throughput ratio above 1 is better and a latency, CPU or memory ratio above 1 is worse. The
+//! best peer is chosen figure by figure among the proxies a user would otherwise run (nginx,
+//! HAProxy, Caddy): the highest throughput, the lowest latency, CPU and memory.
 
 pub mod html;
 mod svg;
@@ -45,6 +48,8 @@ pub struct RunReport {
     pub wall_s: f64,
     /// Things the reader should know (saturation, skipped targets, deviations).
     pub notes: Vec<String>,
+    /// Which peer proxy was best at each figure (null without a measured peer).
+    pub best_peer: Option<BestPeer>,
     /// One entry per target, in the order they were configured.
     pub targets: Vec<TargetReport>,
 }
@@ -111,6 +116,9 @@ pub struct TargetReport {
     pub ratio_to_direct: Option<Ratios>,
     /// Every figure divided by nginx's (null without nginx).
     pub ratio_to_nginx: Option<Ratios>,
+    /// Every figure divided by the best peer proxy's figure (see [`BestPeer`]; null without a
+    /// measured peer).
+    pub ratio_to_best_peer: Option<Ratios>,
     /// Scenario-specific figures.
     pub details: serde_json::Map<String, serde_json::Value>,
 }
@@ -217,6 +225,7 @@ impl TargetReport {
             timeline: m.timeline.clone(),
             ratio_to_direct: None,
             ratio_to_nginx: None,
+            ratio_to_best_peer: None,
             details: m.details.clone(),
         }
     }
@@ -253,6 +262,7 @@ impl TargetReport {
             timeline: Vec::new(),
             ratio_to_direct: None,
             ratio_to_nginx: None,
+            ratio_to_best_peer: None,
             details: serde_json::Map::new(),
         }
     }
@@ -280,9 +290,100 @@ impl TargetReport {
     }
 }
 
-/// Fills `ratio_to_direct` and `ratio_to_nginx` of every measured target from the measured
-/// `direct` and `nginx` entries, if present.
-pub fn fill_ratios(targets: &mut [TargetReport]) {
+/// The peer proxy with the best value of each figure, by name: a target compared with it is
+/// compared with the best that any of them did, figure by figure.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BestPeer {
+    /// Highest throughput.
+    pub throughput: Option<String>,
+    /// Lowest p50.
+    pub p50: Option<String>,
+    /// Lowest p90.
+    pub p90: Option<String>,
+    /// Lowest p99.
+    pub p99: Option<String>,
+    /// Lowest p99.9.
+    pub p999: Option<String>,
+    /// Lowest max.
+    pub max: Option<String>,
+    /// Lowest proxy CPU per million.
+    pub proxy_cpu_s_per_million_msgs: Option<String>,
+    /// Lowest memory per connection.
+    pub rss_kib_per_conn: Option<String>,
+}
+
+/// Picks, among `peers`, the one whose `figure` is best (`higher`: the largest, else the
+/// smallest), and returns its name and value.
+fn best_of(
+    peers: &[&TargetReport],
+    figure: impl Fn(&TargetReport) -> Option<f64>,
+    higher: bool,
+) -> (Option<String>, Option<f64>) {
+    let best = peers
+        .iter()
+        .filter_map(|t| figure(t).filter(|v| v.is_finite()).map(|v| (t, v)))
+        .reduce(|a, b| {
+            let b_wins = if higher { b.1 > a.1 } else { b.1 < a.1 };
+            if b_wins { b } else { a }
+        });
+    match best {
+        Some((t, v)) => (Some(t.name.clone()), Some(v)),
+        None => (None, None),
+    }
+}
+
+/// The best peer's figures as one synthetic target (so [`TargetReport::ratios_to`] applies),
+/// and who each figure came from; `None` without a measured peer.
+fn best_peer(targets: &[TargetReport]) -> Option<(TargetReport, BestPeer)> {
+    let peers: Vec<&TargetReport> = targets
+        .iter()
+        .filter(|t| t.is_ok() && is_peer(&t.name))
+        .collect();
+    if peers.is_empty() {
+        return None;
+    }
+    let mut reference = TargetReport::not_run("best peer", "ok".into());
+    let mut who = BestPeer::default();
+    let (name, value) = best_of(&peers, |t| t.throughput_msgs_per_s, true);
+    (who.throughput, reference.throughput_msgs_per_s) = (name, value);
+    let mut latency = LatencySummary::default();
+    let lat = |f: fn(&LatencySummary) -> f64| {
+        best_of(&peers, move |t| t.latency_us.as_ref().map(f), false)
+    };
+    (who.p50, latency.p50) = split(lat(|l| l.p50));
+    (who.p90, latency.p90) = split(lat(|l| l.p90));
+    (who.p99, latency.p99) = split(lat(|l| l.p99));
+    (who.p999, latency.p999) = split(lat(|l| l.p999));
+    (who.max, latency.max) = split(lat(|l| l.max));
+    reference.latency_us = peers
+        .iter()
+        .any(|t| t.latency_us.is_some())
+        .then_some(latency);
+    let (name, value) = best_of(&peers, |t| t.proxy_cpu_s_per_million_msgs, false);
+    (
+        who.proxy_cpu_s_per_million_msgs,
+        reference.proxy_cpu_s_per_million_msgs,
+    ) = (name, value);
+    let (name, value) = best_of(&peers, |t| t.rss_kib_per_conn, false);
+    (who.rss_kib_per_conn, reference.rss_kib_per_conn) = (name, value);
+    Some((reference, who))
+}
+
+/// A missing latency figure is 0 in the synthetic reference, which [`ratio`] turns into no
+/// ratio rather than a wrong one.
+fn split((name, value): (Option<String>, Option<f64>)) -> (Option<String>, f64) {
+    (name, value.unwrap_or(0.0))
+}
+
+/// True for the peer proxies' target names (`nginx`, `haproxy`, `caddy`).
+pub fn is_peer(name: &str) -> bool {
+    crate::targets::Peer::ALL.iter().any(|p| p.name() == name)
+}
+
+/// Fills `ratio_to_direct`, `ratio_to_nginx` and `ratio_to_best_peer` of every measured target
+/// from the measured `direct`, `nginx` and peer entries, if present; returns who the best peer
+/// was at each figure.
+pub fn fill_ratios(targets: &mut [TargetReport]) -> Option<BestPeer> {
     let find = |name: &str| {
         targets
             .iter()
@@ -291,10 +392,13 @@ pub fn fill_ratios(targets: &mut [TargetReport]) {
     };
     let direct = find("direct");
     let nginx = find("nginx");
+    let best = best_peer(targets);
     for target in targets.iter_mut().filter(|t| t.is_ok()) {
         target.ratio_to_direct = direct.as_ref().map(|d| target.ratios_to(d));
         target.ratio_to_nginx = nginx.as_ref().map(|n| target.ratios_to(n));
+        target.ratio_to_best_peer = best.as_ref().map(|(b, _)| target.ratios_to(b));
     }
+    best.map(|(_, who)| who)
 }
 
 /// Writes the report as pretty JSON.
@@ -370,7 +474,8 @@ mod tests {
             target("nginx", 800.0, 150.0),
             TargetReport::not_run("mux", "skipped: no".into()),
         ];
-        fill_ratios(&mut targets);
+        let best = fill_ratios(&mut targets).unwrap();
+        assert_eq!(best.throughput.as_deref(), Some("nginx"));
         let pc = &targets[1];
         assert_eq!(pc.ratio_to_direct.unwrap().throughput, Some(0.5));
         assert_eq!(pc.ratio_to_direct.unwrap().p99, Some(3.0));
@@ -380,5 +485,44 @@ mod tests {
         assert!(targets[3].ratio_to_direct.is_none());
         // p50 is zero in the reference: no ratio rather than infinity.
         assert_eq!(pc.ratio_to_direct.unwrap().p50, None);
+        // With nginx the only peer, the best peer is nginx.
+        assert_eq!(pc.ratio_to_best_peer, pc.ratio_to_nginx);
+    }
+
+    #[test]
+    fn the_best_peer_is_chosen_figure_by_figure() {
+        let mut haproxy = target("haproxy", 900.0, 200.0);
+        haproxy.rss_kib_per_conn = Some(5.0);
+        haproxy.proxy_cpu_s_per_million_msgs = Some(12.0);
+        let mut caddy = target("caddy", 700.0, 120.0);
+        caddy.rss_kib_per_conn = Some(60.0);
+        caddy.proxy_cpu_s_per_million_msgs = Some(10.0);
+        let mut targets = vec![
+            target("per-client", 450.0, 240.0),
+            target("nginx", 800.0, 150.0),
+            haproxy,
+            caddy,
+            TargetReport::not_run("mux", "skipped: no".into()),
+        ];
+        targets[0].rss_kib_per_conn = Some(20.0);
+        targets[0].proxy_cpu_s_per_million_msgs = Some(25.0);
+        let best = fill_ratios(&mut targets).unwrap();
+        assert_eq!(best.throughput.as_deref(), Some("haproxy"));
+        assert_eq!(best.p99.as_deref(), Some("caddy"));
+        assert_eq!(best.rss_kib_per_conn.as_deref(), Some("haproxy"));
+        assert_eq!(best.proxy_cpu_s_per_million_msgs.as_deref(), Some("caddy"));
+        let r = targets[0].ratio_to_best_peer.unwrap();
+        assert_eq!(r.throughput, Some(0.5));
+        assert_eq!(r.p99, Some(2.0));
+        assert_eq!(r.rss_kib_per_conn, Some(4.0));
+        assert_eq!(r.proxy_cpu_s_per_million_msgs, Some(2.5));
+        assert!(targets[4].ratio_to_best_peer.is_none());
+    }
+
+    #[test]
+    fn without_a_peer_there_is_no_best_peer() {
+        let mut targets = vec![target("direct", 1000.0, 100.0), target("mux", 800.0, 150.0)];
+        assert!(fill_ratios(&mut targets).is_none());
+        assert!(targets[1].ratio_to_best_peer.is_none());
     }
 }

@@ -79,6 +79,9 @@ pub fn render(report: &RunReport) -> String {
             &ratio_rows,
         ));
     }
+    if let Some(line) = best_peer_line(report) {
+        let _ = writeln!(out, "{line}");
+    }
 
     let _ = writeln!(out);
     for t in report.targets.iter().filter(|t| t.is_ok()) {
@@ -339,22 +342,44 @@ pub fn markdown(report: &RunReport) -> String {
     for row in ratio_rows(report) {
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
+    if let Some(line) = best_peer_line(report) {
+        let _ = writeln!(out, "\n{line}");
+    }
     out
 }
 
-/// The ratio rows of both tables: for each target that ran, against direct and nginx (when
-/// measured, and not itself), its label (`per-client / nginx`) and the throughput, p50, p99,
-/// p99.9, proxy CPU per million and RSS per connection ratios.
+/// `best peer: throughput haproxy, p50 nginx, ...`: whom the `/ best peer` rows divide by.
+fn best_peer_line(report: &RunReport) -> Option<String> {
+    let best = report.best_peer.as_ref()?;
+    let parts: Vec<String> = [
+        ("throughput", &best.throughput),
+        ("p50", &best.p50),
+        ("p99", &best.p99),
+        ("p99.9", &best.p999),
+        ("CPU/M", &best.proxy_cpu_s_per_million_msgs),
+        ("RSS/conn", &best.rss_kib_per_conn),
+    ]
+    .into_iter()
+    .filter_map(|(figure, name)| name.as_ref().map(|n| format!("{figure} {n}")))
+    .collect();
+    Some(format!("best peer: {}", parts.join(", ")))
+}
+
+/// The ratio rows of both tables: each target that ran against direct (when measured, and not
+/// itself), and each that is not a peer proxy against the best peer (figure by figure; nginx
+/// alone is the best peer when it is the only one); its label (`per-client / best peer`) and
+/// the throughput, p50, p99, p99.9, proxy CPU per million and RSS per connection ratios.
 fn ratio_rows(report: &RunReport) -> Vec<Vec<String>> {
     report
         .targets
         .iter()
         .filter(|t| t.is_ok())
         .flat_map(|t| {
-            [("direct", t.ratio_to_direct), ("nginx", t.ratio_to_nginx)]
+            let to_best = (!super::is_peer(&t.name)).then_some(t.ratio_to_best_peer);
+            [("direct", Some(t.ratio_to_direct)), ("best peer", to_best)]
                 .into_iter()
                 .filter_map(move |(reference, r)| {
-                    let r = r.filter(|_| t.name != reference)?;
+                    let r = r.flatten().filter(|_| t.name != reference)?;
                     Some(vec![
                         format!("{} / {reference}", t.name),
                         ratio(r.throughput),

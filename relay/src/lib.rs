@@ -29,6 +29,7 @@ mod accept;
 mod admin;
 mod admission;
 mod certificates;
+mod compress;
 pub mod config;
 mod control;
 mod discovery;

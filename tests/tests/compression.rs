@@ -255,16 +255,37 @@ async fn a_client_that_offers_gets_deflate_and_the_backend_gets_plain_messages()
     assert_eq!(plain_payload, payload);
     let uncompressed_wire = plain_wire.total();
     eprintln!(
-        "chat JSON, {count} messages each way, {} bytes per message on average: \
-         {payload} payload bytes; on the wire {uncompressed_wire} bytes uncompressed, \
-         {on_the_wire} with permessage-deflate ({:.2}x fewer)",
+        "chat JSON, {count} messages each way, {} bytes each on average: {payload} payload bytes; \
+         on the wire {uncompressed_wire} bytes uncompressed, {on_the_wire} with permessage-deflate \
+         ({:.2}x fewer)",
         payload / (2 * count as u64),
         uncompressed_wire as f64 / on_the_wire as f64
     );
+    // Each message is compressed on its own (no context takeover): a short one gains little.
     assert!(
-        on_the_wire * 10 < uncompressed_wire * 8,
+        on_the_wire * 10 < uncompressed_wire * 9,
         "compressed {on_the_wire} bytes vs {uncompressed_wire} uncompressed"
     );
+    // A room's history in one message (20 chat messages as a JSON array) gains a lot.
+    let history = format!(
+        "[{}]",
+        (0..20).map(chat_message).collect::<Vec<_>>().join(",")
+    );
+    let (before, plain_before) = (wire.total(), plain_wire.total());
+    for _ in 0..20 {
+        ws.send(Frame::text(history.clone())).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, history);
+        plain.send(Frame::text(history.clone())).await.unwrap();
+        assert_eq!(next_text(&mut plain).await, history);
+    }
+    let (history_wire, history_plain) = (wire.total() - before, plain_wire.total() - plain_before);
+    eprintln!(
+        "room history, 20 messages of {} bytes each way: on the wire {history_plain} bytes \
+         uncompressed, {history_wire} with permessage-deflate ({:.2}x fewer)",
+        history.len(),
+        history_plain as f64 / history_wire as f64
+    );
+    assert!(history_wire * 4 < history_plain, "{history_wire} vs {history_plain}");
 
     // The metrics count both sides of the compressed leg (its upgrade request and response
     // are not frames, so the wire count is below the client's).
@@ -273,13 +294,22 @@ async fn a_client_that_offers_gets_deflate_and_the_backend_gets_plain_messages()
         "wsrelay_compression_message_bytes_total{direction=\"in\"}",
     )
     .await;
-    assert_eq!(message_in, (payload / 2) as f64);
+    assert_eq!(message_in, (payload / 2 + 20 * history.len() as u64) as f64);
     let wire_out = metric(
         &relay,
         "wsrelay_compression_wire_bytes_total{direction=\"out\"}",
     )
     .await;
-    assert!(wire_out > 0.0 && wire_out < (payload / 2) as f64, "{wire_out}");
+    let message_out = metric(
+        &relay,
+        "wsrelay_compression_message_bytes_total{direction=\"out\"}",
+    )
+    .await;
+    assert_eq!(message_out, message_in);
+    assert!(
+        wire_out > 0.0 && wire_out < message_out,
+        "{wire_out} bytes on the wire for {message_out} of messages"
+    );
     assert!(metric(&relay, "wsrelay_compression_sessions_total").await >= 1.0);
     ws.send(Frame::close(yawc::close::CloseCode::Normal, b"bye"))
         .await
@@ -502,4 +532,93 @@ async fn pythons_websockets_negotiates_deflate_through_the_relay() {
     assert!(stdout.contains("echoed 20"), "{stdout}");
     assert_eq!(backend.texts().len(), 20);
     assert!(backend.texts()[0].starts_with("{\"type\": \"message\""));
+}
+
+/// Idle clients held by a relay process, compressed or not: the relay's resident memory per
+/// client. Each client exchanges one chat message first, so a compressed one has used deflate
+/// state; with no context takeover it goes back to the process's pool, and the idle client
+/// holds none.
+#[tokio::test]
+async fn an_idle_compressed_client_costs_about_what_a_plain_one_does() {
+    const CLIENTS: u64 = 300;
+    let backend = TestBackend::start("b").await;
+    let dir = wsrelay_testkit::TempDir::new();
+    let listen = wsrelay_testkit::unused_addr();
+    let config = format!(
+        r#"
+[server]
+listen = "{listen}"
+
+[[route]]
+path = "/plain"
+upstream = "main"
+
+[[route]]
+path = "/deflate"
+upstream = "main"
+compression = "client"
+
+[upstream.main]
+backends = ["{}"]
+"#,
+        backend.url()
+    );
+    let path = dir.write("memory.toml", &config);
+    let mut relay = wsrelay_testkit::RelayProcess::spawn(&["--config", path.to_str().unwrap()], "warn");
+    relay.wait_listening(listen).await;
+    let pid = relay.pid();
+
+    // Warm both paths once, so the pool and the allocator's arenas exist before measuring.
+    let mut warm = connect(&format!("ws://{listen}/plain")).await;
+    assert_eq!(round_trip(&mut warm, "warm").await, "warm");
+    let deflate_url = url::Url::parse(&format!("ws://{listen}/deflate")).unwrap();
+    let open_compressed = || async {
+        let tcp = TcpStream::connect(listen).await.unwrap();
+        let mut ws = WebSocket::handshake(deflate_url.clone(), tcp, client_options(Some(plain_offer())))
+            .await
+            .unwrap();
+        let message = chat_message(1);
+        ws.send(Frame::text(message.clone())).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, message);
+        ws
+    };
+    let _warm_compressed = open_compressed().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before_plain = wsrelay_testkit::resident_bytes(Some(pid));
+    let mut plain = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut client = connect(&format!("ws://{listen}/plain")).await;
+        let message = chat_message(1);
+        assert_eq!(round_trip(&mut client, &message).await, message);
+        plain.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_plain = wsrelay_testkit::resident_bytes(Some(pid));
+
+    let mut compressed = Vec::new();
+    for _ in 0..CLIENTS {
+        compressed.push(open_compressed().await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_compressed = wsrelay_testkit::resident_bytes(Some(pid));
+
+    let per_plain = after_plain.saturating_sub(before_plain) / CLIENTS;
+    let per_compressed = after_compressed.saturating_sub(after_plain) / CLIENTS;
+    println!(
+        "{CLIENTS} idle clients each: relay RSS {} KiB per plain client, {} KiB per compressed client",
+        per_plain >> 10,
+        per_compressed >> 10
+    );
+    // Deflate state kept per connection would be hundreds of KiB (a 32 KiB window each way
+    // plus zlib's tables); pooled, the difference is yawc's buffers.
+    assert!(
+        per_compressed < per_plain + (32 << 10),
+        "{} KiB per compressed client vs {} KiB per plain one",
+        per_compressed >> 10,
+        per_plain >> 10
+    );
+    drop((plain, compressed));
+    relay.signal("TERM");
+    let _ = relay.wait_exit().await;
 }

@@ -618,7 +618,43 @@ backends = ["{}"]
         per_compressed >> 10,
         per_plain >> 10
     );
+
+    // CPU per message: the relay's user+system time for the same chat messages through one
+    // plain and one compressed client (this is whatever build the test runs: debug by default).
+    const MESSAGES: usize = 2000;
+    let mut plain_client = plain.pop().unwrap();
+    let before = cpu_seconds(pid);
+    for i in 0..MESSAGES {
+        let message = chat_message(i);
+        assert_eq!(round_trip(&mut plain_client, &message).await, message);
+    }
+    let plain_cpu = cpu_seconds(pid) - before;
+    let mut compressed_client = compressed.pop().unwrap();
+    let before = cpu_seconds(pid);
+    chat(&mut compressed_client, MESSAGES).await;
+    let compressed_cpu = cpu_seconds(pid) - before;
+    println!(
+        "relay CPU per chat message round trip: {:.1} µs plain, {:.1} µs compressed",
+        plain_cpu * 1e6 / MESSAGES as f64,
+        compressed_cpu * 1e6 / MESSAGES as f64
+    );
     drop((plain, compressed));
     relay.signal("TERM");
     let _ = relay.wait_exit().await;
+}
+
+/// User plus system CPU time of process `pid` so far, from `/proc/PID/stat` (0 elsewhere).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, in clock ticks (100 a second on Linux).
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
 }

@@ -285,7 +285,10 @@ async fn a_client_that_offers_gets_deflate_and_the_backend_gets_plain_messages()
         history.len(),
         history_plain as f64 / history_wire as f64
     );
-    assert!(history_wire * 4 < history_plain, "{history_wire} vs {history_plain}");
+    assert!(
+        history_wire * 4 < history_plain,
+        "{history_wire} vs {history_plain}"
+    );
 
     // The metrics count both sides of the compressed leg (its upgrade request and response
     // are not frames, so the wire count is below the client's).
@@ -334,7 +337,10 @@ async fn off_declines_every_offer_and_clients_still_talk() {
         &[&backend],
     )
     .await;
-    assert_eq!(answered_extensions(&default, "permessage-deflate").await, None);
+    assert_eq!(
+        answered_extensions(&default, "permessage-deflate").await,
+        None
+    );
 }
 
 #[tokio::test]
@@ -451,7 +457,9 @@ async fn a_message_at_the_limit_passes_and_one_past_it_gets_1009() {
     let at_limit = "a".repeat(64 << 10);
     ws.send(Frame::text(at_limit.clone())).await.unwrap();
     assert_eq!(next_text(&mut ws).await.len(), at_limit.len());
-    ws.send(Frame::text("a".repeat((64 << 10) + 1))).await.unwrap();
+    ws.send(Frame::text("a".repeat((64 << 10) + 1)))
+        .await
+        .unwrap();
     let close = loop {
         let frame = tokio::time::timeout(Duration::from_secs(10), ws.next_frame())
             .await
@@ -525,10 +533,7 @@ async fn pythons_websockets_negotiates_deflate_through_the_relay() {
         String::from_utf8_lossy(&output.stderr)
     );
     // websockets offers `permessage-deflate; client_max_window_bits`, as browsers do.
-    assert!(
-        stdout.contains(&format!("extensions {BOTH}")),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("extensions {BOTH}")), "{stdout}");
     assert!(stdout.contains("echoed 20"), "{stdout}");
     assert_eq!(backend.texts().len(), 20);
     assert!(backend.texts()[0].starts_with("{\"type\": \"message\""));
@@ -564,7 +569,8 @@ backends = ["{}"]
         backend.url()
     );
     let path = dir.write("memory.toml", &config);
-    let mut relay = wsrelay_testkit::RelayProcess::spawn(&["--config", path.to_str().unwrap()], "warn");
+    let mut relay =
+        wsrelay_testkit::RelayProcess::spawn(&["--config", path.to_str().unwrap()], "warn");
     relay.wait_listening(listen).await;
     let pid = relay.pid();
 
@@ -574,9 +580,13 @@ backends = ["{}"]
     let deflate_url = url::Url::parse(&format!("ws://{listen}/deflate")).unwrap();
     let open_compressed = || async {
         let tcp = TcpStream::connect(listen).await.unwrap();
-        let mut ws = WebSocket::handshake(deflate_url.clone(), tcp, client_options(Some(plain_offer())))
-            .await
-            .unwrap();
+        let mut ws = WebSocket::handshake(
+            deflate_url.clone(),
+            tcp,
+            client_options(Some(plain_offer())),
+        )
+        .await
+        .unwrap();
         let message = chat_message(1);
         ws.send(Frame::text(message.clone())).await.unwrap();
         assert_eq!(next_text(&mut ws).await, message);

@@ -26,7 +26,9 @@ use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
-use yawc::{CompressionLevel, DeflateOptions, DeflatePool, Frame, OpCode, Options, Role, WebSocket};
+use yawc::{
+    CompressionLevel, DeflateOptions, DeflatePool, Frame, OpCode, Options, Role, WebSocket,
+};
 
 use crate::observe::CompressionCounters;
 use crate::pump::Leg;
@@ -109,8 +111,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DeflateLeg<S> {
             written: counters.wire_out.clone(),
         };
         let header = agreed.header_value();
-        let socket =
-            WebSocket::from_stream_with_extensions(io, Role::Server, Some(&header), options(socket))?;
+        let socket = WebSocket::from_stream_with_extensions(
+            io,
+            Role::Server,
+            Some(&header),
+            options(socket),
+        )?;
         counters.sessions.inc();
         Ok(DeflateLeg {
             socket,
@@ -337,9 +343,7 @@ fn ws_error(error: yawc::WebSocketError, max_size: usize) -> WsError {
         E::ReservedBitsNotZero => WsError::Protocol(ProtocolError::NonZeroReservedBits),
         E::ControlFrameFragmented => WsError::Protocol(ProtocolError::FragmentedControlFrame),
         E::PingFrameTooLarge => WsError::Protocol(ProtocolError::ControlFrameTooBig),
-        E::InvalidOpCode(code) => {
-            WsError::Protocol(ProtocolError::UnknownDataFrameType(code))
-        }
+        E::InvalidOpCode(code) => WsError::Protocol(ProtocolError::UnknownDataFrameType(code)),
         E::InvalidFragment | E::InvalidContinuationFrame | E::FragmentTimeout => {
             WsError::Protocol(ProtocolError::UnexpectedContinueFrame)
         }

@@ -38,7 +38,9 @@ pub enum Declined {
         value: String,
     },
     /// A valid offer the relay can't honour: `server_max_window_bits=8`.
-    #[error("server_max_window_bits={0} is below the {SMALLEST_SERVER_WINDOW} bits the relay can compress with")]
+    #[error(
+        "server_max_window_bits={0} is below the {SMALLEST_SERVER_WINDOW} bits the relay can compress with"
+    )]
     WindowTooSmall(u8),
 }
 
@@ -80,7 +82,11 @@ impl fmt::Display for Agreed {
             "{PERMESSAGE_DEFLATE}; server_no_context_takeover; client_no_context_takeover"
         )?;
         if self.server_max_window_bits < 15 {
-            write!(f, "; server_max_window_bits={}", self.server_max_window_bits)?;
+            write!(
+                f,
+                "; server_max_window_bits={}",
+                self.server_max_window_bits
+            )?;
         }
         Ok(())
     }
@@ -305,7 +311,11 @@ mod tests {
             Some(&*format!("{BOTH}; server_max_window_bits=9"))
         );
         assert_eq!(
-            answer(&["foo, bar; baz=\"a,b\"", "PerMessage-Deflate ;Client_Max_Window_Bits"]).as_deref(),
+            answer(&[
+                "foo, bar; baz=\"a,b\"",
+                "PerMessage-Deflate ;Client_Max_Window_Bits"
+            ])
+            .as_deref(),
             Some(BOTH)
         );
     }

@@ -668,3 +668,37 @@ fn cpu_seconds(pid: u32) -> f64 {
         .sum();
     ticks as f64 / 100.0
 }
+
+#[tokio::test]
+async fn a_websocket_over_http2_negotiates_deflate_as_well() {
+    let backend = TestBackend::start("b").await;
+    let relay = TestRelay::start(
+        &config("client", "").replace("[server]", "[server]\nhttp2 = true"),
+        &[&backend],
+    )
+    .await;
+    let mut h2 = wsrelay_testkit::H2Connection::connect(relay.addr())
+        .await
+        .unwrap();
+    let offer = [(
+        "sec-websocket-extensions",
+        "permessage-deflate; client_max_window_bits",
+    )];
+    let stream = h2.websocket_stream("/", &offer).await.unwrap();
+    // The client side with what the relay answers over HTTP/1.1: if the relay had not
+    // negotiated, its leg would fail the first compressed frame with 1002.
+    let mut ws = WebSocket::from_stream_with_extensions(
+        stream,
+        yawc::Role::Client,
+        Some(BOTH),
+        client_options(Some(plain_offer())),
+    )
+    .unwrap();
+    let history = format!(
+        "[{}]",
+        (0..20).map(chat_message).collect::<Vec<_>>().join(",")
+    );
+    ws.send(Frame::text(history.clone())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, history);
+    assert_eq!(backend.texts(), [history]);
+}

@@ -350,3 +350,50 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Pieces offers are made of, so mutated offers come close to valid ones.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("permessage-deflate".to_owned()),
+            Just("; ".to_owned()),
+            Just(", ".to_owned()),
+            Just("server_no_context_takeover".to_owned()),
+            Just("client_no_context_takeover".to_owned()),
+            Just("server_max_window_bits".to_owned()),
+            Just("client_max_window_bits".to_owned()),
+            Just("=".to_owned()),
+            Just("\"".to_owned()),
+            (0u8..20).prop_map(|n| n.to_string()),
+            "[ -~]{0,6}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_offers_get_a_valid_answer_or_none(
+            headers in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(piece(), 0..12).prop_map(|p| p.concat().into_bytes()),
+                    proptest::collection::vec(any::<u8>(), 0..40),
+                ],
+                0..3,
+            ),
+        ) {
+            if let Some(agreed) = choose(headers.iter().map(Vec::as_slice)) {
+                // The answer is a header value, and names a window the relay can use.
+                prop_assert!(http::HeaderValue::from_str(&agreed.header_value()).is_ok());
+                prop_assert!((SMALLEST_SERVER_WINDOW..=15).contains(&agreed.server_max_window_bits));
+                // And it is what the relay would accept as an offer itself.
+                let answer = agreed.header_value();
+                let again = choose([answer.as_bytes()]);
+                prop_assert_eq!(again, Some(agreed));
+            }
+        }
+    }
+}

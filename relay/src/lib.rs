@@ -31,6 +31,7 @@ mod admission;
 #[doc(hidden)]
 pub mod benching;
 mod certificates;
+mod compress;
 pub mod config;
 mod control;
 mod discovery;

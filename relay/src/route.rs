@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use http::header::COOKIE;
 
-use crate::config::{Config, HashKey, Mode};
+use crate::config::{Compression, Config, HashKey, Mode};
 use crate::inspect::{ChainTemplate, InspectorRegistry};
 use crate::upstream::{BackendSets, BackendTls, Upstream};
 
@@ -28,6 +28,8 @@ pub(crate) struct Route {
     pub inspectors: Option<ChainTemplate>,
     /// Frame logs and taps show no payload bytes of this route.
     pub sensitive: bool,
+    /// Whether the route's clients may get `permessage-deflate`.
+    pub compression: Compression,
 }
 
 /// All routes, longest path first.
@@ -91,6 +93,7 @@ impl RouteTable {
                     mode: *route.mode.get_ref(),
                     inspectors: registry.chain_template(&entries),
                     sensitive: route.sensitive,
+                    compression: route.compression,
                 }))
             })
             .collect();

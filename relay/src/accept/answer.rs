@@ -17,7 +17,8 @@ use super::outcome::{Answer, Outcome, text_response};
 use super::upgrade::{self, Refusal};
 use super::{Acceptor, ClientConnection, mux_client};
 use crate::admission::NotAdmitted;
-use crate::config::Mode;
+use crate::compress::negotiate;
+use crate::config::{Compression, Mode};
 use crate::headers;
 use crate::session::ClientStart;
 use crate::upstream::LINK_SUBPROTOCOL;
@@ -115,7 +116,27 @@ pub(super) async fn answer(
         acceptor.tasks.spawn(holding(open, link));
         return Answer::new(Outcome::MuxClient, response);
     }
-    let client = ClientStart::Upgrade(hyper::upgrade::on(&mut request));
+    // The backend leg never sees the client's offer (`Sec-WebSocket-Extensions` is not
+    // forwarded): compression is the client leg's alone.
+    let agreed = match route.compression {
+        Compression::Off => None,
+        Compression::Client => negotiate::choose(
+            request
+                .headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )
+        .and_then(|agreed| {
+            let value = HeaderValue::from_str(&agreed.header_value()).ok()?;
+            Some((agreed, value))
+        }),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let client = match agreed {
+        None => ClientStart::Upgrade(on_upgrade),
+        Some((agreed, _)) => ClientStart::Deflate(on_upgrade, agreed),
+    };
     let client_request = ClientRequest {
         uri: request.uri(),
         headers: request.headers(),
@@ -128,7 +149,12 @@ pub(super) async fn answer(
         Ok(prepared) => prepared,
         Err(answer) => return answer,
     };
-    let response = upgrade::websocket_accepted(&upgrade, pending.protocol.clone());
+    let mut response = upgrade::websocket_accepted(&upgrade, pending.protocol.clone());
+    if let Some((_, value)) = agreed {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+    }
     let session = pending.run(acceptor.sessions.clone(), client, slot);
     acceptor
         .tasks

@@ -193,6 +193,9 @@ pub struct RouteConfig {
     /// The route carries secrets: frame logs and taps show no payload bytes.
     #[serde(default)]
     pub sensitive: bool,
+    /// Whether clients that offer `permessage-deflate` (RFC 7692) get it.
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// A default value, which has no place in the file (span `0..0`).
@@ -213,6 +216,18 @@ pub enum Mode {
     PerClient,
     /// Clients share the upstream's mux links.
     Mux,
+}
+
+/// A route's `compression`: what the relay answers a client's `permessage-deflate` offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Decline every offer: the client leg is uncompressed (the default).
+    #[default]
+    Off,
+    /// Negotiate `permessage-deflate` with clients that offer it; the backend leg stays
+    /// uncompressed.
+    Client,
 }
 
 /// `[upstream.NAME]`: a group of backends.
@@ -420,6 +435,7 @@ impl Config {
                 preserve_host: true,
                 inspect: Spanned::new(0..0, Vec::new()),
                 sensitive: false,
+                compression: Compression::Off,
             }],
             upstreams: BTreeMap::from([(
                 "default".to_owned(),

@@ -30,9 +30,28 @@ pub struct Metrics {
     ping_rtt: Family<Labels, Histogram>,
     tap_dropped: Counter,
     discovery_failures: Family<Labels, Counter>,
+    /// Bytes of the compressed client legs, counted by the legs themselves.
+    compression: CompressionCounters,
     /// Traffic as last rendered: a session that ends during a scrape may be missed once, and a
     /// counter must never go back.
     rendered_traffic: Mutex<Traffic>,
+}
+
+/// What the `permessage-deflate` client legs count, as they go (one relaxed add per socket
+/// read or write and per message: the compression itself costs far more). Clones share the
+/// counts.
+#[derive(Debug, Clone, Default)]
+pub struct CompressionCounters {
+    /// Sessions whose client leg negotiated `permessage-deflate`.
+    pub sessions: Counter,
+    /// Bytes read from compressed client legs' sockets (frames as sent, headers included).
+    pub wire_in: Counter,
+    /// Bytes written to them.
+    pub wire_out: Counter,
+    /// Payload bytes of the data messages read from them, after decompression.
+    pub message_in: Counter,
+    /// Payload bytes of the data messages written to them, before compression.
+    pub message_out: Counter,
 }
 
 /// State-describing figures gathered at scrape time.
@@ -97,8 +116,40 @@ impl Default for Metrics {
             "Failed DNS lookups of discover upstreams (the last backend set stays)",
             discovery_failures.clone(),
         );
+        let sessions = Counter::default();
+        registry.register(
+            "compression_sessions",
+            "Client sessions that negotiated permessage-deflate",
+            sessions.clone(),
+        );
+        let wire = Family::<Labels, Counter>::default();
+        registry.register(
+            "compression_wire_bytes",
+            "Bytes on the sockets of compressed client legs by direction, frame headers included",
+            wire.clone(),
+        );
+        let message = Family::<Labels, Counter>::default();
+        registry.register(
+            "compression_message_bytes",
+            "Payload bytes of data messages on compressed client legs by direction, uncompressed",
+            message.clone(),
+        );
+        // A family's counter clones share its count: the legs add to them without a lookup.
+        let series = |family: &Family<Labels, Counter>, direction: &str| {
+            family
+                .get_or_create(&vec![("direction", direction.to_owned())])
+                .clone()
+        };
+        let compression = CompressionCounters {
+            sessions,
+            wire_in: series(&wire, "in"),
+            wire_out: series(&wire, "out"),
+            message_in: series(&message, "in"),
+            message_out: series(&message, "out"),
+        };
         Metrics {
             registry,
+            compression,
             discovery_failures,
             handshakes,
             closes,
@@ -128,6 +179,11 @@ impl Metrics {
         self.closes
             .get_or_create(&vec![("by", by.to_owned()), ("code", code)])
             .inc();
+    }
+
+    /// The counters the compressed client legs add to.
+    pub fn compression(&self) -> &CompressionCounters {
+        &self.compression
     }
 
     /// Counts a session moved to another backend.

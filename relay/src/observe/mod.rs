@@ -13,7 +13,7 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::Histogram;
 use tungstenite::Message;
 
-pub(crate) use metrics::{Figures, Metrics};
+pub(crate) use metrics::{CompressionCounters, Figures, Metrics};
 pub(crate) use registry::{Registered, SessionEntry, SessionRegistry};
 pub(crate) use tap::{TapFilter, TapHub, TapSubscription};
 

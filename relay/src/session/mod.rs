@@ -21,6 +21,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
 
 use crate::admission::ConnectionSlot;
+use crate::compress::{Agreed, DeflateLeg, MaybeDeflate};
 use crate::config::{Mode, OnBackendLoss};
 use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
@@ -34,8 +35,9 @@ use crate::shutdown::{Shutdown, close_delay};
 use crate::upstream::{BackendRequest, BackendState, Upstream};
 use ending::{Closing, Farewell, Next};
 
-/// The client side of a session: its own upgraded socket, or a stream of a mux client's link.
-type ClientLeg = AnyLeg<TokioIo<Upgraded>>;
+/// The client side of a session: its own upgraded socket (compressed or not), or a stream of a
+/// mux client's link.
+type ClientLeg = MaybeDeflate<AnyLeg<TokioIo<Upgraded>>, TokioIo<Upgraded>>;
 
 /// What every session of a relay shares: the current generation (a re-origination routes by
 /// it), the observers, and the shutdown stages.
@@ -53,6 +55,8 @@ pub(crate) struct SessionContext {
 pub(crate) enum ClientStart {
     /// A WebSocket of its own, once hyper hands over the upgraded connection.
     Upgrade(OnUpgrade),
+    /// The same with `permessage-deflate`, as the client's answer agreed.
+    Deflate(OnUpgrade, Agreed),
     /// A stream a mux client opened (already accepted).
     Stream(StreamLeg),
 }
@@ -102,19 +106,44 @@ impl PendingSession {
     }
 
     async fn run_to_end(mut self, context: SessionContext, client: ClientStart) {
-        let mut client: ClientLeg = match client {
-            ClientStart::Stream(stream) => AnyLeg::Stream(stream),
+        let (upgrade, agreed) = match client {
+            ClientStart::Stream(stream) => (Err(stream), None),
+            ClientStart::Upgrade(upgrade) => (Ok(upgrade), None),
+            ClientStart::Deflate(upgrade, agreed) => (Ok(upgrade), Some(agreed)),
+        };
+        let mut client: ClientLeg = match upgrade {
+            Err(stream) => MaybeDeflate::Plain(AnyLeg::Stream(stream)),
             // Boxed, as the other one-off steps: a session's future is as large as its
             // largest step, and it lives as long as the client does.
-            ClientStart::Upgrade(upgrade) => match Box::pin(upgrade).await {
-                Ok(upgraded) => AnyLeg::Socket(
-                    Box::pin(WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(self.generation.socket),
-                    ))
-                    .await,
-                ),
+            Ok(upgrade) => match Box::pin(upgrade).await {
+                Ok(upgraded) => {
+                    let io = TokioIo::new(upgraded);
+                    let socket = &self.generation.socket;
+                    match agreed {
+                        None => MaybeDeflate::Plain(AnyLeg::Socket(
+                            Box::pin(WebSocketStream::from_raw_socket(
+                                io,
+                                Role::Server,
+                                Some(*socket),
+                            ))
+                            .await,
+                        )),
+                        Some(agreed) => {
+                            let counters = context.observe.metrics.compression().clone();
+                            match DeflateLeg::new(io, agreed, socket, counters) {
+                                Ok(leg) => MaybeDeflate::Deflate(Box::new(leg)),
+                                Err(error) => {
+                                    // Only a mismatch between the answer and yawc's reading of
+                                    // it gets here; the client was told compression is on.
+                                    tracing::warn!(%error, "compressed client leg failed to start");
+                                    let away = ending::close(CloseCode::Error, "relay error");
+                                    close_leg(&mut self.backend, Some(away)).await;
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
                 Err(error) => {
                     debug!(peer = %self.peer, %error, "client left before the upgrade completed");
                     let away = ending::close(CloseCode::Away, "client went away");

@@ -31,8 +31,13 @@ use crate::upstream::{
 const READ_CHUNK: usize = 4 * 1024;
 /// Frames are gathered up to this size before a write syscall; the pump flushes after each
 /// burst anyway. tungstenite keeps its write buffer's capacity once grown, so this also bounds
-/// what a busy connection keeps while idle.
-const WRITE_BATCH: usize = 4 * 1024;
+/// what a busy connection keeps while idle (a leg that never sent holds none). 16 KiB gathers a
+/// burst of 4 KiB messages into one write: measured with 50 connections of 4 in-flight echoes,
+/// 3.7-4.0 syscalls and 26-30 µs of relay CPU per 4 KiB echo instead of 5.4-5.7 and 43 µs at
+/// 4 KiB, and no change at 64 B. A bigger read chunk would cut reads too, but tungstenite
+/// zero-fills its whole read chunk before every read and every idle leg holds one: at 16 KiB,
+/// 64 B echoes cost more CPU, not less.
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// One generation of configuration-derived state.
 pub(crate) struct Generation {

@@ -115,4 +115,14 @@ impl TestRelay {
             .map_or("", |(_, body)| body)
             .to_owned()
     }
+
+    /// The value of the metrics series `series` (its name with its labels, exactly as
+    /// `/metrics` writes them) on the admin listener; fails the test if there is none.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_get("/metrics").await;
+        let prefix = format!("{series} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+    }
 }

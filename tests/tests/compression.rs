@@ -208,22 +208,6 @@ where
     payload
 }
 
-/// `wsrelay_*` series named `series` (with its labels) on the relay's metrics.
-async fn metric(relay: &TestRelay, series: &str) -> f64 {
-    let admin = relay.handle.admin_addr().expect("admin listener");
-    let response = raw_exchange(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(10),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&response);
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in {text}"))
-}
-
 #[tokio::test]
 async fn a_client_that_offers_gets_deflate_and_the_backend_gets_plain_messages() {
     let backend = TestBackend::start("b").await;
@@ -292,28 +276,22 @@ async fn a_client_that_offers_gets_deflate_and_the_backend_gets_plain_messages()
 
     // The metrics count both sides of the compressed leg (its upgrade request and response
     // are not frames, so the wire count is below the client's).
-    let message_in = metric(
-        &relay,
-        "wsrelay_compression_message_bytes_total{direction=\"in\"}",
-    )
-    .await;
+    let message_in = relay
+        .metric("wsrelay_compression_message_bytes_total{direction=\"in\"}")
+        .await;
     assert_eq!(message_in, (payload / 2 + 20 * history.len() as u64) as f64);
-    let wire_out = metric(
-        &relay,
-        "wsrelay_compression_wire_bytes_total{direction=\"out\"}",
-    )
-    .await;
-    let message_out = metric(
-        &relay,
-        "wsrelay_compression_message_bytes_total{direction=\"out\"}",
-    )
-    .await;
+    let wire_out = relay
+        .metric("wsrelay_compression_wire_bytes_total{direction=\"out\"}")
+        .await;
+    let message_out = relay
+        .metric("wsrelay_compression_message_bytes_total{direction=\"out\"}")
+        .await;
     assert_eq!(message_out, message_in);
     assert!(
         wire_out > 0.0 && wire_out < message_out,
         "{wire_out} bytes on the wire for {message_out} of messages"
     );
-    assert!(metric(&relay, "wsrelay_compression_sessions_total").await >= 1.0);
+    assert!(relay.metric("wsrelay_compression_sessions_total").await >= 1.0);
     ws.send(Frame::close(yawc::close::CloseCode::Normal, b"bye"))
         .await
         .unwrap();

@@ -329,18 +329,11 @@ async fn handshakes_over_max_handshakes_per_second_get_503() {
 
 /// `wsrelay_handshakes_total{outcome=OUTCOME,status="503"}` on the relay's admin listener.
 async fn handshakes(relay: &TestRelay, outcome: &str) -> f64 {
-    let admin = relay.handle.admin_addr().expect("admin listener");
-    let response = raw_exchange(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(10),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&response);
-    let series = format!("wsrelay_handshakes_total{{outcome=\"{outcome}\",status=\"503\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in {text}"))
+    relay
+        .metric(&format!(
+            "wsrelay_handshakes_total{{outcome=\"{outcome}\",status=\"503\"}}"
+        ))
+        .await
 }
 
 #[tokio::test]

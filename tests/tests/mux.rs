@@ -247,16 +247,7 @@ async fn malformed_frames_from_a_backend_close_that_link_1002_and_the_relay_keep
 async fn link_and_stream_metrics_follow_the_clients() {
     let a = MuxBackend::start("a").await;
     let relay = mux_relay(&[&a], "reconnect").await;
-    let admin = relay.handle.admin_addr().unwrap();
-    let scrape = || async move {
-        let response = raw_exchange(
-            admin,
-            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-            WAIT,
-        )
-        .await;
-        String::from_utf8_lossy(&response).into_owned()
-    };
+    let scrape = || relay.admin_get("/metrics");
     let links = format!("wsrelay_mux_links{{backend=\"{}\"}} 2", a.url());
     let streams = |n: usize| format!("wsrelay_mux_streams{{backend=\"{}\"}} {n}", a.url());
     let mut clients = Vec::new();

@@ -462,7 +462,8 @@ impl RawPeer {
         }
     }
 
-    async fn next_frames(&mut self) -> Vec<Frame> {
+    /// The next batch of frames, `Window`s included.
+    async fn next_frames_with_windows(&mut self) -> Vec<Frame> {
         loop {
             match within("frames from the link", self.ws.next()).await {
                 Some(Ok(Message::Binary(b))) => {
@@ -472,6 +473,22 @@ impl RawPeer {
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 other => panic!("expected frames, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next batch of frames other than `Window`: a consumer returns credit whenever it
+    /// catches up, so when one comes depends on the scheduler.
+    async fn next_frames(&mut self) -> Vec<Frame> {
+        loop {
+            let frames: Vec<Frame> = self
+                .next_frames_with_windows()
+                .await
+                .into_iter()
+                .filter(|f| !matches!(f, Frame::Window { .. }))
+                .collect();
+            if !frames.is_empty() {
+                return frames;
             }
         }
     }
@@ -915,4 +932,38 @@ async fn invalid_utf8_in_a_text_message_closes_only_that_stream_with_1007() {
         }]
     );
     assert!(!end.handle.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_catches_up_returns_all_its_credit_at_once() {
+    // A 4 MiB window: small messages never reach the half-window batch, yet a sender must
+    // learn that they were consumed (a relay moving a client waits for exactly that).
+    let (mut peer, end) = raw_initiator(LinkConfig::default()).await;
+    peer.send_frames(&[open_frame(1, "/chat")]).await;
+    let mut stream = within("the Open", end.handle.accept())
+        .await
+        .unwrap()
+        .accept(None);
+    assert_next_frames!(peer, [Frame::Accept { stream: 1, .. }]);
+    let data = |payload: &'static [u8]| Frame::Data {
+        stream: 1,
+        text: true,
+        payload: Bytes::from_static(payload),
+    };
+    peer.send_frames(&[data(b"hello"), data(b"world!")]).await;
+    assert_eq!(next_msg(&mut stream).await, text("hello"));
+    assert_eq!(next_msg(&mut stream).await, text("world!"));
+    // Nothing more to read: the next poll returns the 11 bytes in one Window.
+    let waiting = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+    assert!(waiting.is_err(), "{waiting:?}");
+    let mut returned = 0;
+    while returned < 11 {
+        for frame in peer.next_frames_with_windows().await {
+            match frame {
+                Frame::Window { stream: 1, credit } => returned += credit,
+                other => panic!("expected a Window, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(returned, 11);
 }

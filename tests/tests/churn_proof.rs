@@ -2,11 +2,11 @@
 //! routes talk without pause while their backend sets change 100 times, half by DNS (a
 //! `discover` upstream answered by the test's own [`TestDns`]) and half by reloads (adds,
 //! removes and reweights of a per-client and a mux upstream). Checked for every client: its
-//! socket stays open; every message comes back in order, once on the per-client routes (and
+//! socket stays open; every message comes back in order and once (and
 //! reaches the backends once); a client whose backend stayed in every set was never
-//! re-originated; a client of a removed backend ends up talking to one of the final set. Mux
-//! planned moves are at-least-once (docs/operations.md, "Backend loss and re-origination"):
-//! there the duplicates are counted and printed, not failed.
+//! re-originated; a client of a removed backend ends up talking to one of the final set. On
+//! every route, mux included, a planned move delivers each message exactly once: to the
+//! client and at the backends.
 //!
 //! The default run is sized for `cargo test` on a shared machine (240 clients, changes every
 //! 150 ms); `WSRELAY_FULL_CHURN=1` runs the size: 1,000 clients, 100 changes in a
@@ -200,6 +200,8 @@ struct Talk {
     echoes: Vec<u32>,
     /// Answers to its first `whoami` that came again: a mux move replayed it.
     whoami_again: usize,
+    /// How long each numbered message took to come back (its first echo).
+    round_trips: Vec<Duration>,
 }
 
 /// A client halfway: its socket's halves and what it saw so far.
@@ -250,10 +252,13 @@ async fn talk(
         first,
         echoes: Vec::new(),
         whoami_again: 0,
+        round_trips: Vec::new(),
     };
     let user = &talk.user;
+    let sent_at = std::sync::Mutex::new(Vec::with_capacity(messages as usize));
     let writer = async {
         for n in 0..messages {
+            sent_at.lock().unwrap().push(tokio::time::Instant::now());
             sink.send(Message::text(format!("{user}:{n}")))
                 .await
                 .unwrap_or_else(|e| panic!("{user}: send {n}: {e}"));
@@ -261,12 +266,21 @@ async fn talk(
         }
     };
     let mut unique = HashSet::new();
-    let (echoes, whoami_again) = (&mut talk.echoes, &mut talk.whoami_again);
+    let (echoes, whoami_again, round_trips) = (
+        &mut talk.echoes,
+        &mut talk.whoami_again,
+        &mut talk.round_trips,
+    );
     let reader = async {
         while unique.len() < messages as usize {
             match Echo::of(user, next_text(&mut stream, user).await) {
                 Echo::Numbered(n) => {
-                    unique.insert(n);
+                    let sent = sent_at.lock().unwrap().get(n as usize).copied();
+                    if unique.insert(n)
+                        && let Some(sent) = sent
+                    {
+                        round_trips.push(sent.elapsed());
+                    }
                     echoes.push(n);
                 }
                 Echo::Name(_) if route == Route::Mux => *whoami_again += 1,
@@ -540,6 +554,8 @@ fn check(
         Route::Mux => mux_set,
     };
     let mut summary: BTreeMap<Route, [usize; 6]> = BTreeMap::new();
+    // Round trips per route, of clients whose backend stayed and of the others.
+    let mut round_trips: BTreeMap<(Route, bool), Vec<Duration>> = BTreeMap::new();
     for talk in talks {
         let user = &talk.user;
         let set = set_of(talk.route);
@@ -557,14 +573,13 @@ fn check(
             "{user}: lost or out of order"
         );
         let duplicates = talk.echoes.len() - firsts.len();
-        if talk.route != Route::Mux {
-            assert_eq!(
-                (duplicates, talk.whoami_again),
-                (0, 0),
-                "{user}: duplicates on a per-client route: {:?}",
-                talk.echoes
-            );
-        }
+        assert_eq!(
+            (duplicates, talk.whoami_again),
+            (0, 0),
+            "{user}: duplicates on {:?}: {:?}",
+            talk.route,
+            talk.echoes
+        );
         let legs = legs(talk.route, user, dns, reload, mux);
         let stayed = !set.ever_removed.contains(&talk.first);
         if stayed {
@@ -584,6 +599,10 @@ fn check(
                 set.active
             );
         }
+        round_trips
+            .entry((talk.route, stayed))
+            .or_default()
+            .extend(&talk.round_trips);
         let row = summary.entry(talk.route).or_default();
         row[0] += 1;
         row[1] += usize::from(stayed);
@@ -611,6 +630,21 @@ fn check(
             "churn: {route:?}: {clients} clients, {stayed} whose backend stayed (0 of them re-originated), {moved} re-originated, {echoes} echoes of numbered messages, {duplicates} of them duplicates, {whoami_again} first whoami answered again; 0 lost, 0 out of order, 0 sockets dropped"
         );
     }
+    for ((route, stayed), mut times) in round_trips {
+        if times.is_empty() {
+            continue;
+        }
+        times.sort();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+        println!(
+            "churn: {route:?}: round trips of clients whose backend {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} echoes)",
+            if stayed { "stayed" } else { "changed" },
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            times.len()
+        );
+    }
     println!(
         "churn: per-client backends: {} messages, {} reached a backend twice",
         at_backends.len(),
@@ -627,6 +661,15 @@ fn check(
         at_backends.len(),
         per_client * (size.messages as usize + 1),
         "every message reached a backend"
+    );
+    // And once at the mux backends: the numbered messages, `USER:end` and two `whoami`s.
+    let mux_clients = talks.len() - per_client;
+    let at_mux_backends: usize = mux.values().map(MuxBackend::messages).sum();
+    println!("churn: mux backends: {at_mux_backends} messages received");
+    assert_eq!(
+        at_mux_backends,
+        mux_clients * (size.messages as usize + 3),
+        "mux backends received a message twice, or missed one"
     );
     assert!(
         summary.values().map(|row| row[2]).sum::<usize>() > 0,

@@ -166,6 +166,8 @@ pub(crate) struct StreamState {
     // --- send side ---
     /// Payload bytes this end may still send.
     pub send_credit: u64,
+    /// Payload bytes this end has sent (each took credit), since the stream opened.
+    pub sent_bytes: u64,
     pub send_waker: Option<Waker>,
     /// This end queued its `Close` (or the driver sent one for it).
     pub send_closed: bool,
@@ -193,6 +195,7 @@ impl StreamShared {
             end_delivered: false,
             detached: false,
             send_credit: u64::from(link.params.send_initial_window),
+            sent_bytes: 0,
             send_waker: None,
             send_closed: false,
             remote_closed: false,
@@ -238,6 +241,7 @@ impl StreamShared {
             outbox.driver.take()
         };
         st.send_credit -= len;
+        st.sent_bytes += len;
         if let Some(w) = waker {
             w.wake();
         }
@@ -249,23 +253,37 @@ impl StreamShared {
     /// locked.
     pub fn consumed(&self, st: &mut StreamState, len: usize) {
         st.unreported += len as u64;
-        if st.unreported == 0 || st.recv_end.is_some() || st.detached {
-            return;
-        }
         let window = u64::from(self.link.params.recv_initial_window);
         let max_frame = u64::from(self.link.params.recv_max_frame);
         // Grant in batches of half a window; but whenever the peer's credit has fallen below
         // one maximal message, return everything consumed so far, so a sender waiting to send a
         // large message is never stuck behind a batch that will not fill.
         if st.unreported * 2 >= window || st.peer_credit < max_frame {
-            // unreported <= window <= u32::MAX: every byte counted was granted before.
-            let credit = u32::try_from(st.unreported).unwrap_or(u32::MAX);
-            st.peer_credit += u64::from(credit);
-            st.unreported -= u64::from(credit);
-            self.link.push(Out::Window {
-                id: self.id,
-                credit,
-            });
+            self.return_unreported(st);
         }
+    }
+
+    /// The consumer found nothing left to read: returns everything it consumed so far. A
+    /// sender that sees all its credit back then knows every message was taken, which is
+    /// how a relay moving a client off this stream knows it can go without replaying any
+    /// (the ack a socket gets from ping/pong). One `Window` per burst of messages, not per
+    /// message, and it rides in the same write as the answer the consumer sends first.
+    /// Called with the state locked.
+    pub fn caught_up(&self, st: &mut StreamState) {
+        self.return_unreported(st);
+    }
+
+    fn return_unreported(&self, st: &mut StreamState) {
+        if st.unreported == 0 || st.recv_end.is_some() || st.detached {
+            return;
+        }
+        // unreported <= window <= u32::MAX: every byte counted was granted before.
+        let credit = u32::try_from(st.unreported).unwrap_or(u32::MAX);
+        st.peer_credit += u64::from(credit);
+        st.unreported -= u64::from(credit);
+        self.link.push(Out::Window {
+            id: self.id,
+            credit,
+        });
     }
 }

@@ -12,7 +12,7 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use super::shared::{Out, RecvEnd, StreamShared, lock};
+use super::shared::{Out, RecvEnd, StreamShared, StreamState, lock};
 
 /// The close code sent when a [`MuxStream`] is dropped without being closed: 1001, going away.
 pub const DROPPED_CLOSE_CODE: u16 = 1001;
@@ -43,6 +43,15 @@ pub fn truncate_reason(reason: &str) -> &str {
         end -= 1;
     }
     &reason[..end]
+}
+
+/// Sent bytes whose credit came back: the credit the stream started with, less what it has
+/// now, is what is still out. A peer granting more than it consumed can't make this exceed
+/// what was sent.
+fn acknowledged(shared: &StreamShared, st: &StreamState) -> u64 {
+    let window = u64::from(shared.link.params.send_initial_window);
+    let outstanding = window.saturating_sub(st.send_credit);
+    st.sent_bytes.saturating_sub(outstanding)
 }
 
 fn aborted(why: &str) -> tungstenite::Error {
@@ -107,6 +116,27 @@ impl MuxStream {
     /// Payload bytes this stream may send right now before it waits for the peer's credit.
     pub fn send_credit(&self) -> u64 {
         lock(&self.shared.state).send_credit
+    }
+
+    /// Payload bytes sent on this stream since it opened that the peer has confirmed
+    /// consuming, by returning their credit. With the reference grant rule (the crate README,
+    /// "Flow control") a peer that has read everything returns all of it, so once this
+    /// reaches what was sent, everything was consumed.
+    pub fn acknowledged_bytes(&self) -> u64 {
+        acknowledged(&self.shared, &lock(&self.shared.state))
+    }
+
+    /// `Ready` once [`Self::acknowledged_bytes`] reaches `through` and every message the peer
+    /// sent before returning that credit was read, so its answers are in too. Otherwise `cx`
+    /// is woken when credit comes back or a message arrives.
+    pub fn poll_acknowledged(&self, cx: &mut Context<'_>, through: u64) -> Poll<()> {
+        let mut st = lock(&self.shared.state);
+        if acknowledged(&self.shared, &st) >= through && st.inbound.is_empty() {
+            return Poll::Ready(());
+        }
+        st.send_waker = Some(cx.waker().clone());
+        st.recv_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// Pushes the pending message and then the pending close to the driver; `Ready(Ok)` once
@@ -179,6 +209,7 @@ impl Stream for MuxStream {
                 Poll::Ready(Some(Err(aborted(&why))))
             }
             None => {
+                shared.caught_up(&mut st);
                 st.recv_waker = Some(cx.waker().clone());
                 Poll::Pending
             }

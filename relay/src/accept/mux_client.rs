@@ -56,14 +56,13 @@ pub(super) async fn serve(
     };
     info!(%peer, "mux client link up");
     tokio::pin!(driver);
-    let window = u64::from(link.params().send_initial_window);
     let shutdown = acceptor.sessions.shutdown.clone();
     let ended = loop {
         tokio::select! {
             ended = &mut driver => break ended,
             incoming = link.accept() => {
                 let Some(incoming) = incoming else { continue };
-                let task = route_stream(acceptor.clone(), incoming, window, peer, scheme, http);
+                let task = route_stream(acceptor.clone(), incoming, peer, scheme, http);
                 acceptor.tasks.spawn(task);
             }
             () = shutdown.drain.cancelled() => {
@@ -83,7 +82,6 @@ pub(super) async fn serve(
 async fn route_stream(
     acceptor: Arc<Acceptor>,
     incoming: IncomingStream,
-    window: u64,
     peer: SocketAddr,
     scheme: &'static str,
     http: &'static str,
@@ -128,7 +126,7 @@ async fn route_stream(
                 .as_ref()
                 .and_then(|p| p.to_str().ok())
                 .map(str::to_owned);
-            let stream = StreamLeg::new(incoming.accept(protocol), window);
+            let stream = StreamLeg::new(incoming.accept(protocol));
             let session = pending.run(acceptor.sessions.clone(), ClientStart::Stream(stream), None);
             session.instrument(span).await;
         }

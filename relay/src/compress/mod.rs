@@ -136,8 +136,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for DeflateLeg<S> {
         true
     }
 
-    fn unconfirmed_bytes(&self) -> Option<u64> {
+    fn acknowledged_bytes(&self) -> Option<u64> {
         None
+    }
+
+    fn poll_acknowledged(&mut self, _cx: &mut Context<'_>, _through: u64) -> Poll<()> {
+        Poll::Ready(())
     }
 
     fn awaits_close_reply(&self) -> bool {
@@ -282,8 +286,12 @@ impl<L: Leg, S: AsyncRead + AsyncWrite + Unpin> Leg for MaybeDeflate<L, S> {
         either!(self, leg => leg.pings())
     }
 
-    fn unconfirmed_bytes(&self) -> Option<u64> {
-        either!(self, leg => leg.unconfirmed_bytes())
+    fn acknowledged_bytes(&self) -> Option<u64> {
+        either!(self, leg => leg.acknowledged_bytes())
+    }
+
+    fn poll_acknowledged(&mut self, cx: &mut Context<'_>, through: u64) -> Poll<()> {
+        either!(self, leg => leg.poll_acknowledged(cx, through))
     }
 
     fn awaits_close_reply(&self) -> bool {

@@ -22,10 +22,16 @@ pub trait Leg:
     /// keepalive, so the relay neither pings it nor expects pongs from it.
     fn pings(&self) -> bool;
 
-    /// Payload bytes sent on this leg that the peer has not yet confirmed consuming, when the
-    /// leg can tell (a mux stream, from its flow-control credit); `None` for a socket, whose
-    /// acknowledgements come from ping/pong instead.
-    fn unconfirmed_bytes(&self) -> Option<u64>;
+    /// Payload bytes sent on this leg since it opened that the peer has confirmed consuming,
+    /// when the leg can tell (a mux stream, from its returned flow-control credit); `None`
+    /// for a socket, whose acknowledgements come from ping/pong instead.
+    fn acknowledged_bytes(&self) -> Option<u64>;
+
+    /// For a leg that doesn't ping (a mux stream): `Ready` once the peer has confirmed
+    /// consuming the first `through` payload bytes sent on it and everything it sent before
+    /// that was read; otherwise `cx` is woken when that may have changed. A leg that pings is
+    /// acknowledged by its pongs instead and is always `Ready` here.
+    fn poll_acknowledged(&mut self, cx: &mut Context<'_>, through: u64) -> Poll<()>;
 
     /// True when closing waits for the peer's Close in return (a socket's close handshake); a
     /// mux stream's Close is one frame on its link.
@@ -37,8 +43,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocketStream<S> {
         true
     }
 
-    fn unconfirmed_bytes(&self) -> Option<u64> {
+    fn acknowledged_bytes(&self) -> Option<u64> {
         None
+    }
+
+    fn poll_acknowledged(&mut self, _cx: &mut Context<'_>, _through: u64) -> Poll<()> {
+        Poll::Ready(())
     }
 
     fn awaits_close_reply(&self) -> bool {
@@ -46,16 +56,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocketStream<S> {
     }
 }
 
-/// A mux stream as a leg, with the credit window it started with (to tell what is unconfirmed).
+/// A mux stream as a leg.
 pub struct StreamLeg {
     stream: MuxStream,
-    window: u64,
 }
 
 impl StreamLeg {
-    /// Wraps `stream`, opened with `window` bytes of send credit.
-    pub fn new(stream: MuxStream, window: u64) -> StreamLeg {
-        StreamLeg { stream, window }
+    /// Wraps `stream`.
+    pub fn new(stream: MuxStream) -> StreamLeg {
+        StreamLeg { stream }
     }
 }
 
@@ -64,8 +73,12 @@ impl Leg for StreamLeg {
         false
     }
 
-    fn unconfirmed_bytes(&self) -> Option<u64> {
-        Some(self.window.saturating_sub(self.stream.send_credit()))
+    fn acknowledged_bytes(&self) -> Option<u64> {
+        Some(self.stream.acknowledged_bytes())
+    }
+
+    fn poll_acknowledged(&mut self, cx: &mut Context<'_>, through: u64) -> Poll<()> {
+        self.stream.poll_acknowledged(cx, through)
     }
 
     fn awaits_close_reply(&self) -> bool {
@@ -133,8 +146,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for AnyLeg<S> {
         each_leg!(self, leg => leg.pings())
     }
 
-    fn unconfirmed_bytes(&self) -> Option<u64> {
-        each_leg!(self, leg => leg.unconfirmed_bytes())
+    fn acknowledged_bytes(&self) -> Option<u64> {
+        each_leg!(self, leg => leg.acknowledged_bytes())
+    }
+
+    fn poll_acknowledged(&mut self, cx: &mut Context<'_>, through: u64) -> Poll<()> {
+        each_leg!(self, leg => leg.poll_acknowledged(cx, through))
     }
 
     fn awaits_close_reply(&self) -> bool {

@@ -240,30 +240,18 @@ impl<H: PumpHooks> PumpState<H> {
     }
 
     /// Before a move the relay decides (a drained or removed backend): stops taking the
-    /// client's messages, asks the backend to acknowledge everything it was sent, and keeps
-    /// forwarding its answers to the client until it has, so the move replays nothing and
-    /// delivers each message once. Returns `None` when everything is acknowledged, or how the
-    /// backend leg ended first (closed, gone, or silent for `within`); the move then falls
-    /// back to the replay, at least once. A mux stream can't be asked (its credit comes back
-    /// in batches), so it settles only as far as its credit already says.
+    /// client's messages, waits until the backend has acknowledged everything it was sent,
+    /// and keeps forwarding its answers to the client meanwhile, so the move replays nothing
+    /// and delivers each message once. A socket is asked with an ack ping; a mux stream
+    /// acknowledges by returning all its credit once its consumer has caught up. Returns
+    /// `None` when everything is acknowledged, or how the backend leg ended first (closed,
+    /// gone, or silent for `within`); the move then falls back to the replay, at least once.
     pub async fn settle<C: Leg, B: Leg>(
         &mut self,
         client: &mut C,
         backend: &mut B,
         within: Duration,
     ) -> Option<PumpEnd> {
-        if !backend.pings() {
-            // A mux stream acknowledges through returned credit, which the backend grants in
-            // batches of half a window and can't be asked for: take what it has confirmed,
-            // and replay the rest.
-            let replay = self.replay.as_mut()?;
-            if let Some(unconfirmed) = backend.unconfirmed_bytes() {
-                replay.confirm_all_but(unconfirmed);
-            }
-            return replay.awaits_confirmation().then(|| {
-                PumpEnd::BackendGone("a mux stream can't be asked to acknowledge".into())
-            });
-        }
         let deadline = tokio::time::sleep(within);
         tokio::pin!(deadline);
         let end = poll_fn(|cx| {
@@ -272,11 +260,58 @@ impl<H: PumpHooks> PumpState<H> {
                     "did not acknowledge the client's messages within {within:?}"
                 ))));
             }
-            self.poll_settle(cx, client, backend)
+            if backend.pings() {
+                self.poll_settle(cx, client, backend)
+            } else {
+                self.poll_settle_consumed(cx, client, backend)
+            }
         })
         .await;
+        if end.is_some()
+            && let Some(replay) = self.replay.as_mut()
+            && let Some(acknowledged) = backend.acknowledged_bytes()
+        {
+            // What the credit confirmed so far is not replayed.
+            replay.confirm_through(acknowledged);
+        }
         self.hooks.on_traffic(&self.traffic);
         end
+    }
+
+    /// [`Self::settle`] on a leg that acknowledges through its credit (a mux stream).
+    fn poll_settle_consumed<C: Leg, B: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        backend: &mut B,
+    ) -> Poll<Option<PumpEnd>> {
+        if self.inbound.needs_flush {
+            match Pin::new(&mut *backend).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.inbound.needs_flush = false,
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
+                }
+                Poll::Pending => {}
+            }
+        }
+        // The answers it sends before its credit comes back reach the client first.
+        let now = Instant::now();
+        if let Poll::Ready(end) =
+            self.pump_lane(Direction::BackendToClient, backend, client, now, cx)
+        {
+            return Poll::Ready(Some(end));
+        }
+        let Some(replay) = self.replay.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // A message still waiting for credit to go out is not acknowledged: it lies beyond
+        // what the stream took.
+        let through = replay.leg_bytes();
+        if backend.poll_acknowledged(cx, through).is_ready() {
+            replay.confirm_through(through);
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
     fn poll_settle<C: Leg, B: Leg>(
@@ -365,9 +400,9 @@ impl<H: PumpHooks> PumpState<H> {
         // A leg that reports consumption (a mux stream's credit, behind a lock) acknowledges
         // that way; asked only while something waits for it.
         if let Some(replay) = self.replay.as_mut().filter(|log| log.awaits_confirmation())
-            && let Some(unconfirmed) = backend.unconfirmed_bytes()
+            && let Some(acknowledged) = backend.acknowledged_bytes()
         {
-            replay.confirm_all_but(unconfirmed);
+            replay.confirm_through(acknowledged);
         }
         self.hooks.on_traffic(&self.traffic);
         Poll::Pending
@@ -441,7 +476,11 @@ impl<H: PumpHooks> PumpState<H> {
         };
         match Pin::new(&mut *destination).poll_ready(cx) {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Ready(Err(error)) => {
+                // Still the sender's: a re-originated session sends it to the next backend.
+                self.lane(direction).waiting = Some(message);
+                return Err(error);
+            }
             Poll::Pending => {
                 self.lane(direction).waiting = Some(message);
                 return Ok(false);
@@ -629,5 +668,111 @@ fn sides(direction: Direction) -> (Side, Side) {
     match direction {
         Direction::ClientToBackend => (Side::Client, Side::Backend),
         Direction::BackendToClient => (Side::Backend, Side::Client),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::io;
+
+    use futures_util::{Sink, Stream};
+
+    use super::*;
+
+    /// A leg played from a script: it yields `incoming`, then waits forever; its sink takes
+    /// messages while `open`, and fails every call once not.
+    #[derive(Default)]
+    struct ScriptedLeg {
+        incoming: VecDeque<Message>,
+        sent: Vec<Message>,
+        open: bool,
+        pings: bool,
+    }
+
+    fn broken() -> WsError {
+        WsError::Io(io::Error::other("link I/O error: reset"))
+    }
+
+    impl Stream for ScriptedLeg {
+        type Item = Result<Message, WsError>;
+
+        fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            match self.incoming.pop_front() {
+                Some(message) => Poll::Ready(Some(Ok(message))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl Sink<Message> for ScriptedLeg {
+        type Error = WsError;
+
+        fn poll_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            Poll::Ready(if self.open { Ok(()) } else { Err(broken()) })
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+            if !self.open {
+                return Err(broken());
+            }
+            self.sent.push(item);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            Poll::Ready(if self.open { Ok(()) } else { Err(broken()) })
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Leg for ScriptedLeg {
+        fn pings(&self) -> bool {
+            self.pings
+        }
+
+        fn acknowledged_bytes(&self) -> Option<u64> {
+            None
+        }
+
+        fn poll_acknowledged(&mut self, _cx: &mut Context<'_>, _through: u64) -> Poll<()> {
+            Poll::Ready(())
+        }
+
+        fn awaits_close_reply(&self) -> bool {
+            false
+        }
+    }
+
+    fn quiet_policy() -> KeepalivePolicy {
+        KeepalivePolicy {
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_read_when_the_backend_breaks_goes_to_the_next_backend() {
+        let mut state = PumpState::new(quiet_policy(), Instant::now(), true, ());
+        let mut client = ScriptedLeg {
+            incoming: VecDeque::from([Message::text("whoami")]),
+            open: true,
+            pings: true,
+            ..ScriptedLeg::default()
+        };
+        // The backend's link died before the message could be handed to it.
+        let mut backend = ScriptedLeg::default();
+        let end = state
+            .run(&mut client, &mut backend, std::future::pending())
+            .await;
+        assert!(matches!(end, PumpEnd::BackendGone(_)), "{end}");
+        assert_eq!(
+            state.take_replay(Instant::now()),
+            Some(vec![Message::text("whoami")])
+        );
     }
 }

@@ -54,6 +54,9 @@ pub struct ReplayLog {
     /// Messages and bytes sent since the last ack ping.
     uncovered_messages: usize,
     uncovered_bytes: usize,
+    /// Payload bytes sent to the current backend leg since it opened, overflowed ones too:
+    /// the stream offset just past the newest message.
+    leg_bytes: u64,
 }
 
 impl ReplayLog {
@@ -64,6 +67,7 @@ impl ReplayLog {
         self.uncovered_since.get_or_insert(now);
         self.uncovered_messages += 1;
         self.uncovered_bytes += message.len();
+        self.leg_bytes += message.len() as u64;
         if self.overflowed {
             return;
         }
@@ -149,19 +153,29 @@ impl ReplayLog {
         self.overflowed || !self.unacked.is_empty()
     }
 
-    /// Handles a leg that reports how many sent payload bytes its peer has not yet consumed
-    /// (a mux stream's flow-control credit): every message older than those bytes is
-    /// acknowledged.
-    pub fn confirm_all_but(&mut self, unconfirmed_bytes: u64) {
-        let unconfirmed = usize::try_from(unconfirmed_bytes).unwrap_or(usize::MAX);
-        if self.overflowed && unconfirmed == 0 {
+    /// Payload bytes sent to the current backend leg since it opened.
+    pub fn leg_bytes(&self) -> u64 {
+        self.leg_bytes
+    }
+
+    /// Handles a leg that reports how many of the payload bytes sent on it its peer has
+    /// consumed, counted from the leg's start (a mux stream's returned flow-control credit):
+    /// every message that ends within them is acknowledged. A message the leg never took
+    /// (its write failed) lies beyond them, so it stays.
+    pub fn confirm_through(&mut self, acknowledged: u64) {
+        if self.overflowed && acknowledged >= self.leg_bytes {
             self.overflowed = false;
         }
-        while self.unacked_bytes > unconfirmed {
-            let Some((_, message)) = self.unacked.pop_front() else {
+        // The oldest message held starts where the held bytes begin.
+        let mut start = self.leg_bytes - self.unacked_bytes as u64;
+        while let Some((_, message)) = self.unacked.front() {
+            let end = start + message.len() as u64;
+            if end > acknowledged {
                 break;
-            };
+            }
+            start = end;
             self.unacked_bytes -= message.len();
+            self.unacked.pop_front();
         }
     }
 
@@ -175,6 +189,7 @@ impl ReplayLog {
         self.uncovered_messages = 0;
         self.uncovered_bytes = 0;
         self.unacked_bytes = 0;
+        self.leg_bytes = 0;
         let unacked = std::mem::take(&mut self.unacked);
         (!overflowed).then(|| unacked.into_iter().map(|(_, m)| m).collect())
     }
@@ -328,9 +343,41 @@ mod tests {
         for n in 10..15 {
             log.sent(text(n), at(0));
         }
-        // Four of the five two-byte messages consumed: only the newest stays.
-        log.confirm_all_but(2);
+        // Four of the five two-byte messages consumed (and half of the fifth): only the
+        // newest stays.
+        log.confirm_through(9);
         assert_eq!(log.take_for_replay().unwrap(), vec![text(14)]);
+    }
+
+    #[test]
+    fn credit_counts_from_the_start_of_the_current_leg() {
+        let mut log = ReplayLog::default();
+        for n in 10..13 {
+            log.sent(text(n), at(0));
+        }
+        log.confirm_through(2);
+        // The leg is lost; the two unconfirmed messages go to the next one, which counts
+        // from zero again.
+        let replay = log.take_for_replay().unwrap();
+        assert_eq!(replay, vec![text(11), text(12)]);
+        for message in replay {
+            log.sent(message, at(1));
+        }
+        log.sent(text(13), at(1));
+        assert_eq!(log.leg_bytes(), 6);
+        log.confirm_through(4);
+        assert_eq!(log.take_for_replay().unwrap(), vec![text(13)]);
+    }
+
+    #[test]
+    fn a_message_the_leg_never_took_is_not_confirmed_by_credit() {
+        let mut log = ReplayLog::default();
+        log.sent(text(10), at(0));
+        log.sent(text(11), at(0));
+        // The peer returned all the credit the leg took: the first message only (the
+        // second one's write failed).
+        log.confirm_through(2);
+        assert_eq!(log.take_for_replay().unwrap(), vec![text(11)]);
     }
 
     #[test]

@@ -247,14 +247,13 @@ impl Walk<'_> {
                     return Attempt::NoLink;
                 };
                 let timeout = timeout.saturating_sub(started.elapsed());
-                let window = u64::from(link.params().send_initial_window);
                 let open = self.request.to_open(&backend.authority, self.peer, resumed);
                 match tokio::time::timeout(timeout, link.open(open)).await {
                     Ok(Ok(stream)) => {
                         let protocol = stream
                             .protocol()
                             .and_then(|p| HeaderValue::from_str(p).ok());
-                        Attempt::Connected(AnyLeg::Stream(StreamLeg::new(stream, window)), protocol)
+                        Attempt::Connected(AnyLeg::Stream(StreamLeg::new(stream)), protocol)
                     }
                     Ok(Err(OpenError::Rejected { status, reason })) => {
                         Attempt::Refused(BackendRefusal::from_reject(status, &reason))

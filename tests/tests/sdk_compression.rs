@@ -4,12 +4,14 @@
 //! metrics show they were compressed; against a route with compression off it works
 //! uncompressed; after the relay closes it 1012 it reconnects compressed again; a server whose
 //! answer names a parameter or extension the client did not offer fails the dial with
-//! `ConnectError::Extension`; bytes a server sends right behind its 101 are not lost.
+//! `ConnectError::Extension`; bytes a server sends right behind its 101 are not lost; the offer
+//! is a browser's, and without `deflate` the request has none; a close the client starts is
+//! one Close frame on the wire; and chat traffic's bytes on the wire, plain and compressed.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -244,13 +246,24 @@ async fn after_a_1012_the_client_reconnects_compressed_again() {
 /// `Sec-WebSocket-Extensions` (none when empty) and writes `behind` right after the head, in
 /// the same write; then reads until the client leaves. Returns its URL.
 async fn handmade_server(extensions: &'static str, behind: &'static [u8]) -> String {
+    handmade_server_seeing(extensions, behind).await.0
+}
+
+/// [`handmade_server`], also returning the request heads it gets.
+async fn handmade_server_seeing(
+    extensions: &'static str,
+    behind: &'static [u8],
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&heads);
     tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else {
                 return;
             };
+            let seen = Arc::clone(&seen);
             tokio::spawn(async move {
                 let mut request = Vec::new();
                 let mut byte = [0u8; 1];
@@ -261,6 +274,7 @@ async fn handmade_server(extensions: &'static str, behind: &'static [u8]) -> Str
                     request.push(byte[0]);
                 }
                 let request = String::from_utf8_lossy(&request).into_owned();
+                seen.lock().unwrap().push(request.clone());
                 let key = request
                     .lines()
                     .find_map(|line| {
@@ -285,7 +299,68 @@ async fn handmade_server(extensions: &'static str, behind: &'static [u8]) -> Str
             });
         }
     });
-    url
+    (url, heads)
+}
+
+/// The value of header `name` in a request head.
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
+}
+
+#[tokio::test]
+async fn the_offer_is_a_browsers_and_without_deflate_there_is_none() {
+    let (url, heads) = handmade_server_seeing("", b"").await;
+    let plain = Client::builder(&url).connect().await.unwrap();
+    let offering = Client::builder(&url)
+        .deflate(Deflate::default())
+        .connect()
+        .await
+        .unwrap();
+    let custom = Client::builder(&url)
+        .deflate(
+            Deflate::default()
+                .server_no_context_takeover()
+                .server_max_window_bits(12),
+        )
+        .connect()
+        .await
+        .unwrap();
+    let heads = heads.lock().unwrap().clone();
+    let offers: Vec<_> = heads
+        .iter()
+        .map(|head| header_of(head, "sec-websocket-extensions"))
+        .collect();
+    assert_eq!(
+        offers,
+        [
+            None,
+            Some("permessage-deflate; client_max_window_bits".to_owned()),
+            Some(
+                "permessage-deflate; server_no_context_takeover; server_max_window_bits=12; client_max_window_bits"
+                    .to_owned()
+            ),
+        ]
+    );
+    // Apart from the offer (and the key), the requests are the same.
+    let strip = |head: &str| -> Vec<String> {
+        head.lines()
+            .filter(|line| {
+                let name = line
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
+                name != "sec-websocket-key" && name != "sec-websocket-extensions"
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(strip(&heads[0]), strip(&heads[1]));
+    drop((plain, offering, custom));
 }
 
 #[tokio::test]
@@ -534,4 +609,61 @@ async fn over_wss_a_message_over_the_limit_ends_the_connection_and_the_client_co
         relay.metric("wsrelay_compression_sessions_total").await,
         2.0
     );
+}
+
+/// A compressed server that echoes the client's Close and counts the Close frames the client
+/// sends in all.
+async fn close_counting_server() -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let closes = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&closes);
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
+            request.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&request).into_owned();
+        let key = header_of(&head, "sec-websocket-key").unwrap();
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        tcp.write_all(response.as_bytes()).await.unwrap();
+        // Masked client frames with short payloads: opcode, length, mask, payload.
+        let mut header = [0u8; 2];
+        while tcp.read_exact(&mut header).await.is_ok() {
+            let len = usize::from(header[1] & 0x7f);
+            let mut rest = vec![0u8; 4 + len];
+            if tcp.read_exact(&mut rest).await.is_err() {
+                break;
+            }
+            if header[0] & 0x0f == 0x8 && counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                tcp.write_all(b"\x88\x02\x03\xe8").await.unwrap();
+            }
+        }
+    });
+    (url, closes)
+}
+
+#[tokio::test]
+async fn a_close_the_client_starts_is_one_close_frame_on_the_wire() {
+    let (url, closes) = close_counting_server().await;
+    let mut client = Client::builder(&url)
+        .deflate(Deflate::default())
+        .heartbeat(Heartbeat::off())
+        .connect()
+        .await
+        .unwrap();
+    assert!(expect_connected(&mut client).await.is_compressed());
+    client.close(1000, "").await;
+    match next_event(&mut client).await {
+        Event::Closed(CloseReason::Local { code: 1000, .. }) => {}
+        other => panic!("expected a local close, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(closes.load(Ordering::SeqCst), 1);
 }

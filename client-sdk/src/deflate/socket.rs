@@ -18,7 +18,8 @@ use yawc::{Frame, OpCode, Options, Role, WebSocket};
 /// [`Message`]s: a `Stream` of what arrives (decompressed) and a `Sink` of what to send.
 ///
 /// It keeps the close behaviour code written for tungstenite relies on: the peer's Close is
-/// answered by the stream itself (on the next read or flush), a second Close is not sent, a
+/// answered by the stream itself (on the next read or flush), a second Close is not sent (nor
+/// an echo of the peer's answer to this end's Close), a
 /// peer that sent something invalid gets the Close for it (1009, 1007, 1002) before the
 /// error is returned, and the stream ends once the close handshake is done. Pings are
 /// answered by it, as tungstenite does. Errors are tungstenite's: too big is
@@ -33,6 +34,9 @@ pub struct DeflateStream<S> {
     peer_closed: bool,
     /// A Close was sent, by the owner or by the stream.
     close_sent: bool,
+    /// The peer answered a Close this end had sent: the close handshake is over. yawc has
+    /// queued an echo of that answer all the same, which must not go out (a second Close).
+    answered: bool,
     /// The largest message the peer may send (`max_message_size`), for the errors.
     max_message: usize,
 }
@@ -42,6 +46,7 @@ impl<S> std::fmt::Debug for DeflateStream<S> {
         f.debug_struct("DeflateStream")
             .field("peer_closed", &self.peer_closed)
             .field("close_sent", &self.close_sent)
+            .field("answered", &self.answered)
             .field("max_message", &self.max_message)
             .finish_non_exhaustive()
     }
@@ -65,6 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DeflateStream<S> {
             socket,
             peer_closed: false,
             close_sent: false,
+            answered: false,
             max_message,
         })
     }
@@ -83,6 +89,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for DeflateStream<S> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.answered {
+            // Polling yawc again would write its echo.
+            return Poll::Ready(None);
+        }
         loop {
             let frame = match ready!(this.socket.poll_next_frame(cx)) {
                 Ok(frame) => frame,
@@ -114,7 +124,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for DeflateStream<S> {
                 OpCode::Pong => Message::Pong(payload),
                 OpCode::Close => {
                     this.peer_closed = true;
-                    // yawc queued the echo of this Close.
+                    // yawc queued the echo of this Close; it is the answer to the peer's Close,
+                    // or a duplicate when this end closed first.
+                    this.answered = this.close_sent;
                     this.close_sent = true;
                     Message::Close(close_frame(&payload))
                 }
@@ -130,6 +142,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateStream<S> {
     type Error = WsError;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if self.answered {
+            // yawc would first write its queued echo; what could follow is refused anyway.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.socket)
             .poll_ready(cx)
             .map_err(|e| ws_error(e, self.max_message))
@@ -137,6 +153,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateStream<S> {
 
     fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), WsError> {
         let this = &mut *self;
+        if this.answered {
+            // As tungstenite after a close handshake: nothing more goes out.
+            return match message {
+                Message::Close(_) => Ok(()),
+                _ => Err(WsError::Protocol(ProtocolError::SendAfterClosing)),
+            };
+        }
         let frame = match message {
             Message::Text(text) => Frame::text(Bytes::from(text)),
             Message::Binary(data) => Frame::binary(data),
@@ -167,6 +190,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateStream<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if self.answered {
+            // This end's Close went out before the answer came in: nothing is left to write.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.socket)
             .poll_flush(cx)
             .map_err(|e| ws_error(e, self.max_message))
@@ -175,8 +202,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateStream<S> {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         // yawc's own close skips the frames it queued itself (the echo of the peer's Close,
         // the Close of a failure); getting ready sends them first, so the peer gets them
-        // rather than a plain 1000.
-        let _ = ready!(Pin::new(&mut self.socket).poll_ready(cx));
+        // rather than a plain 1000. After an answered Close the one queued is a duplicate.
+        if !self.answered {
+            let _ = ready!(Pin::new(&mut self.socket).poll_ready(cx));
+        }
         Pin::new(&mut self.socket)
             .poll_close(cx)
             .map_err(|e| ws_error(e, self.max_message))

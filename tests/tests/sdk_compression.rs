@@ -6,7 +6,8 @@
 //! answer names a parameter or extension the client did not offer fails the dial with
 //! `ConnectError::Extension`; bytes a server sends right behind its 101 are not lost; the offer
 //! is a browser's, and without `deflate` the request has none; a close the client starts is
-//! one Close frame on the wire; and chat traffic's bytes on the wire, plain and compressed.
+//! one Close frame on the wire; a mux-mode route compresses the client leg too; and chat
+//! traffic's bytes on the wire, plain and compressed.
 
 use std::io;
 use std::pin::Pin;
@@ -666,4 +667,30 @@ async fn a_close_the_client_starts_is_one_close_frame_on_the_wire() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(closes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_compressed_client_works_through_a_mux_route_too() {
+    // chat_cli --deflate's case: the client leg is compressed, the mux link behind it is not.
+    let backend = wsrelay_tests::MuxBackend::start("m").await;
+    let toml = config("client")
+        .replace(
+            "upstream = \"main\"\n",
+            "upstream = \"main\"\nmode = \"mux\"\n",
+        )
+        .replace("BACKENDS", &format!("[\"{}\"]", backend.url()));
+    let relay = TestRelay::start(&toml, &[]).await;
+    let mut client = Client::builder(&relay.url("/"))
+        .deflate(Deflate::default())
+        .connect()
+        .await
+        .unwrap();
+    assert!(expect_connected(&mut client).await.is_compressed());
+    client.send("whoami").await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("m"));
+    echo(&mut client, Message::text(big_text())).await;
+    assert_eq!(
+        relay.metric("wsrelay_compression_sessions_total").await,
+        1.0
+    );
 }

@@ -6,6 +6,8 @@
 //! cargo run -p wsrelay-client --example chat_cli -- --url ws://127.0.0.1:8080/chat --nick ann
 //! ```
 //!
+//! `--deflate` offers `permessage-deflate` (a route with `compression = "client"` accepts it).
+//!
 //! Type a line to say it to your room; `/join ROOM`, `/nick NAME`, `/quit` (or end of input).
 //! Others' lines print as `[room] nick: text`; the client's own status lines start with `*`.
 //!
@@ -20,7 +22,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use wsrelay_client::{
-    Client, ClientBuilder, CloseReason, Event, Message, QueuePolicy, Reconnect, SendError,
+    Client, ClientBuilder, CloseReason, Deflate, Event, Message, QueuePolicy, Reconnect, SendError,
 };
 
 /// Lines typed while disconnected that wait for the reconnect.
@@ -39,13 +41,20 @@ struct Args {
     /// The room to start in.
     #[arg(long, default_value = "lobby")]
     room: String,
+    /// Offer permessage-deflate.
+    #[arg(long)]
+    deflate: bool,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let session = Session::shared(&args.nick, &args.room);
-    let mut client = builder(&args.url, &session).start()?;
+    let mut builder = builder(&args.url, &session);
+    if args.deflate {
+        builder = builder.deflate(Deflate::default());
+    }
+    let mut client = builder.start()?;
     println!("* connecting to {} as {}", args.url, args.nick);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut typing = true;
@@ -196,10 +205,15 @@ pub fn render(event: &Event, session: &SharedSession) -> Option<String> {
         Event::Message(Message::Binary(data)) => Some(format!("* ({} binary bytes)", data.len())),
         Event::Connected(connected) => {
             let Session { nick, room } = current(session);
-            Some(if connected.is_reconnect() {
-                format!("* reconnected; you are {nick} in [{room}]")
+            let how = if connected.is_compressed() {
+                " (compressed)"
             } else {
-                format!("* connected; you are {nick} in [{room}]")
+                ""
+            };
+            Some(if connected.is_reconnect() {
+                format!("* reconnected{how}; you are {nick} in [{room}]")
+            } else {
+                format!("* connected{how}; you are {nick} in [{room}]")
             })
         }
         Event::Disconnected {

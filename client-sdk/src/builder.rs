@@ -14,26 +14,28 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{
     Client, DEFAULT_EVENT_CAPACITY, Heartbeat, OnConnect, QueuePolicy, Shared, State,
 };
-use crate::connection::{ConnectionTask, Established};
-use crate::dial::{ConnectError, DialOptions, Dialer};
+use crate::connection::ConnectionTask;
+use crate::deflate::Deflate;
+use crate::dial::{ConnectError, DialOptions, Dialer, Established};
 use crate::event::{Connected, Message};
 use crate::reconnect::{Reconnect, Retrier};
 use crate::tls::Tls;
 
 /// Configures a [`Client`]: request headers, subprotocols, timeouts, TLS, message size,
-/// reconnect policy, heartbeat, queue policy. Finish with [`connect`](ClientBuilder::connect)
-/// or [`start`](ClientBuilder::start).
+/// compression, reconnect policy, heartbeat, queue policy. Finish with
+/// [`connect`](ClientBuilder::connect) or [`start`](ClientBuilder::start).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use wsrelay_client::{Client, Heartbeat, QueuePolicy, Reconnect};
+/// use wsrelay_client::{Client, Deflate, Heartbeat, QueuePolicy, Reconnect};
 ///
 /// let client = Client::builder("wss://chat.example.com/chat")
 ///     .header("Authorization", "Bearer abc123")
 ///     .subprotocols(["chat.v2"])
 ///     .connect_timeout(Duration::from_secs(5))
 ///     .max_message_size(1 << 20)
+///     .deflate(Deflate::default())
 ///     .reconnect(Reconnect::default().backoff(Duration::from_millis(250), Duration::from_secs(15)))
 ///     .heartbeat(Heartbeat { interval: Duration::from_secs(15), timeout: Duration::from_secs(5) })
 ///     .queue(QueuePolicy::Buffer { max_messages: 100 })
@@ -113,6 +115,34 @@ impl ClientBuilder {
         self
     }
 
+    /// Offers `permessage-deflate` (RFC 7692) on every dial, as `deflate` says; off by
+    /// default (then the handshake and every frame are as without this call).
+    ///
+    /// A server that accepts compresses the connection: messages are the same to the
+    /// application, and [`Connected::compression`] says what was agreed. A server that
+    /// declines (its answer names no extension) gets an uncompressed connection. An answer
+    /// the client can't honour (an extension or parameter it did not offer, a larger window
+    /// than it asked for) fails the dial with [`ConnectError::Extension`], which is
+    /// permanent. Reconnects offer it again.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use wsrelay_client::{Client, Deflate, Event};
+    ///
+    /// let mut client = Client::builder("wss://chat.example.com/chat")
+    ///     .deflate(Deflate::default())
+    ///     .connect()
+    ///     .await?;
+    /// if let Some(Event::Connected(connected)) = client.next_event().await {
+    ///     println!("compressed: {}", connected.is_compressed());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn deflate(mut self, deflate: Deflate) -> ClientBuilder {
+        self.dial.deflate = Some(deflate);
+        self
+    }
+
     /// Which servers `wss://` trusts; see [`Tls`].
     pub fn tls(mut self, tls: Tls) -> ClientBuilder {
         self.dial.tls = tls;
@@ -179,7 +209,7 @@ impl ClientBuilder {
     /// client reconnects by itself. The first event is [`Event::Connected`](crate::Event::Connected).
     pub async fn connect(self) -> Result<Client, ConnectError> {
         let dialer = self.dial.clone().dialer()?;
-        let connection = dialer.dial().await?;
+        let connection = dialer.open().await?;
         Ok(self.spawn(dialer, Some(connection)))
     }
 

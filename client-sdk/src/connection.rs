@@ -18,23 +18,18 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::error::ProtocolError;
-use tungstenite::handshake::client::Response;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::client::{CLOSE_TIMEOUT, Heartbeat, OnConnect, QueuePolicy, Shared, State};
-use crate::dial::{ConnectError, Dialer, Transport};
+use crate::dial::{ConnectError, Dialer, Established};
 use crate::event::{CloseReason, Connected, Event, Message};
 use crate::reconnect::{self, GiveUp, Retrier, Retry};
+use crate::socket::Socket;
 
-type Socket = WebSocketStream<Transport>;
 type Sink = SplitSink<Socket, tungstenite::Message>;
 type Source = SplitStream<Socket>;
-
-/// A dial that succeeded: the socket and the server's handshake response.
-pub(crate) type Established = (Socket, Response);
 
 /// A message on the outgoing queue.
 #[derive(Debug)]
@@ -99,12 +94,13 @@ impl ConnectionTask {
             never_connected = false;
             let connected = Connected {
                 protocol: established
-                    .1
+                    .response
                     .headers()
                     .get("sec-websocket-protocol")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned),
                 connection: self.connections + 1,
+                compression: established.compression,
             };
             self.connections = connected.connection;
             // Before the state says Connected, so `FailFast` sends tag the new connection.
@@ -114,7 +110,7 @@ impl ConnectionTask {
             tracing::debug!(url = %self.shared.url, connection = connected.connection, "client connected");
             self.set_state(State::Connected);
             self.emit(Event::Connected(connected.clone())).await;
-            let (code, reason) = match self.serve(established.0, &connected).await {
+            let (code, reason) = match self.serve(established.socket, &connected).await {
                 Ended::Stopped => return self.local_close(),
                 Ended::Remote { code, reason } => (Some(code), reason),
                 Ended::Lost { reason } => (None, reason),
@@ -159,7 +155,7 @@ impl ConnectionTask {
         let retrier = &mut self.retrier;
         let work = async move {
             if at_once {
-                match dialer.dial().await {
+                match dialer.open().await {
                     Ok(established) => return Ok(established),
                     Err(error) => {
                         tracing::debug!(%error, "client: first dial failed");
@@ -179,7 +175,7 @@ impl ConnectionTask {
                         .await;
                 }
             };
-            reconnect::redial(retrier, last_error, || dialer.dial(), report).await
+            reconnect::redial(retrier, last_error, || dialer.open(), report).await
         };
         tokio::select! {
             result = work => result.map_err(|give_up| match give_up {
@@ -248,7 +244,8 @@ impl ConnectionTask {
                             finish_close(&mut sink, &mut source).await;
                             break Ended::Remote { code, reason };
                         }
-                        // Pings are answered by tungstenite on the next read or write.
+                        // Pings are answered by the socket (tungstenite or yawc) on the next
+                        // read or write.
                         Some(Ok(_)) => {}
                         Some(Err(error)) => {
                             if let Some((code, why)) = close_for_read_error(&error) {

@@ -5,6 +5,10 @@
 //! message size). Turning it into a `Dialer` validates it once (a bad URL or header fails
 //! before any socket is opened) and builds the TLS connector once; the dialer is then used for
 //! the first connection and every reconnect.
+//!
+//! With [`Deflate`] the dial also offers `permessage-deflate` and reads the answer: no
+//! extension is an uncompressed connection, an answer the client can honour a compressed one,
+//! any other answer a [`ConnectError::Extension`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +22,12 @@ use tokio_util::either::Either;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::{Request, Response};
 use tungstenite::http::{HeaderName, HeaderValue};
+use tungstenite::protocol::Role;
 use tungstenite::protocol::WebSocketConfig;
 use wsrelay_protocol::link::LinkError;
 
+use crate::deflate::{Deflate, DeflateStream, ExtensionError, Negotiated, Rewind};
+use crate::socket::Socket;
 use crate::tls::{self, Tls, TlsError};
 
 /// The default limit on one dial: TCP connect, TLS and WebSocket handshakes (and, for a
@@ -96,6 +103,18 @@ pub enum ConnectError {
         /// What failed.
         source: LinkError,
     },
+    /// The client offered `permessage-deflate` ([`Deflate`]) and the server's answer names
+    /// something the client did not offer or can't honour (RFC 6455 4.1 and RFC 7692 5: the
+    /// client must fail the connection).
+    #[error("connect {url}: the server's permessage-deflate answer {answer:?}: {source}")]
+    Extension {
+        /// The URL.
+        url: String,
+        /// The server's `Sec-WebSocket-Extensions`, as sent (values joined with `, `).
+        answer: String,
+        /// What is wrong with it.
+        source: ExtensionError,
+    },
     /// The attempt did not complete within the connect timeout.
     #[error("connect {url}: timed out after {after:?}")]
     Timeout {
@@ -124,6 +143,7 @@ impl ConnectError {
             | ConnectError::Http { url, .. }
             | ConnectError::Handshake { url, .. }
             | ConnectError::Link { url, .. }
+            | ConnectError::Extension { url, .. }
             | ConnectError::Timeout { url, .. } => url,
         }
     }
@@ -139,14 +159,15 @@ impl ConnectError {
     /// True when trying again cannot help, so a reconnecting client stops instead:
     /// an invalid request; an HTTP 4xx answer other than 408 (timeout) and 429 (too many
     /// requests), i.e. the server understood and refused (bad credentials, unknown route,
-    /// forbidden origin); a server that ignored or changed the offered subprotocols; a TLS
-    /// setup that cannot work (no trust roots, bad CA file, a host that is no TLS name).
+    /// forbidden origin); a server that ignored or changed the offered subprotocols; a
+    /// `permessage-deflate` answer the client can't honour; a TLS setup that cannot work (no
+    /// trust roots, bad CA file, a host that is no TLS name).
     ///
     /// Everything else (refused or dropped connections, timeouts, TLS handshake failures,
     /// 5xx answers, mux link errors) is retried.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ConnectError::InvalidRequest { .. } => true,
+            ConnectError::InvalidRequest { .. } | ConnectError::Extension { .. } => true,
             ConnectError::Http { status, .. } => {
                 (400..500).contains(status) && *status != 408 && *status != 429
             }
@@ -182,6 +203,8 @@ pub(crate) struct DialOptions {
     pub connect_timeout: Duration,
     pub tls: Tls,
     pub max_message_size: Option<usize>,
+    /// Offer `permessage-deflate` ([`Client`](crate::Client) only).
+    pub deflate: Option<Deflate>,
 }
 
 impl DialOptions {
@@ -193,6 +216,7 @@ impl DialOptions {
             connect_timeout: CONNECT_TIMEOUT,
             tls: Tls::default(),
             max_message_size: None,
+            deflate: None,
         }
     }
 
@@ -262,6 +286,14 @@ impl DialOptions {
                 .max_message_size(Some(max))
                 .max_frame_size(Some(max));
         }
+        let deflate = match self.deflate {
+            Some(deflate) => {
+                let value = HeaderValue::from_str(&deflate.offer())
+                    .map_err(|e| invalid(format!("permessage-deflate offer: {e}")))?;
+                Some((deflate, value))
+            }
+            None => None,
+        };
         Ok(Dialer {
             url: url.as_str().into(),
             host,
@@ -270,6 +302,7 @@ impl DialOptions {
             tls,
             connect_timeout: self.connect_timeout,
             ws_config,
+            deflate,
         })
     }
 }
@@ -285,6 +318,18 @@ pub(crate) struct Dialer {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     ws_config: WebSocketConfig,
+    /// What to offer for compression, and the offer as a header value.
+    deflate: Option<(Deflate, HeaderValue)>,
+}
+
+/// A dial that succeeded, for a [`Client`](crate::Client).
+pub(crate) struct Established {
+    /// The connection's WebSocket, compressed or not.
+    pub socket: Socket,
+    /// The server's handshake response.
+    pub response: Response,
+    /// What compression was agreed, if any.
+    pub compression: Option<Negotiated>,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -293,6 +338,10 @@ impl std::fmt::Debug for Dialer {
             .field("url", &self.url)
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
+            .field(
+                "deflate",
+                &self.deflate.as_ref().map(|(deflate, _)| deflate),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -318,9 +367,102 @@ impl Dialer {
             })?
     }
 
-    async fn dial_unbounded(&self) -> Result<(WebSocketStream<Transport>, Response), ConnectError> {
+    /// Dials once for a [`Client`](crate::Client): like [`Dialer::dial`], offering
+    /// `permessage-deflate` when it is on.
+    pub async fn open(&self) -> Result<Established, ConnectError> {
+        let open = async {
+            let Some((deflate, offer)) = &self.deflate else {
+                let (socket, response) = self.dial_unbounded().await?;
+                return Ok(Established {
+                    socket: Socket::Plain(socket),
+                    response,
+                    compression: None,
+                });
+            };
+            self.open_compressed(deflate, offer).await
+        };
+        tokio::time::timeout(self.connect_timeout, open)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                url: self.url.to_string(),
+                after: self.connect_timeout,
+            })?
+    }
+
+    /// A dial that offers `permessage-deflate`. The handshake is tungstenite's, over a socket
+    /// that gives back what tungstenite read past the response, so either socket can take
+    /// over from there.
+    async fn open_compressed(
+        &self,
+        deflate: &Deflate,
+        offer: &HeaderValue,
+    ) -> Result<Established, ConnectError> {
         let url = || self.url.to_string();
+        let mut request = self.request()?;
+        request
+            .headers_mut()
+            .insert("sec-websocket-extensions", offer.clone());
+        let stream = Rewind::new(self.transport().await?);
+        let (socket, response) = self.handshake(request, stream).await?;
+        let mut stream = socket.into_inner();
+        let tail = stream.finish_handshake().to_vec();
+        let answers = response.headers().get_all("sec-websocket-extensions");
+        let agreed = deflate
+            .read_answer(answers.iter().map(HeaderValue::as_bytes))
+            .map_err(|source| ConnectError::Extension {
+                url: url(),
+                answer: answers
+                    .iter()
+                    .map(|value| String::from_utf8_lossy(value.as_bytes()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                source,
+            })?;
+        let Some(agreed) = agreed else {
+            // Declined: tungstenite again, given what it had read past the response.
+            let socket = WebSocketStream::from_partially_read(
+                stream.into_inner(),
+                tail,
+                Role::Client,
+                Some(self.ws_config),
+            )
+            .await;
+            return Ok(Established {
+                socket: Socket::Plain(socket),
+                response,
+                compression: None,
+            });
+        };
+        let max_message = self.ws_config.max_message_size.unwrap_or(usize::MAX);
+        let socket = DeflateStream::new(
+            stream,
+            yawc::Role::Client,
+            &agreed.to_string(),
+            deflate.options(&self.ws_config),
+            max_message,
+        )
+        .map_err(|error| ConnectError::Handshake {
+            url: url(),
+            source: Box::new(tungstenite::Error::Io(std::io::Error::other(
+                error.to_string(),
+            ))),
+        })?;
+        Ok(Established {
+            socket: Socket::Deflate(socket),
+            response,
+            compression: Some(agreed),
+        })
+    }
+
+    async fn dial_unbounded(&self) -> Result<(WebSocketStream<Transport>, Response), ConnectError> {
         let request = self.request()?;
+        let stream = self.transport().await?;
+        self.handshake(request, stream).await
+    }
+
+    /// TCP, and TLS for `wss://`.
+    async fn transport(&self) -> Result<Transport, ConnectError> {
+        let url = || self.url.to_string();
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| ConnectError::Tcp {
@@ -330,7 +472,7 @@ impl Dialer {
             })?;
         // Chat traffic is many small messages: don't hold them back for coalescing.
         let _ = tcp.set_nodelay(true);
-        let stream = match &self.tls {
+        Ok(match &self.tls {
             None => Either::Left(tcp),
             Some((connector, server_name)) => {
                 Either::Right(connector.connect(server_name.clone(), tcp).await.map_err(
@@ -343,7 +485,19 @@ impl Dialer {
                     },
                 )?)
             }
-        };
+        })
+    }
+
+    /// The WebSocket handshake over `stream`.
+    async fn handshake<S>(
+        &self,
+        request: Request,
+        stream: S,
+    ) -> Result<(WebSocketStream<S>, Response), ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let url = || self.url.to_string();
         tokio_tungstenite::client_async_with_config(request, stream, Some(self.ws_config))
             .await
             .map_err(|error| match error {

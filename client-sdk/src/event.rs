@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tungstenite::Utf8Bytes;
 
+use crate::deflate::Negotiated;
 use crate::dial::ConnectError;
 
 /// A WebSocket data message: text or binary. (Pings, pongs and close frames are the
@@ -155,12 +156,21 @@ pub struct Connected {
     pub protocol: Option<String>,
     /// Which connection of this client this is: 1 for the first, 2 after one reconnect...
     pub connection: u64,
+    /// The `permessage-deflate` parameters the server agreed to, when the client offered it
+    /// ([`ClientBuilder::deflate`](crate::ClientBuilder::deflate)) and the server accepted;
+    /// `None` for an uncompressed connection.
+    pub compression: Option<Negotiated>,
 }
 
 impl Connected {
     /// True for every connection after the first.
     pub fn is_reconnect(&self) -> bool {
         self.connection > 1
+    }
+
+    /// True when messages on this connection are compressed (`permessage-deflate`).
+    pub fn is_compressed(&self) -> bool {
+        self.compression.is_some()
     }
 }
 

@@ -68,6 +68,16 @@
 //! already written to a socket that then died is not replayed (see [`QueuePolicy`] for the
 //! exact guarantee).
 //!
+//! **Compression** ([`Deflate`]). [`ClientBuilder::deflate`] offers `permessage-deflate`
+//! (RFC 7692) on every dial, as a browser does; it is off by default, and then the handshake
+//! and the frames are exactly as without it. A server that accepts gets a compressed
+//! connection (a relay route with `compression = "client"` does), one that declines an
+//! uncompressed one; an answer naming an extension or parameter the client did not offer, or a
+//! window it can't honour, fails the dial with [`ConnectError::Extension`]. Messages, events,
+//! heartbeat, queueing, close codes and limits are the same either way
+//! ([`max_message_size`](ClientBuilder::max_message_size) bounds the decompressed message);
+//! [`Connected::compression`] says what was agreed, on each connection.
+//!
 //! **Events** ([`Event`]): `Connected`, `Message`, `Disconnected { code, reason }`,
 //! `Reconnecting { attempt, delay, error }`, and a last `Closed(reason)`. They wait in a
 //! bounded queue: a client whose application does not read stops reading its socket.
@@ -85,16 +95,19 @@ pub mod backoff;
 pub mod builder;
 pub mod client;
 mod connection;
+pub mod deflate;
 pub mod dial;
 pub mod event;
 pub mod mux_client;
 pub mod mux_server;
 pub mod reconnect;
+mod socket;
 pub mod tls;
 
 pub use backoff::{Backoff, Jitter};
 pub use builder::ClientBuilder;
 pub use client::{Client, ClientSender, Heartbeat, QueuePolicy, SendError, State};
+pub use deflate::{Deflate, ExtensionError, Negotiated};
 pub use dial::{CONNECT_TIMEOUT, ConnectError};
 pub use event::{CloseReason, Connected, Event, Message};
 pub use mux_client::{MuxClient, MuxClientBuilder};

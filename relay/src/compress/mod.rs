@@ -1,10 +1,11 @@
 //! `permessage-deflate` (RFC 7692) on the client leg, for routes with `compression = "client"`.
 //!
 //! tungstenite 0.30 fails every frame with RSV1 set (`NonZeroReservedBits`), so a compressed
-//! client leg is a [yawc](https://docs.rs/yawc) WebSocket instead, wrapped in a [`DeflateLeg`]
-//! that speaks the same [`Message`]s as every other [`Leg`]: the pump, inspectors, taps and
-//! limits see decompressed messages and know nothing of compression. The backend leg stays
-//! tungstenite, uncompressed.
+//! client leg is a [yawc](https://docs.rs/yawc) WebSocket instead: the SDK's [`DeflateStream`]
+//! (its `Client` runs compressed connections on the same one), wrapped in a [`DeflateLeg`]
+//! that counts the compression metrics and speaks the same [`Message`]s as every other
+//! [`Leg`]: the pump, inspectors, taps and limits see decompressed messages and know nothing
+//! of compression. The backend leg stays tungstenite, uncompressed.
 //!
 //! [`negotiate`] chooses the answer to the client's offer; the answer always imposes no context
 //! takeover in both directions, so deflate state is needed only while a message is being
@@ -18,17 +19,13 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tungstenite::error::{CapacityError, ProtocolError};
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tungstenite::{Error as WsError, Message, Utf8Bytes};
-use yawc::{
-    CompressionLevel, DeflateOptions, DeflatePool, Frame, OpCode, Options, Role, WebSocket,
-};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Error as WsError, Message};
+use wsrelay_client::deflate::DeflateStream;
+use yawc::{CompressionLevel, DeflateOptions, DeflatePool, Options, Role};
 
 use crate::observe::CompressionCounters;
 use crate::pump::Leg;
@@ -82,20 +79,12 @@ fn options(socket: &WebSocketConfig) -> Options {
     .with_utf8()
 }
 
-/// A client leg with `permessage-deflate`: a yawc WebSocket over the upgraded connection,
-/// speaking [`Message`]s. It keeps tungstenite's close behaviour the session relies on: the
-/// peer's Close is answered by the leg itself, a second Close is not sent, and the stream ends
-/// once the close handshake is done.
+/// A client leg with `permessage-deflate`: the SDK's [`DeflateStream`] (a yawc WebSocket
+/// speaking [`Message`]s with tungstenite's close behaviour, which the session relies on) over
+/// the upgraded connection, counting into the compression metrics.
 pub(crate) struct DeflateLeg<S> {
-    socket: WebSocket<Counted<S>>,
+    socket: DeflateStream<Counted<S>>,
     counters: CompressionCounters,
-    /// A Close was read from the client (the leg has answered it) or the leg failed (and sent
-    /// its own Close with the code for the failure).
-    peer_closed: bool,
-    /// A Close was sent, by the relay or by the leg.
-    close_sent: bool,
-    /// The largest message the client may send (`max_message_size`), for the errors.
-    max_message: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> DeflateLeg<S> {
@@ -114,20 +103,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DeflateLeg<S> {
             written: counters.wire_out.clone(),
         };
         let header = agreed.header_value();
-        let socket = WebSocket::from_stream_with_extensions(
-            io,
-            Role::Server,
-            Some(&header),
-            options(socket),
-        )?;
+        let socket = DeflateStream::new(io, Role::Server, &header, options(socket), max_message)?;
         counters.sessions.inc();
-        Ok(DeflateLeg {
-            socket,
-            counters,
-            peer_closed: false,
-            close_sent: false,
-            max_message,
-        })
+        Ok(DeflateLeg { socket, counters })
     }
 }
 
@@ -153,50 +131,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for DeflateLeg<S> {
     type Item = Result<Message, WsError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            let frame = match ready!(this.socket.poll_next_frame(cx)) {
-                Ok(frame) => frame,
-                Err(yawc::WebSocketError::ConnectionClosed) => {
-                    // After a Close either way the stream just ends, as tungstenite's does;
-                    // before one, the client went away without closing.
-                    if this.peer_closed || this.close_sent {
-                        return Poll::Ready(None);
-                    }
-                    this.peer_closed = true;
-                    let reset = ProtocolError::ResetWithoutClosingHandshake;
-                    return Poll::Ready(Some(Err(WsError::Protocol(reset))));
-                }
-                Err(error) => {
-                    // yawc has queued its Close with the code for `error` (1009, 1007, 1002).
-                    this.peer_closed = true;
-                    this.close_sent = true;
-                    return Poll::Ready(Some(Err(ws_error(error, this.max_message))));
-                }
-            };
-            let (opcode, _, payload) = frame.into_parts();
-            let message = match opcode {
-                OpCode::Text => match Utf8Bytes::try_from(payload) {
-                    Ok(text) => Message::Text(text),
-                    Err(error) => return Poll::Ready(Some(Err(WsError::Utf8(error.to_string())))),
-                },
-                OpCode::Binary => Message::Binary(payload),
-                OpCode::Ping => Message::Ping(payload),
-                OpCode::Pong => Message::Pong(payload),
-                OpCode::Close => {
-                    this.peer_closed = true;
-                    // yawc queued the echo of this Close.
-                    this.close_sent = true;
-                    Message::Close(close_frame(&payload))
-                }
-                // yawc assembles fragments: a lone continuation can't come out of it.
-                OpCode::Continuation => continue,
-            };
-            if let Message::Text(_) | Message::Binary(_) = &message {
-                this.counters.message_in.inc_by(message.len() as u64);
-            }
-            return Poll::Ready(Some(Ok(message)));
+        let item = ready!(Pin::new(&mut self.socket).poll_next(cx));
+        if let Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) = &item {
+            self.counters.message_in.inc_by(message.len() as u64);
         }
+        Poll::Ready(item)
     }
 }
 
@@ -204,62 +143,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateLeg<S> {
     type Error = WsError;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Pin::new(&mut self.socket)
-            .poll_ready(cx)
-            .map_err(|e| ws_error(e, self.max_message))
+        Pin::new(&mut self.socket).poll_ready(cx)
     }
 
     fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), WsError> {
-        let this = &mut *self;
-        let frame = match message {
-            Message::Text(text) => {
-                this.counters.message_out.inc_by(text.len() as u64);
-                Frame::text(Bytes::from(text))
-            }
-            Message::Binary(data) => {
-                this.counters.message_out.inc_by(data.len() as u64);
-                Frame::binary(data)
-            }
-            Message::Ping(data) => Frame::ping(data),
-            Message::Pong(data) => Frame::pong(data),
-            Message::Close(frame) => {
-                if this.close_sent {
-                    // The peer's Close was answered already, or the leg sent its own on a
-                    // failure: tungstenite refuses a second Close too.
-                    return Ok(());
-                }
-                this.close_sent = true;
-                match frame {
-                    Some(frame) => {
-                        Frame::close(u16::from(frame.code).into(), frame.reason.as_bytes())
-                    }
-                    // yawc makes no empty Close; 1000 is what "no status" means.
-                    None => Frame::close(yawc::close::CloseCode::Normal, []),
-                }
-            }
-            // The pump never sends raw frames.
-            Message::Frame(_) => return Ok(()),
-        };
-        let max_message = this.max_message;
-        Pin::new(&mut this.socket)
-            .start_send(frame)
-            .map_err(|e| ws_error(e, max_message))
+        if let Message::Text(_) | Message::Binary(_) = &message {
+            self.counters.message_out.inc_by(message.len() as u64);
+        }
+        Pin::new(&mut self.socket).start_send(message)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Pin::new(&mut self.socket)
-            .poll_flush(cx)
-            .map_err(|e| ws_error(e, self.max_message))
+        Pin::new(&mut self.socket).poll_flush(cx)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        // yawc's own close skips the frames it queued itself (the echo of the peer's Close,
-        // the Close of a failure); getting ready sends them first, so the client gets them
-        // rather than a plain 1000.
-        let _ = ready!(Pin::new(&mut self.socket).poll_ready(cx));
-        Pin::new(&mut self.socket)
-            .poll_close(cx)
-            .map_err(|e| ws_error(e, self.max_message))
+        Pin::new(&mut self.socket).poll_close(cx)
     }
 }
 
@@ -324,45 +223,6 @@ impl<L: Leg, S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for MaybeDeflate<L
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         either!(self.get_mut(), leg => Pin::new(leg).poll_close(cx))
-    }
-}
-
-/// A Close frame's payload as tungstenite's [`CloseFrame`] (none when it has no code; yawc has
-/// checked the code and the reason's UTF-8).
-fn close_frame(payload: &Bytes) -> Option<CloseFrame> {
-    let code = u16::from_be_bytes(payload.get(..2)?.try_into().ok()?);
-    let reason = Utf8Bytes::try_from(payload.slice(2..)).unwrap_or_default();
-    Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason,
-    })
-}
-
-/// yawc's error as the tungstenite error the pump and the ending already understand
-/// (`pump::close_code_for`): too big is a capacity error (1009), bad UTF-8 a UTF-8 error
-/// (1007), the rest protocol errors (1002) or I/O.
-fn ws_error(error: yawc::WebSocketError, max_size: usize) -> WsError {
-    use yawc::WebSocketError as E;
-    match error {
-        E::FrameTooLarge => WsError::Capacity(CapacityError::MessageTooLong {
-            size: max_size.saturating_add(1),
-            max_size,
-        }),
-        E::InvalidUTF8 => WsError::Utf8("invalid UTF-8 in a text message".into()),
-        E::ConnectionClosed => WsError::ConnectionClosed,
-        E::IoError(error) => WsError::Io(error),
-        E::ReservedBitsNotZero => WsError::Protocol(ProtocolError::NonZeroReservedBits),
-        E::ControlFrameFragmented => WsError::Protocol(ProtocolError::FragmentedControlFrame),
-        E::PingFrameTooLarge => WsError::Protocol(ProtocolError::ControlFrameTooBig),
-        E::InvalidOpCode(code) => WsError::Protocol(ProtocolError::UnknownDataFrameType(code)),
-        E::InvalidFragment | E::InvalidContinuationFrame | E::FragmentTimeout => {
-            WsError::Protocol(ProtocolError::UnexpectedContinueFrame)
-        }
-        E::InvalidCloseFrame | E::InvalidCloseCode => {
-            WsError::Protocol(ProtocolError::InvalidCloseSequence)
-        }
-        E::CompressionNotSupported => WsError::Protocol(ProtocolError::NonZeroReservedBits),
-        other => WsError::Io(io::Error::other(other.to_string())),
     }
 }
 

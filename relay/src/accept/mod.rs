@@ -97,9 +97,10 @@ pub(crate) async fn accept_loop(acceptor: Arc<Acceptor>, listener: TcpListener) 
         };
         let _ = tcp.set_nodelay(true);
         let admitted = admit(&acceptor, peer);
-        acceptor
-            .tasks
-            .spawn(serve_connection(acceptor.clone(), tcp, peer, admitted));
+        // Boxed: tokio copies a task's future whole into the task and again at each change of
+        // its stage; behind a box that is a pointer rather than kilobytes per connection.
+        let connection = Box::pin(serve_connection(acceptor.clone(), tcp, peer, admitted));
+        acceptor.tasks.spawn(connection);
     }
 }
 

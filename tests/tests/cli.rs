@@ -281,12 +281,21 @@ fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
 /// Runs a quick-start relay with JSON logs, passes one session through it and stops it;
 /// returns its stderr lines.
 async fn one_session_with_json_logs(rust_log: &str) -> Vec<String> {
-    one_session("json", rust_log).await.1
+    one_session("json", rust_log).await.lines
 }
 
-/// Runs a quick-start relay with `log_format`, passes one session through it and stops it;
-/// returns the relay's address and its stderr lines.
-async fn one_session(log_format: &str, rust_log: &str) -> (SocketAddr, Vec<String>) {
+/// What [`one_session`] saw.
+struct OneSession {
+    /// The relay's client listener.
+    addr: SocketAddr,
+    /// The relay's stderr.
+    lines: Vec<String>,
+    /// The `X-Relay-Conn-Id` the backend got.
+    conn_id: String,
+}
+
+/// Runs a quick-start relay with `log_format`, passes one session through it and stops it.
+async fn one_session(log_format: &str, rust_log: &str) -> OneSession {
     let backend = TestBackend::start("alpha").await;
     let addr = unused_addr();
     let mut relay = RelayProcess::spawn(
@@ -318,22 +327,58 @@ async fn one_session(log_format: &str, rust_log: &str) -> (SocketAddr, Vec<Strin
     relay.signal("TERM");
     let status = relay.wait_exit().await;
     assert!(status.success(), "{status:?}: {:?}", relay.stderr());
-    (addr, relay.stderr())
+    let conn_id = backend.connections()[0]
+        .header("x-relay-conn-id")
+        .expect("the backend got X-Relay-Conn-Id");
+    OneSession {
+        addr,
+        lines: relay.stderr(),
+        conn_id,
+    }
 }
 
+/// The one access line a session writes, at its close, says who, where to, how it ended and
+/// what crossed, in the span of the id the backend got; the session's opening writes nothing
+/// at the default level.
 #[tokio::test]
-async fn json_logs_are_json_objects_and_session_lines_carry_the_connection_id() {
-    let lines = json_lines(&one_session_with_json_logs("info").await);
-    let session_id = |message: &str| {
-        let line = lines
-            .iter()
-            .find(|l| l["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} line in {lines:?}"));
-        line["span"]["id"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{message:?} has no span id: {line}"))
-    };
-    assert_eq!(session_id("session open"), session_id("session closed"));
+async fn json_logs_are_json_objects_and_the_access_line_carries_the_connection_id() {
+    let session = one_session("json", "info").await;
+    let lines = json_lines(&session.lines);
+    assert!(
+        lines.iter().all(|l| l["message"] != "session open"),
+        "{lines:?}"
+    );
+    let closed: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "session closed")
+        .collect();
+    assert_eq!(closed.len(), 1, "one access line: {lines:?}");
+    let line = closed[0];
+    assert_eq!(line["span"]["id"].to_string(), session.conn_id, "{line}");
+    assert_eq!(line["route"], "/", "{line}");
+    assert_eq!(line["path"], "/", "{line}");
+    assert_eq!(line["http"], "1.1", "{line}");
+    assert_eq!(line["by"], "client", "{line}");
+    assert_eq!(line["code"], "none", "a close without a status: {line}");
+    assert!(
+        line["backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("ws://127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    for (field, value) in [
+        ("messages_in", 1),
+        ("messages_out", 1),
+        ("bytes_in", 5),
+        ("bytes_out", 5),
+    ] {
+        assert_eq!(line[field], value, "{field}: {line}");
+    }
 }
 
 #[tokio::test]
@@ -836,7 +881,7 @@ async fn tap_says_when_nothing_matches_or_it_is_not_at_the_admin_listener() {
 
 #[tokio::test]
 async fn text_logs_to_a_pipe_are_plain_with_values_in_their_display_form() {
-    let (addr, lines) = one_session("text", "info").await;
+    let OneSession { addr, lines, .. } = one_session("text", "info").await;
     assert!(
         lines.iter().all(|l| !l.contains('\u{1b}')),
         "colour codes in {lines:?}"

@@ -156,9 +156,9 @@ pub(super) async fn answer(
             .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
     }
     let session = pending.run(acceptor.sessions.clone(), client, slot);
-    acceptor
-        .tasks
-        .spawn(holding(open, session).instrument(span));
+    // Boxed, as the connection's task: the session's future is the largest the relay spawns.
+    let session = Box::pin(holding(open, session));
+    acceptor.tasks.spawn(session.instrument(span));
     Answer::new(Outcome::Upgraded, response)
 }
 

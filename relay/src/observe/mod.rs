@@ -72,6 +72,11 @@ impl SessionObserver {
         self.entry.clone()
     }
 
+    /// The session's registry entry, to read.
+    pub fn session(&self) -> &SessionEntry {
+        &self.entry
+    }
+
     /// The session moved to `backend`.
     pub fn set_backend(&mut self, backend: Arc<str>) {
         self.entry.set_backend(backend.clone());

@@ -190,6 +190,11 @@ impl<H: PumpHooks> PumpState<H> {
         self.policy.pong_timeout
     }
 
+    /// The hooks, e.g. to read what they know of the session.
+    pub fn hooks(&self) -> &H {
+        &self.hooks
+    }
+
     /// The hooks, e.g. to tell them the backend changed.
     pub fn hooks_mut(&mut self) -> &mut H {
         &mut self.hooks

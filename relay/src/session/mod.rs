@@ -194,7 +194,9 @@ impl Session {
         } = pending;
         let upstream = route.upstream.clone();
         let backend_url: Arc<str> = upstream.backends[backend_index].original.as_str().into();
-        info!(%peer, %path, backend = %backend_url, "session open");
+        // The access line at the close says all of this again, so opening costs no write at
+        // the default level.
+        debug!(%peer, %path, backend = %backend_url, "session open");
         let route_path: Arc<str> = route.path.as_str().into();
         let inspectors = route.inspectors.as_ref().map(|template| {
             template.instantiate(ConnectionInfo {
@@ -346,16 +348,24 @@ impl Session {
         }
     }
 
-    /// Counts and logs the session's end.
+    /// Counts the session's end and writes its access line: who, where to, how it ended and
+    /// what crossed, one line per session like a web server's access log.
     fn finish(&self, closing: &Closing) {
         self.context
             .observe
             .metrics
             .close(closing.by.as_str(), closing.client_code);
         let traffic = self.pump.traffic;
+        let session = self.pump.hooks().session();
         info!(
             peer = %self.peer,
+            route = %session.route,
+            path = %session.path,
+            http = %session.http,
+            backend = %self.backend_url(),
             how = %closing.how,
+            by = %closing.by.as_str(),
+            code = %CodeField(closing.client_code),
             seconds = %format_args!("{:.3}", self.started.elapsed().as_secs_f64()),
             messages_in = traffic.client_messages,
             bytes_in = traffic.client_bytes,
@@ -363,6 +373,18 @@ impl Session {
             bytes_out = traffic.backend_bytes,
             "session closed"
         );
+    }
+}
+
+/// The close code the client got, as the access line shows it: the number, or `none`.
+struct CodeField(Option<u16>);
+
+impl std::fmt::Display for CodeField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(code) => write!(f, "{code}"),
+            None => f.write_str("none"),
+        }
     }
 }
 

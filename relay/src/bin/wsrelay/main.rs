@@ -1,29 +1,29 @@
 //! The `wsrelay` command: a thin CLI over the library. `cli` says what each command takes,
-//! `signals` how the process stops and reloads, `tap` and `demo` are commands of their own.
+//! `signals` how the process stops and reloads, `log` where its log goes, `tap` and `demo`
+//! are commands of their own.
 
 mod cli;
 mod demo;
+mod log;
 mod reload;
 mod signals;
 mod tap;
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use wsrelay::config::Config;
 use wsrelay::{Relay, RelayError};
 
-use cli::{Cli, Command, LogFormat, RunArgs};
+use cli::{Cli, Command, RunArgs};
 use signals::ShutdownSignals;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = log::init(cli.log_format);
     let outcome = match &cli.command {
         Some(Command::Check { config }) => check(config),
         Some(Command::Demo {
@@ -54,30 +54,14 @@ fn main() -> ExitCode {
         }),
         None => runtime().and_then(|rt| rt.block_on(run(&cli.run))),
     };
+    // Every line logged so far reaches stderr before the process says anything else.
+    log.finish();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("wsrelay: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (`info` by default); colour only on a terminal, so
-/// a log file holds plain text.
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
     }
 }
 

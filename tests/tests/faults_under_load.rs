@@ -106,11 +106,14 @@ impl Drop for EchoProcess {
 }
 
 /// Sends `count` numbered messages one at a time, each sent again only by the relay's replay;
-/// returns how many echoes arrived twice. Fails on a close or a missing echo.
-async fn talk_numbered(url: String, count: u32) -> u32 {
+/// returns how many echoes arrived twice and the longest round trip (a move shows there).
+/// Fails on a close or a missing echo.
+async fn talk_numbered(url: String, count: u32) -> (u32, Duration) {
     let mut client = connect(&url).await;
     let mut duplicates = 0;
+    let mut longest = Duration::ZERO;
     for n in 0..count {
+        let sent = Instant::now();
         client.send(Message::text(n.to_string())).await.unwrap();
         loop {
             let message = tokio::time::timeout(WAIT, client.next())
@@ -127,9 +130,10 @@ async fn talk_numbered(url: String, count: u32) -> u32 {
             }
             duplicates += 1;
         }
+        longest = longest.max(sent.elapsed());
     }
     client.close(None).await.unwrap();
-    duplicates
+    (duplicates, longest)
 }
 
 #[tokio::test]
@@ -175,14 +179,22 @@ health_check = {{ interval = "200ms", timeout = "500ms", unhealthy_after = 1, he
         backends[victim].restart().await;
     }
     let mut duplicates = 0;
+    let mut longest = Vec::new();
     for client in clients {
-        duplicates += client.await.expect("a client lost its socket or a message");
+        let (twice, slowest) = client.await.expect("a client lost its socket or a message");
+        duplicates += twice;
+        longest.push(slowest);
     }
     assert!(
         kills >= 3,
         "the clients finished before the backends were killed enough"
     );
-    println!("{kills} kills; 60 clients x 300 messages: 0 lost, {duplicates} echoed twice");
+    longest.sort();
+    println!(
+        "{kills} kills; 60 clients x 300 messages: 0 lost, {duplicates} echoed twice; each client's longest round trip (a move, for most): median {:?}, max {:?}",
+        longest[longest.len() / 2],
+        longest[longest.len() - 1]
+    );
 }
 
 /// A backend that sends `message_size`-byte messages to every connection as fast as it is

@@ -167,27 +167,56 @@ impl Fleet {
     }
 }
 
-/// The thread that kills and restarts backends; it owns the fleet while it runs and hands it
-/// back, every backend running again, when stopped.
+/// The thread that kills and restarts backends. It owns the fleet for the whole run, and
+/// stopping the faults leaves it (and the fleet) alive until the injector is dropped: every
+/// backend is started with `PR_SET_PDEATHSIG`, which fires when the *thread* that spawned it
+/// ends, so a backend this thread restarted would die with it.
 pub(super) struct Injector {
-    stop: mpsc::Sender<()>,
-    thread: JoinHandle<(Fleet, FaultCounts)>,
+    stop: Option<mpsc::Sender<()>>,
+    counts: mpsc::Receiver<FaultCounts>,
+    release: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Injector {
     /// Starts injecting `plan` into `fleet`.
     pub fn start(fleet: Fleet, plan: FaultPlan) -> Injector {
         let (stop, stopped) = mpsc::channel();
-        let thread = std::thread::spawn(move || inject(fleet, plan, stopped));
-        Injector { stop, thread }
+        let (counted, counts) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let (fleet, faults) = inject(fleet, plan, stopped);
+            let _ = counted.send(faults);
+            // The backends live as long as this thread: until the injector is dropped.
+            let _ = released.recv();
+            drop(fleet);
+        });
+        Injector {
+            stop: Some(stop),
+            counts,
+            release: Some(release),
+            thread: Some(thread),
+        }
     }
 
-    /// Stops injecting, restarts any backend still down, and returns the fleet and counts.
-    pub fn stop(self) -> (Fleet, FaultCounts) {
-        let _ = self.stop.send(());
-        self.thread
-            .join()
-            .expect("the fault injector does not panic")
+    /// Stops injecting and restarts any backend still down; every backend keeps running
+    /// until the injector is dropped. Blocks until the restarts are done.
+    pub fn stop(&mut self) -> FaultCounts {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.counts.recv().unwrap_or_default()
+    }
+}
+
+impl Drop for Injector {
+    /// Stops the faults if they still run, then every backend.
+    fn drop(&mut self) {
+        self.stop.take();
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

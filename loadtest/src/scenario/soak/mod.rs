@@ -422,9 +422,13 @@ pub async fn run(opts: &SoakOpts, programs: &SoakPrograms) -> Result<SoakReport,
     tokio::time::sleep_until(started + opts.duration).await;
 
     // Faults end first (every backend running again), then the clients leave.
-    let (fleet, faults) = tokio::task::spawn_blocking(move || injector.stop())
-        .await
-        .expect("the injector's stop does not panic");
+    let (injector, faults) = tokio::task::spawn_blocking(move || {
+        let mut injector = injector;
+        let faults = injector.stop();
+        (injector, faults)
+    })
+    .await
+    .expect("the injector's stop does not panic");
     let elapsed_s = started.elapsed().as_secs_f64();
     let _ = stop_clients.send(true);
     let leave_by = Instant::now() + opts.drain_timeout + Duration::from_secs(15);
@@ -459,7 +463,8 @@ pub async fn run(opts: &SoakOpts, programs: &SoakPrograms) -> Result<SoakReport,
             faults.restart_failures
         ));
     }
-    drop(fleet);
+    // Stops every backend (waiting for each to exit), off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || drop(injector)).await;
     let (mux, per_client) = opts.split();
     let tally = &shared.tally;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);

@@ -4,7 +4,8 @@
 //! friends), raw sockets and hand-made frames ([`RawClient`], [`raw_exchange`]), a TCP
 //! forwarder whose connections can be cut like a crash ([`KillableProxy`]), a self-signed
 //! certificate ([`TestCertificate`]), a DNS server whose records a test changes ([`TestDns`]),
-//! a backend that accepts TCP and never answers ([`HungBackend`]),
+//! a backend that accepts TCP and never answers ([`HungBackend`]), a stream that counts its
+//! bytes on the wire ([`CountedStream`]),
 //! an HTTP/2 client opening WebSockets by extended CONNECT ([`H2Connection`]), a way to run a
 //! server apart from the test's own tasks
 //! ([`spawn_isolated`]), and bounded waits ([`wait_until`], [`within`], [`retry`]).
@@ -32,6 +33,7 @@ mod proxy;
 mod raw;
 mod relay;
 mod wait;
+mod wire;
 
 pub use backend::{BackendBehavior, BackendLog, SeenConnection, StoppedBackend, TestBackend};
 pub use binary::{echo_backend_binary, workspace_root, wsrelay_binary};
@@ -52,3 +54,4 @@ pub use raw::{
 };
 pub use relay::{SIMPLE, TestRelay, backend_list, init_logs, simple_hashed};
 pub use wait::{WAIT, retry, wait_until, within};
+pub use wire::{CountedStream, WireCount, chat_message};

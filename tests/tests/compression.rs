@@ -5,19 +5,14 @@
 //! decompression bomb is closed 1009 at `max_message_size`; `"off"` declines; a plain client
 //! of the same route is unaffected.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use wsrelay_testkit::{
-    TestBackend, TestRelay, connect, raw_exchange, round_trip, status_of, upgrade_request,
-    wait_until,
+    CountedStream, TestBackend, TestRelay, WireCount, chat_message, connect, raw_exchange,
+    round_trip, status_of, upgrade_request, wait_until,
 };
 use yawc::{CompressionLevel, DeflateOptions, Frame, OpCode, Options, WebSocket};
 
@@ -73,62 +68,6 @@ async fn answered_extensions(relay: &TestRelay, offer: &str) -> Option<String> {
 
 const BOTH: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
-/// A TCP stream that counts the bytes it reads and writes: what the wire carried.
-struct Counted {
-    tcp: TcpStream,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        self.read.fetch_add(read, Ordering::Relaxed);
-        poll
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.tcp).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        poll
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
-/// Bytes on the wire, both ways, of one client.
-#[derive(Clone, Default)]
-struct Wire {
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl Wire {
-    fn total(&self) -> u64 {
-        self.read.load(Ordering::Relaxed) + self.written.load(Ordering::Relaxed)
-    }
-}
-
 /// yawc's client options: offering permessage-deflate (`Some`, with the offer's settings) or
 /// not.
 fn client_options(deflate: Option<DeflateOptions>) -> Options {
@@ -150,14 +89,13 @@ fn plain_offer() -> DeflateOptions {
 }
 
 /// A yawc client of `relay` at `/`, counting its bytes on the wire.
-async fn yawc_client(relay: &TestRelay, options: Options) -> (WebSocket<Counted>, Wire) {
-    let wire = Wire::default();
+async fn yawc_client(
+    relay: &TestRelay,
+    options: Options,
+) -> (WebSocket<CountedStream<TcpStream>>, WireCount) {
+    let wire = WireCount::default();
     let tcp = TcpStream::connect(relay.addr()).await.unwrap();
-    let io = Counted {
-        tcp,
-        read: wire.read.clone(),
-        written: wire.written.clone(),
-    };
+    let io = CountedStream::new(tcp, wire.clone());
     let url = url::Url::parse(&relay.url("/")).unwrap();
     let ws = WebSocket::handshake(url, io, options).await.unwrap();
     (ws, wire)
@@ -179,17 +117,6 @@ where
             other => panic!("expected text, got {other:?}"),
         }
     }
-}
-
-/// A chat app's message, as JSON: what realtime traffic looks like.
-fn chat_message(i: usize) -> String {
-    format!(
-        r#"{{"type":"message","room":"general","id":{id},"user":{{"id":"u-{user}","name":"User {user}","avatar":"https://cdn.example.com/avatars/u-{user}.png"}},"text":"Hello everyone, this is message number {i} in the general room","ts":"2026-12-01T15:{min:02}:{sec:02}Z","reactions":[]}}"#,
-        id = 100_000 + i,
-        user = i % 7,
-        min = i % 60,
-        sec = (i * 7) % 60,
-    )
 }
 
 /// Sends `count` chat messages through `ws` one at a time, checking each echo; returns the
@@ -390,12 +317,12 @@ async fn a_decompression_bomb_gets_1009_and_nothing_else_is_disturbed() {
 
     // 64 MiB of zeros is about 64 KiB compressed: well inside the frame limit on the wire.
     let (mut bomber, wire) = yawc_client(&relay, client_options(Some(plain_offer()))).await;
-    let before = wire.written.load(Ordering::Relaxed);
+    let before = wire.written();
     bomber
         .send(Frame::binary(vec![0u8; 64 << 20]))
         .await
         .unwrap();
-    let sent = wire.written.load(Ordering::Relaxed) - before;
+    let sent = wire.written() - before;
     assert!(sent < 1 << 20, "the bomb took {sent} bytes on the wire");
     let close = loop {
         let frame = tokio::time::timeout(Duration::from_secs(10), bomber.next_frame())

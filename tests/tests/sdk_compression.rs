@@ -9,21 +9,20 @@
 //! one Close frame on the wire; a mux-mode route compresses the client leg too; and chat
 //! traffic's bytes on the wire, plain and compressed.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use wsrelay_client::{
     Client, CloseReason, ConnectError, Connected, Deflate, Event, ExtensionError, Heartbeat,
     Message, Reconnect,
 };
-use wsrelay_testkit::{TestBackend, TestCertificate, TestRelay, within};
+use wsrelay_testkit::{
+    CountedStream, TestBackend, TestCertificate, TestRelay, WireCount, chat_message, within,
+};
 
 /// One route over `BACKENDS` with `compression` as given, an admin listener, and backend
 /// loss closing the client (1012).
@@ -84,17 +83,6 @@ async fn echo(client: &mut Client, message: Message) {
         Event::Message(back) => assert!(back == message, "the echo differs ({} bytes)", back.len()),
         other => panic!("expected the echo, got {other:?}"),
     }
-}
-
-/// A chat app's message, as JSON: what realtime traffic looks like.
-fn chat_message(i: usize) -> String {
-    format!(
-        r#"{{"type":"message","room":"general","id":{id},"user":{{"id":"u-{user}","name":"User {user}","avatar":"https://cdn.example.com/avatars/u-{user}.png"}},"text":"Hello everyone, this is message number {i} in the general room","ts":"2026-12-01T15:{min:02}:{sec:02}Z","reactions":[]}}"#,
-        id = 100_000 + i,
-        user = i % 7,
-        min = i % 60,
-        sec = (i * 7) % 60,
-    )
 }
 
 /// Text a little like a log: compressible, and over 64 KiB.
@@ -458,67 +446,21 @@ async fn frames_right_behind_the_101_are_read_compressed_or_not() {
 }
 
 /// A TCP forwarder to `target` that counts the bytes it carries both ways.
-async fn counting_proxy(target: std::net::SocketAddr) -> (String, Arc<AtomicU64>) {
+async fn counting_proxy(target: std::net::SocketAddr) -> (String, WireCount) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&count);
+    let count = WireCount::default();
+    let counted = count.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let server = TcpStream::connect(target).await.unwrap();
-            let mut client = Counting {
-                tcp: client,
-                count: Arc::clone(&counted),
-            };
-            let mut server = server;
+            let mut server = TcpStream::connect(target).await.unwrap();
+            let mut client = CountedStream::new(client, counted.clone());
             tokio::spawn(async move {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             });
         }
     });
     (format!("ws://{addr}/"), count)
-}
-
-/// The client's side of the forwarder, counting what it reads and writes.
-struct Counting {
-    tcp: TcpStream,
-    count: Arc<AtomicU64>,
-}
-
-impl AsyncRead for Counting {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        self.count.fetch_add(read, Ordering::Relaxed);
-        poll
-    }
-}
-
-impl AsyncWrite for Counting {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.tcp).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.count.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        poll
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
 }
 
 #[tokio::test]
@@ -541,16 +483,16 @@ async fn chat_traffic_takes_fewer_bytes_on_the_wire_compressed() {
         }
         let mut client = builder.connect().await.unwrap();
         assert_eq!(expect_connected(&mut client).await.is_compressed(), deflate);
-        let start = count.load(Ordering::Relaxed);
+        let start = count.total();
         for i in 0..200 {
             echo(&mut client, Message::text(chat_message(i))).await;
         }
-        let middle = count.load(Ordering::Relaxed);
+        let middle = count.total();
         for _ in 0..20 {
             echo(&mut client, Message::text(history.clone())).await;
         }
         chat.push(middle - start);
-        histories.push(count.load(Ordering::Relaxed) - middle);
+        histories.push(count.total() - middle);
         client.close(1000, "").await;
     }
     let payload: usize = (0..200).map(|i| 2 * chat_message(i).len()).sum();

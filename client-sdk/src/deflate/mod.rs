@@ -9,6 +9,7 @@
 //! tungstenite's, so HTTP refusals, subprotocols and `Sec-WebSocket-Accept` are checked as
 //! on an uncompressed dial; only the answer's `Sec-WebSocket-Extensions` is read here.
 
+pub mod header;
 mod rewind;
 mod socket;
 
@@ -149,8 +150,8 @@ impl Deflate {
         let mut agreed = None;
         for value in values {
             let value = std::str::from_utf8(value).map_err(|_| ExtensionError::InvalidHeader)?;
-            for extension in split_outside_quotes(value, b',') {
-                let mut params = split_outside_quotes(extension, b';');
+            for extension in header::extensions(value) {
+                let mut params = header::params(extension);
                 let name = params.next().unwrap_or_default().trim();
                 if name.is_empty() {
                     continue;
@@ -175,16 +176,7 @@ impl Deflate {
     ) -> Result<Negotiated, ExtensionError> {
         let mut answer = Answer::default();
         let mut seen: Vec<String> = Vec::new();
-        for param in params {
-            let param = param.trim();
-            if param.is_empty() {
-                continue;
-            }
-            let (name, value) = match param.split_once('=') {
-                Some((name, value)) => (name.trim(), Some(unquote(value.trim()))),
-                None => (param, None),
-            };
-            let name = name.to_ascii_lowercase();
+        for (name, value) in params.filter_map(header::name_value) {
             if seen.contains(&name) {
                 return Err(ExtensionError::RepeatedParameter(name));
             }
@@ -206,11 +198,11 @@ impl Deflate {
                 // An answer must give a window a value (RFC 7692 7.1.2.1 and 7.1.2.2).
                 "server_max_window_bits" => {
                     answer.server_max_window_bits =
-                        Some(value.and_then(window_bits).ok_or_else(invalid)?);
+                        Some(value.and_then(header::window_bits).ok_or_else(invalid)?);
                 }
                 "client_max_window_bits" => {
                     answer.client_max_window_bits =
-                        Some(value.and_then(window_bits).ok_or_else(invalid)?);
+                        Some(value.and_then(header::window_bits).ok_or_else(invalid)?);
                 }
                 _ => return Err(ExtensionError::UnknownParameter(name)),
             }
@@ -357,43 +349,6 @@ pub enum ExtensionError {
         "the server answered client_max_window_bits={0}, below the {SMALLEST_CLIENT_WINDOW} bits the client can compress with"
     )]
     ClientWindowTooSmall(u8),
-}
-
-/// A window size as RFC 7692 7.1.2 writes it: 1*DIGIT, 8 to 15, no leading zero.
-fn window_bits(value: &str) -> Option<u8> {
-    if value.is_empty() || value.len() > 2 || value.starts_with('0') {
-        return None;
-    }
-    if !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok().filter(|bits| (8..=15).contains(bits))
-}
-
-/// A parameter value without the quotes RFC 6455 9.1 allows around it.
-fn unquote(value: &str) -> &str {
-    value
-        .strip_prefix('"')
-        .and_then(|inner| inner.strip_suffix('"'))
-        .unwrap_or(value)
-}
-
-fn split_outside_quotes(text: &str, separator: u8) -> impl Iterator<Item = &str> {
-    let mut start = 0;
-    let mut quoted = false;
-    let mut pieces = Vec::new();
-    for (index, byte) in text.bytes().enumerate() {
-        match byte {
-            b'"' => quoted = !quoted,
-            _ if byte == separator && !quoted => {
-                pieces.push(&text[start..index]);
-                start = index + 1;
-            }
-            _ => {}
-        }
-    }
-    pieces.push(&text[start..]);
-    pieces.into_iter()
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+use wsrelay_client::deflate::header;
+
 /// The extension's registered name.
 pub const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
 
@@ -100,9 +102,9 @@ pub fn choose<'a>(headers: impl IntoIterator<Item = &'a [u8]>) -> Option<Agreed>
     headers
         .into_iter()
         .filter_map(|value| std::str::from_utf8(value).ok())
-        .flat_map(split_list)
+        .flat_map(header::extensions)
         .filter_map(|extension| {
-            let mut parts = split_params(extension);
+            let mut parts = header::params(extension);
             let name = parts.next()?.trim();
             name.eq_ignore_ascii_case(PERMESSAGE_DEFLATE)
                 .then(|| parse_offer(parts))
@@ -128,16 +130,7 @@ pub fn accept(offer: &Offer) -> Result<Agreed, Declined> {
 pub fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Result<Offer, Declined> {
     let mut offer = Offer::default();
     let mut seen: Vec<String> = Vec::new();
-    for param in params {
-        let param = param.trim();
-        if param.is_empty() {
-            continue;
-        }
-        let (name, value) = match param.split_once('=') {
-            Some((name, value)) => (name.trim(), Some(unquote(value.trim()))),
-            None => (param, None),
-        };
-        let name = name.to_ascii_lowercase();
+    for (name, value) in params.filter_map(header::name_value) {
         if seen.contains(&name) {
             return Err(Declined::RepeatedParameter(name));
         }
@@ -157,13 +150,15 @@ pub fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Result<Offer, D
                 }
             }
             "server_max_window_bits" => {
-                let bits = value.and_then(window_bits).ok_or_else(|| invalid(&name))?;
+                let bits = value
+                    .and_then(header::window_bits)
+                    .ok_or_else(|| invalid(&name))?;
                 offer.server_max_window_bits = Some(bits);
             }
             "client_max_window_bits" => {
                 let bits = match value {
                     None => None,
-                    Some(value) => Some(window_bits(value).ok_or_else(|| invalid(&name))?),
+                    Some(value) => Some(header::window_bits(value).ok_or_else(|| invalid(&name))?),
                 };
                 offer.client_max_window_bits = Some(bits);
             }
@@ -172,53 +167,6 @@ pub fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Result<Offer, D
         seen.push(name);
     }
     Ok(offer)
-}
-
-/// A window size as RFC 7692 7.1.2 writes it: 1*DIGIT, 8 to 15, no leading zero.
-fn window_bits(value: &str) -> Option<u8> {
-    if value.is_empty() || value.len() > 2 || value.starts_with('0') {
-        return None;
-    }
-    if !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok().filter(|bits| (8..=15).contains(bits))
-}
-
-/// A parameter value without the quotes RFC 6455 9.1 allows around it.
-fn unquote(value: &str) -> &str {
-    value
-        .strip_prefix('"')
-        .and_then(|inner| inner.strip_suffix('"'))
-        .unwrap_or(value)
-}
-
-/// The extensions of one header value, split at the commas outside quotes.
-fn split_list(value: &str) -> impl Iterator<Item = &str> {
-    split_outside_quotes(value, b',')
-}
-
-/// The name and parameters of one extension, split at the semicolons outside quotes.
-fn split_params(extension: &str) -> impl Iterator<Item = &str> {
-    split_outside_quotes(extension, b';')
-}
-
-fn split_outside_quotes(text: &str, separator: u8) -> impl Iterator<Item = &str> {
-    let mut start = 0;
-    let mut quoted = false;
-    let mut pieces = Vec::new();
-    for (index, byte) in text.bytes().enumerate() {
-        match byte {
-            b'"' => quoted = !quoted,
-            _ if byte == separator && !quoted => {
-                pieces.push(&text[start..index]);
-                start = index + 1;
-            }
-            _ => {}
-        }
-    }
-    pieces.push(&text[start..]);
-    pieces.into_iter()
 }
 
 #[cfg(test)]
@@ -322,7 +270,7 @@ mod tests {
 
     #[test]
     fn parses_every_parameter() {
-        let offer = parse_offer(split_params(
+        let offer = parse_offer(header::params(
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10; client_max_window_bits=12",
         ).skip(1))
         .unwrap();

@@ -283,6 +283,31 @@ impl<H: PumpHooks> PumpState<H> {
         end
     }
 
+    /// One step of a settle: what was written to the backend is flushed, and only the
+    /// backend's side moves, so its answers reach the client while the client's next
+    /// messages wait in its socket for the new backend. `Some` when a leg ended.
+    fn settle_step<C: Leg, B: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        backend: &mut B,
+    ) -> Option<PumpEnd> {
+        if self.inbound.needs_flush {
+            match Pin::new(&mut *backend).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.inbound.needs_flush = false,
+                Poll::Ready(Err(error)) => {
+                    return Some(PumpEnd::write_failed(Side::Backend, error));
+                }
+                Poll::Pending => {}
+            }
+        }
+        let now = Instant::now();
+        match self.pump_lane(Direction::BackendToClient, backend, client, now, cx) {
+            Poll::Ready(end) => Some(end),
+            Poll::Pending => None,
+        }
+    }
+
     /// [`Self::settle`] on a leg that acknowledges through its credit (a mux stream).
     fn poll_settle_consumed<C: Leg, B: Leg>(
         &mut self,
@@ -290,20 +315,8 @@ impl<H: PumpHooks> PumpState<H> {
         client: &mut C,
         backend: &mut B,
     ) -> Poll<Option<PumpEnd>> {
-        if self.inbound.needs_flush {
-            match Pin::new(&mut *backend).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.inbound.needs_flush = false,
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
-                }
-                Poll::Pending => {}
-            }
-        }
         // The answers it sends before its credit comes back reach the client first.
-        let now = Instant::now();
-        if let Poll::Ready(end) =
-            self.pump_lane(Direction::BackendToClient, backend, client, now, cx)
-        {
+        if let Some(end) = self.settle_step(cx, client, backend) {
             return Poll::Ready(Some(end));
         }
         let Some(replay) = self.replay.as_mut() else {
@@ -335,21 +348,8 @@ impl<H: PumpHooks> PumpState<H> {
                 }
                 self.inbound.needs_flush = true;
             }
-            if self.inbound.needs_flush {
-                match Pin::new(&mut *backend).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.inbound.needs_flush = false,
-                    Poll::Ready(Err(error)) => {
-                        return Poll::Ready(Some(PumpEnd::write_failed(Side::Backend, error)));
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            // Only the backend's side moves: its answers (and the acknowledging pong) reach
-            // the client; the client's next messages wait in its socket for the new backend.
-            let now = Instant::now();
-            if let Poll::Ready(end) =
-                self.pump_lane(Direction::BackendToClient, backend, client, now, cx)
-            {
+            // Its answers (and the acknowledging pong) reach the client.
+            if let Some(end) = self.settle_step(cx, client, backend) {
                 return Poll::Ready(Some(end));
             }
             let Some(replay) = self.replay.as_ref() else {

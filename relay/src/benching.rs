@@ -1,23 +1,25 @@
 //! The entry point of the pump benchmark in `relay/benches/pump.rs`, hidden from the
 //! documentation: not part of the API.
 //!
-//! The pump is crate-private (its types change as it is optimised), so the benchmark gets one
-//! function that runs it between two WebSocket streams of the caller's, e.g. over
-//! `tokio::io::duplex`, rather than the pump's types themselves.
+//! The pump and its WebSocket legs are crate-private (their types change as they are
+//! optimised), so the benchmark gets one function that runs them between two byte streams of
+//! the caller's, e.g. `tokio::io::duplex` pipes, rather than the types themselves.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::pump::{KeepalivePolicy, PumpState};
+use crate::pump::{AnyLeg, KeepalivePolicy, PumpState};
+use crate::websocket::WebSocket;
 
-/// Relays messages both ways between `client` (the relay's end of a client connection, role
-/// server) and `backend` (its end of a backend connection, role client) with the relay's pump,
-/// as a per-client session does, without keepalive, idle timeout, replay or hooks, until one
-/// side closes or fails; returns how it ended, as the relay would log it.
-pub async fn pump<C, B>(client: &mut WebSocketStream<C>, backend: &mut WebSocketStream<B>) -> String
+/// Relays messages both ways between `client` (the relay's end of a client connection, whose
+/// WebSocket handshake is done) and `backend` (its end of a backend connection, likewise) with
+/// the relay's WebSocket legs and pump, as a per-client session does with `config`'s limits,
+/// without keepalive, idle timeout, replay or hooks, until one side closes or fails; returns
+/// how it ended, as the relay would log it.
+pub async fn pump<C, B>(client: C, backend: B, config: &WebSocketConfig) -> String
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -27,9 +29,11 @@ where
         pong_timeout: Duration::from_secs(30),
         idle_timeout: None,
     };
+    let mut client = AnyLeg::Socket(WebSocket::new(client, Role::Server, config, &[]));
+    let mut backend = AnyLeg::Socket(WebSocket::new(backend, Role::Client, config, &[]));
     let mut state = PumpState::new(policy, Instant::now(), false, ());
     state
-        .run(client, backend, std::future::pending())
+        .run(&mut client, &mut backend, std::future::pending())
         .await
         .to_string()
 }

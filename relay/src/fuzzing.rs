@@ -93,15 +93,14 @@ pub async fn backend_answer(answer: &[u8]) -> Result<Option<String>, String> {
     drop(backend_end);
     match outcome {
         Ok(dialed) => {
-            let mut socket = dialed.socket;
+            let protocol = dialed.protocol.clone();
+            let mut socket = dialed.websocket();
             for _ in 0..16 {
                 if !matches!(socket.next().await, Some(Ok(_))) {
                     break;
                 }
             }
-            Ok(dialed
-                .protocol
-                .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()))
+            Ok(protocol.map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()))
         }
         Err(Failure::Refused(refusal)) => Err(format!(
             "refused with {} ({} body bytes)",

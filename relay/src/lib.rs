@@ -48,6 +48,7 @@ mod route;
 mod session;
 mod shutdown;
 mod upstream;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

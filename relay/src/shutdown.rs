@@ -1,9 +1,13 @@
 //! Graceful drain: the signals every task watches, and how closes are spread over the grace
 //! period so a fleet of clients does not reconnect all at once.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use pin_project_lite::pin_project;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The three stages of stopping, each a token that tasks watch.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +30,47 @@ pub fn close_delay(conn_id: u64, open_connections: usize, grace: Duration) -> Du
     window.mul_f64(position as f64 / 1_000.0)
 }
 
+pin_project! {
+    /// `work` run until it ends or `abort` is cancelled, holding `held` (a connection's slot, its
+    /// count of open streams) until then. A struct rather than an `async fn`: an async function
+    /// keeps its arguments beside the future it awaits, so wrapping a session that way would
+    /// double the memory every client holds for as long as it stays.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct UntilAborted<F, H> {
+        #[pin]
+        work: F,
+        #[pin]
+        abort: WaitForCancellationFutureOwned,
+        held: H,
+    }
+}
+
+/// Runs `work` until it ends or `abort` is cancelled, and drops `held` then.
+pub fn until_aborted<F: Future<Output = ()>, H>(
+    work: F,
+    abort: CancellationToken,
+    held: H,
+) -> UntilAborted<F, H> {
+    UntilAborted {
+        work,
+        abort: abort.cancelled_owned(),
+        held,
+    }
+}
+
+impl<F: Future<Output = ()>, H> Future for UntilAborted<F, H> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.abort.poll(cx).is_ready() {
+            tracing::debug!("dropped at the end of the grace period");
+            return Poll::Ready(());
+        }
+        this.work.poll(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +86,25 @@ mod tests {
             .map(|id| close_delay(id, 10_000, grace).as_millis() / 1000)
             .collect();
         assert!(spread.len() >= 10, "{spread:?}");
+    }
+
+    #[tokio::test]
+    async fn aborted_work_stops_and_lets_go_of_what_it_held() {
+        let abort = CancellationToken::new();
+        let held = std::sync::Arc::new(());
+        let work = until_aborted(std::future::pending(), abort.clone(), held.clone());
+        let task = tokio::spawn(work);
+        abort.cancel();
+        task.await.unwrap();
+        assert_eq!(std::sync::Arc::strong_count(&held), 1, "still held");
+    }
+
+    #[tokio::test]
+    async fn work_that_ends_ends_the_future() {
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let work = async move { flag.store(true, std::sync::atomic::Ordering::Relaxed) };
+        until_aborted(work, CancellationToken::new(), ()).await;
+        assert!(ran.load(std::sync::atomic::Ordering::Relaxed));
     }
 }

@@ -221,7 +221,9 @@ async fn a_stuck_backend_that_dies_closes_its_client_1012_rather_than_lose_messa
     assert_eq!(b.open(), 0);
 }
 
-/// Sends `user:0` .. `user:{count-1}` in bursts while reading the echoes; returns the echoes.
+/// Sends `user:0` .. `user:{count-1}` in bursts of 5 every 5 ms or more (400 messages take at
+/// least 400 ms, longer than a 200 ms grace, however fast the relay) while reading the
+/// echoes; returns the echoes.
 async fn stream_numbered(url: String, user: String, count: u32) -> Vec<String> {
     let client = connect_as(&url, &user).await;
     let (mut write, mut read) = client.split();
@@ -231,7 +233,7 @@ async fn stream_numbered(url: String, user: String, count: u32) -> Vec<String> {
                 .send(Message::text(format!("{user}:{n}")))
                 .await
                 .unwrap();
-            if n % 20 == 19 {
+            if n % 5 == 4 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }

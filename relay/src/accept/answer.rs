@@ -155,9 +155,9 @@ pub(super) async fn answer(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
     }
-    let session = pending.run(acceptor.sessions.clone(), client, slot);
+    let session = pending.run(acceptor.sessions.clone(), client, (slot, open));
     // Boxed, as the connection's task: the session's future is the largest the relay spawns.
-    let session = Box::pin(holding(open, session));
+    let session = Box::pin(session);
     acceptor.tasks.spawn(session.instrument(span));
     Answer::new(Outcome::Upgraded, response)
 }

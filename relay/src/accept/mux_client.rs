@@ -127,7 +127,7 @@ async fn route_stream(
                 .and_then(|p| p.to_str().ok())
                 .map(str::to_owned);
             let stream = StreamLeg::new(incoming.accept(protocol));
-            let session = pending.run(acceptor.sessions.clone(), ClientStart::Stream(stream), None);
+            let session = pending.run(acceptor.sessions.clone(), ClientStart::Stream(stream), ());
             session.instrument(span).await;
         }
         Err(answer) => {

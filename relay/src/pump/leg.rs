@@ -9,10 +9,11 @@ use std::time::Duration;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message};
 use wsrelay_protocol::MuxStream;
+
+use crate::websocket::WebSocket;
 
 /// What the pump needs of a leg beyond reading and writing messages.
 pub trait Leg:
@@ -38,7 +39,7 @@ pub trait Leg:
     fn awaits_close_reply(&self) -> bool;
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocketStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocket<S> {
     fn pings(&self) -> bool {
         true
     }
@@ -117,7 +118,7 @@ impl Sink<Message> for StreamLeg {
 /// One side of a session: its own socket, or a stream on a mux link.
 pub enum AnyLeg<S> {
     /// A WebSocket of its own.
-    Socket(WebSocketStream<S>),
+    Socket(WebSocket<S>),
     /// A stream on a mux link.
     Stream(StreamLeg),
 }

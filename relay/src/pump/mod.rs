@@ -3,9 +3,9 @@
 //!
 //! Each direction reads a message from its source only once the destination has accepted the
 //! previous one, so a slow reader slows its writer through TCP back-pressure and the relay never
-//! holds more than one message plus tungstenite's write buffer per direction. Payloads are the
-//! `Bytes` tungstenite decoded into: forwarding them copies nothing until the destination frames
-//! them. Writes are flushed once a source has nothing more to read, so bursts share syscalls.
+//! holds more than one message plus a write batch per direction. Payloads are the `Bytes` the
+//! source leg decoded into: forwarding them copies nothing until the destination frames them.
+//! Writes are flushed once a source has nothing more to read, so bursts share syscalls.
 //! The same poll also drives keepalive (one timer for both legs), idle timeout and drain.
 //!
 //! The pump knows nothing of who watches it: inspection, taps and metrics sit behind
@@ -44,13 +44,13 @@ const KEEPALIVE_PAYLOAD: &[u8] = b"wsrelay";
 /// Why the pump stopped; the session decides what to do with each leg.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PumpEnd {
-    /// The client sent a Close frame (already answered by tungstenite).
+    /// The client sent a Close frame (already answered by its leg).
     ClientClosed(Option<CloseFrame>),
     /// The client's connection ended without a close handshake, or it stopped answering pings.
     ClientGone(String),
     /// The client broke the protocol or a limit; it gets this close code.
     ClientViolation(CloseCode, String),
-    /// The backend sent a Close frame (already answered by tungstenite).
+    /// The backend sent a Close frame (already answered by its leg).
     BackendClosed(Option<CloseFrame>),
     /// The backend's connection ended without a close handshake, or it stopped answering pings.
     BackendGone(String),
@@ -141,6 +141,40 @@ pub fn close_code_for(error: &WsError) -> Option<(CloseCode, String)> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The pump running between two legs until it stops ([`PumpState::run`]). A struct, not
+    /// an `async fn`: an async function keeps its arguments beside what it awaits, and every
+    /// session holds this future for as long as its client stays.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Running<'a, H, C, B, S> {
+        state: &'a mut PumpState<H>,
+        client: &'a mut C,
+        backend: &'a mut B,
+        #[pin]
+        stop: S,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl<H: PumpHooks, C: Leg, B: Leg, S: Future<Output = PumpEnd>> Future for Running<'_, H, C, B, S> {
+    type Output = PumpEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
+        let this = self.project();
+        let end = match this.stop.poll(cx) {
+            Poll::Ready(end) => end,
+            Poll::Pending => {
+                let client = &mut **this.client;
+                let backend = &mut **this.backend;
+                std::task::ready!(this.state.poll_once(cx, client, backend, this.timer))
+            }
+        };
+        this.state.hooks.on_traffic(&this.state.traffic);
+        Poll::Ready(end)
+    }
+}
+
 /// One direction's buffer: the message read but not yet accepted by its destination.
 #[derive(Debug, Default)]
 struct Lane {
@@ -225,23 +259,19 @@ impl<H: PumpHooks> PumpState<H> {
     }
 
     /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.
-    pub async fn run<C: Leg, B: Leg>(
-        &mut self,
-        client: &mut C,
-        backend: &mut B,
-        stop: impl Future<Output = PumpEnd>,
-    ) -> PumpEnd {
-        let timer = tokio::time::sleep_until(self.next_check);
-        tokio::pin!(timer, stop);
-        let end = poll_fn(|cx| {
-            if let Poll::Ready(end) = stop.as_mut().poll(cx) {
-                return Poll::Ready(end);
-            }
-            self.poll_once(cx, client, backend, timer.as_mut())
-        })
-        .await;
-        self.hooks.on_traffic(&self.traffic);
-        end
+    pub fn run<'a, C: Leg, B: Leg, S: Future<Output = PumpEnd>>(
+        &'a mut self,
+        client: &'a mut C,
+        backend: &'a mut B,
+        stop: S,
+    ) -> Running<'a, H, C, B, S> {
+        Running {
+            timer: tokio::time::sleep_until(self.next_check),
+            state: self,
+            client,
+            backend,
+            stop,
+        }
     }
 
     /// Before a move the relay decides (a drained or removed backend): stops taking the
@@ -521,7 +551,7 @@ impl<H: PumpHooks> PumpState<H> {
         None
     }
 
-    /// A control frame just read. Pings are answered by tungstenite; pongs prove liveness,
+    /// A control frame just read. Pings are answered by the leg itself; pongs prove liveness,
     /// time keepalive, and (from a backend) acknowledge what the replay log holds.
     fn take_control(
         &mut self,

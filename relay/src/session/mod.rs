@@ -13,14 +13,15 @@ use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
+use tokio_rustls::server::TlsStream as ServerTlsStream;
+use tokio_util::either::Either;
 use tracing::{debug, info};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
 
-use crate::admission::ConnectionSlot;
 use crate::compress::{Agreed, DeflateLeg, MaybeDeflate};
 use crate::config::{Mode, OnBackendLoss};
 use crate::generation::{Generation, Generations};
@@ -31,13 +32,39 @@ use crate::pump::{
     StreamLeg, close_leg,
 };
 use crate::route::Route;
-use crate::shutdown::{Shutdown, close_delay};
+use crate::shutdown::{Shutdown, UntilAborted, close_delay, until_aborted};
 use crate::upstream::{BackendRequest, BackendState, Upstream};
+use crate::websocket::WebSocket;
 use ending::{Closing, Farewell, Next};
 
 /// The client side of a session: its own upgraded socket (compressed or not), or a stream of a
 /// mux client's link.
-type ClientLeg = MaybeDeflate<AnyLeg<TokioIo<Upgraded>>, TokioIo<Upgraded>>;
+type ClientLeg = MaybeDeflate<AnyLeg<ClientStream>, TokioIo<Upgraded>>;
+
+/// The connection under a client's own uncompressed WebSocket. hyper hands it over as
+/// `Upgraded`, a boxed stream behind a buffer of what it read past the request; the plain and
+/// TLS sockets are taken back out of it, so every read and write goes straight to the socket
+/// and no buffer of hyper's stays. An HTTP/2 stream stays `Upgraded`.
+type ClientStream = Either<TcpStream, Either<Box<ServerTlsStream<TcpStream>>, TokioIo<Upgraded>>>;
+
+/// `upgraded` as the stream a session reads and writes, and the bytes the client sent after
+/// its request (its first frames, if it did not wait for the `101`).
+fn client_stream(upgraded: Upgraded) -> (ClientStream, Vec<u8>) {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return (Either::Left(parts.io.into_inner()), parts.read_buf.to_vec()),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<ServerTlsStream<TcpStream>>>() {
+        Ok(parts) => {
+            let tls = Box::new(parts.io.into_inner());
+            (Either::Right(Either::Left(tls)), parts.read_buf.to_vec())
+        }
+        Err(upgraded) => (
+            Either::Right(Either::Right(TokioIo::new(upgraded))),
+            Vec::new(),
+        ),
+    }
+}
 
 /// What every session of a relay shares: the current generation (a re-origination routes by
 /// it), the observers, and the shutdown stages.
@@ -88,74 +115,80 @@ pub(crate) struct PendingSession {
 }
 
 impl PendingSession {
-    /// Runs the session to its end with its client side; the grace period's end (`abort`)
-    /// cuts it short. `slot` is the client's connection slot, held for the session's life
-    /// (none for a mux client's stream: its link holds the slot).
-    pub async fn run(
+    /// The session, run to its end with its client side; the grace period's end (`abort`)
+    /// cuts it short. `held` is let go when it ends: the client's connection slot (none for a
+    /// mux client's stream, whose link holds the slot) and whatever else the caller counts
+    /// open while the session lives.
+    pub fn run<H: Send + 'static>(
         self,
         context: SessionContext,
         client: ClientStart,
-        slot: Option<ConnectionSlot>,
-    ) {
+        held: H,
+    ) -> UntilAborted<impl Future<Output = ()> + Send + 'static, H> {
         let abort = context.shutdown.abort.clone();
-        tokio::select! {
-            () = self.run_to_end(context, client) => {}
-            () = abort.cancelled() => debug!("session dropped at the end of the grace period"),
-        }
-        drop(slot);
+        // Boxed until the session starts: an async function keeps its arguments for its whole
+        // life, and a session lives as long as its client.
+        until_aborted(Box::new(self).run_to_end(context, client), abort, held)
     }
 
-    async fn run_to_end(mut self, context: SessionContext, client: ClientStart) {
-        let (upgrade, agreed) = match client {
-            ClientStart::Stream(stream) => (Err(stream), None),
-            ClientStart::Upgrade(upgrade) => (Ok(upgrade), None),
-            ClientStart::Deflate(upgrade, agreed) => (Ok(upgrade), Some(agreed)),
+    async fn run_to_end(self: Box<Self>, context: SessionContext, client: ClientStart) {
+        // The start is one-off and boxed: a session's future is as large as its largest step.
+        let Some((mut session, mut client)) = Box::pin(self.start(context, client)).await else {
+            return;
         };
-        let mut client: ClientLeg = match upgrade {
-            Err(stream) => MaybeDeflate::Plain(AnyLeg::Stream(stream)),
-            // Boxed, as the other one-off steps: a session's future is as large as its
-            // largest step, and it lives as long as the client does.
-            Ok(upgrade) => match Box::pin(upgrade).await {
-                Ok(upgraded) => {
-                    let io = TokioIo::new(upgraded);
-                    let socket = &self.generation.socket;
-                    match agreed {
-                        None => MaybeDeflate::Plain(AnyLeg::Socket(
-                            Box::pin(WebSocketStream::from_raw_socket(
-                                io,
-                                Role::Server,
-                                Some(*socket),
-                            ))
-                            .await,
-                        )),
-                        Some(agreed) => {
-                            let counters = context.observe.metrics.compression().clone();
-                            match DeflateLeg::new(io, agreed, socket, counters) {
-                                Ok(leg) => MaybeDeflate::Deflate(Box::new(leg)),
-                                Err(error) => {
-                                    // Only a mismatch between the answer and yawc's reading of
-                                    // it gets here; the client was told compression is on.
-                                    tracing::warn!(%error, "compressed client leg failed to start");
-                                    let away = ending::close(CloseCode::Error, "relay error");
-                                    close_leg(&mut self.backend, Some(away)).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-                Err(error) => {
-                    debug!(peer = %self.peer, %error, "client left before the upgrade completed");
-                    let away = ending::close(CloseCode::Away, "client went away");
-                    close_leg(&mut self.backend, Some(away)).await;
-                    return;
-                }
-            },
-        };
-        let mut session = Session::open(self, context);
         let closing = session.pump_to_end(&mut client).await;
         session.carry_out(&mut client, &closing).await;
         session.finish(&closing);
+    }
+
+    /// Takes over the client's side (its upgraded connection, or a mux client's stream) and
+    /// opens the session; `None` when the client left first or its leg could not start (the
+    /// backend leg is closed then).
+    async fn start(
+        mut self: Box<Self>,
+        context: SessionContext,
+        client: ClientStart,
+    ) -> Option<(Session, ClientLeg)> {
+        let (upgrade, agreed) = match client {
+            ClientStart::Stream(stream) => {
+                let client = MaybeDeflate::Plain(AnyLeg::Stream(stream));
+                return Some((Session::open(*self, context), client));
+            }
+            ClientStart::Upgrade(upgrade) => (upgrade, None),
+            ClientStart::Deflate(upgrade, agreed) => (upgrade, Some(agreed)),
+        };
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                debug!(peer = %self.peer, %error, "client left before the upgrade completed");
+                let away = ending::close(CloseCode::Away, "client went away");
+                close_leg(&mut self.backend, Some(away)).await;
+                return None;
+            }
+        };
+        let socket = &self.generation.socket;
+        let client = match agreed {
+            None => {
+                let (io, read_ahead) = client_stream(upgraded);
+                let leg = WebSocket::new(io, Role::Server, socket, &read_ahead);
+                MaybeDeflate::Plain(AnyLeg::Socket(leg))
+            }
+            Some(agreed) => {
+                let counters = context.observe.metrics.compression().clone();
+                match DeflateLeg::new(TokioIo::new(upgraded), agreed, socket, counters) {
+                    Ok(leg) => MaybeDeflate::Deflate(Box::new(leg)),
+                    Err(error) => {
+                        // Only a mismatch between the answer and yawc's reading of it gets
+                        // here; the client was told compression is on.
+                        tracing::warn!(%error, "compressed client leg failed to start");
+                        let away = ending::close(CloseCode::Error, "relay error");
+                        close_leg(&mut self.backend, Some(away)).await;
+                        return None;
+                    }
+                }
+            }
+        };
+        Some((Session::open(*self, context), client))
     }
 }
 

@@ -25,13 +25,36 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use super::tls;
 use crate::headers::has_token as header_has_token;
 use crate::pump::BackendStream;
+use crate::websocket::WebSocket;
 
-/// A backend leg that is open, and what the backend agreed to.
+/// A backend connection whose handshake is done, and what the backend agreed to.
 pub(crate) struct Dialed<S = BackendStream> {
-    /// The open WebSocket to the backend.
-    pub socket: WebSocketStream<S>,
+    /// The upgraded connection.
+    io: S,
+    /// What the backend sent right behind its `101` (its first frames), read with it.
+    read_ahead: Vec<u8>,
+    /// The limits and write batch the WebSocket gets.
+    config: WebSocketConfig,
     /// The subprotocol the backend picked, if any.
     pub protocol: Option<HeaderValue>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Dialed<S> {
+    /// The connection as a leg of a session: the relay's own WebSocket.
+    pub fn websocket(self) -> WebSocket<S> {
+        WebSocket::new(self.io, Role::Client, &self.config, &self.read_ahead)
+    }
+
+    /// The connection as tokio-tungstenite's WebSocket, which a mux link's engine runs on.
+    pub async fn tungstenite(self) -> WebSocketStream<S> {
+        WebSocketStream::from_partially_read(
+            self.io,
+            self.read_ahead,
+            Role::Client,
+            Some(self.config),
+        )
+        .await
+    }
 }
 
 /// Largest backend response head (status line and headers) accepted.
@@ -126,14 +149,12 @@ where
     let parts = upgraded
         .downcast::<TokioIo<S>>()
         .map_err(|_| Failure::Broken("the upgraded connection is not the stream dialed".into()))?;
-    let socket = WebSocketStream::from_partially_read(
-        parts.io.into_inner(),
-        parts.read_buf.to_vec(),
-        Role::Client,
-        Some(config),
-    )
-    .await;
-    Ok(Dialed { socket, protocol })
+    Ok(Dialed {
+        io: parts.io.into_inner(),
+        read_ahead: parts.read_buf.to_vec(),
+        config,
+        protocol,
+    })
 }
 
 /// The subprotocols a request offers, in order.
@@ -222,7 +243,8 @@ pub(crate) fn check_switching_protocols(
                 .to_str()
                 .is_ok_and(|p| offered.iter().any(|o| o == p)) =>
         {
-            Ok(Some(protocol.clone()))
+            // Copied: the session keeps it, and a clone would hold hyper's read buffer.
+            Ok(HeaderValue::from_bytes(protocol.as_bytes()).ok())
         }
         (Some(protocol), _) => Err(format!(
             "picked subprotocol {protocol:?}, which the client did not offer"

@@ -10,9 +10,11 @@
 
 use std::sync::Arc;
 
+use futures_util::SinkExt;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
@@ -70,13 +72,14 @@ async fn check_upstream(
             )
             .await
             {
-                Ok(mut leg) => {
+                Ok(dialed) => {
                     let bye = CloseFrame {
                         code: CloseCode::Normal,
                         reason: "health check".into(),
                     };
-                    let _ =
-                        tokio::time::timeout(check.timeout.0, leg.socket.close(Some(bye))).await;
+                    let mut socket = dialed.websocket();
+                    let close = socket.send(Message::Close(Some(bye)));
+                    let _ = tokio::time::timeout(check.timeout.0, close).await;
                     true
                 }
                 Err(DialError::Refused { status, .. }) => status.as_u16() < 500,

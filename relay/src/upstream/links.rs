@@ -255,8 +255,11 @@ impl LinkSlotTask {
                 )
                 .await;
                 let dialed = dialed.map_err(|e| e.to_string())?;
-                let establish =
-                    Link::establish(dialed.socket, LinkRole::Initiator, self.config.clone());
+                let establish = Link::establish(
+                    dialed.tungstenite().await,
+                    LinkRole::Initiator,
+                    self.config.clone(),
+                );
                 tokio::time::timeout(timeout, establish)
                     .await
                     .map_err(|_| "no Hello within connect_timeout".to_owned())?

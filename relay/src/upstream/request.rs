@@ -12,7 +12,10 @@ use wsrelay_protocol::OpenRequest;
 use crate::config::BackendUrl;
 use crate::headers;
 
-/// Everything needed to open (and re-open) a client's backend leg.
+/// Everything needed to open (and re-open) a client's backend leg. A session keeps it for its
+/// whole life, so it owns its bytes in one small block: header values parsed from the client's
+/// request are slices of hyper's read buffer (8 KiB), which a kept clone would hold for as long
+/// as the client stays.
 #[derive(Debug, Clone)]
 pub struct BackendRequest {
     /// Path and query exactly as the client sent them.
@@ -20,9 +23,57 @@ pub struct BackendRequest {
     /// The client's `Host`, sent on when `preserve_host` is set.
     pub client_host: Option<HeaderValue>,
     /// End-to-end headers to send, `X-Forwarded-*` and `X-Relay-Conn-Id` included.
-    pub headers: HeaderMap,
+    headers: HeaderBlock,
     /// Send the client's Host rather than the backend's authority.
     pub preserve_host: bool,
+}
+
+/// Header fields packed into one allocation, `name:value\n` each: a name never holds `:` and
+/// a value never holds a line feed, so the block reads back unambiguously. A `HeaderMap` of the
+/// same fields costs a kilobyte of tables beside the values.
+#[derive(Debug, Clone, Default)]
+struct HeaderBlock(Box<[u8]>);
+
+impl HeaderBlock {
+    fn pack(fields: &HeaderMap) -> Self {
+        let size = fields
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 2)
+            .sum();
+        let mut block = Vec::with_capacity(size);
+        for (name, value) in fields {
+            block.extend_from_slice(name.as_str().as_bytes());
+            block.push(b':');
+            block.extend_from_slice(value.as_bytes());
+            block.push(b'\n');
+        }
+        HeaderBlock(block.into_boxed_slice())
+    }
+
+    /// The fields in the order they were packed, as bytes.
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| {
+                let colon = line.iter().position(|&byte| byte == b':')?;
+                Some((&line[..colon], &line[colon + 1..]))
+            })
+    }
+
+    /// The fields as a header map, for a request.
+    fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in self.fields() {
+            // Both were valid when packed.
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            {
+                map.append(name, value);
+            }
+        }
+        map
+    }
 }
 
 impl BackendRequest {
@@ -79,8 +130,11 @@ impl BackendRequest {
             path_and_query: uri
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-            client_host: client_headers.get(header::HOST).cloned(),
-            headers,
+            // Copied: a clone would share hyper's read buffer.
+            client_host: client_headers
+                .get(header::HOST)
+                .and_then(|host| HeaderValue::from_bytes(host.as_bytes()).ok()),
+            headers: HeaderBlock::pack(&headers),
             preserve_host,
         }
     }
@@ -95,7 +149,7 @@ impl BackendRequest {
         BackendRequest {
             path_and_query: "/".into(),
             client_host: None,
-            headers,
+            headers: HeaderBlock::pack(&headers),
             preserve_host: false,
         }
     }
@@ -114,7 +168,7 @@ impl BackendRequest {
         BackendRequest {
             path_and_query: "/".into(),
             client_host: None,
-            headers,
+            headers: HeaderBlock::pack(&headers),
             preserve_host: false,
         }
     }
@@ -134,7 +188,7 @@ impl BackendRequest {
                 .map_err(|e| format!("bad backend authority: {e}"))?,
         };
         let headers = request.headers_mut();
-        headers.clone_from(&self.headers);
+        *headers = self.headers.to_map();
         headers.insert(header::HOST, host);
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -158,9 +212,9 @@ impl BackendRequest {
             _ => authority.as_bytes().to_vec(),
         };
         open.headers.push((header::HOST.as_str().to_owned(), host));
-        for (name, value) in &self.headers {
-            open.headers
-                .push((name.as_str().to_owned(), value.as_bytes().to_vec()));
+        for (name, value) in self.headers.fields() {
+            let name = String::from_utf8_lossy(name).into_owned();
+            open.headers.push((name, value.to_vec()));
         }
         open.client_addr = peer.to_string();
         open.resumed = resumed;
@@ -232,5 +286,47 @@ mod tests {
         let http = plain.for_backend(&backend).unwrap();
         assert_eq!(http.headers()["host"], "127.0.0.1:9001");
         assert_eq!(http.uri(), "ws://127.0.0.1:9001/base/chat/room?x=1");
+    }
+
+    #[test]
+    fn a_kept_request_holds_none_of_the_clients_read_buffer() {
+        // hyper parses header values as slices of its connection's read buffer.
+        let read_buffer = bytes::Bytes::from(b"chat.example:8080 sid=1 kept".repeat(100));
+        let value = |range: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(read_buffer.slice(range)).unwrap()
+        };
+        let mut client = HeaderMap::new();
+        client.insert("host", value(0..17));
+        client.insert("cookie", value(18..23));
+        client.append("x-custom", value(24..28));
+        client.append("x-custom", value(0..17));
+        let uri: Uri = "/chat".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.9:4444".parse().unwrap();
+        let request = BackendRequest::from_client(&uri, &client, addr, 7, true, "http");
+        drop(client);
+        assert!(
+            read_buffer.is_unique(),
+            "the request still shares the read buffer"
+        );
+        let backend = BackendUrl::parse("ws://127.0.0.1:9001").unwrap();
+        let http = request.for_backend(&backend).unwrap();
+        let h = http.headers();
+        assert_eq!(h["host"], "chat.example:8080");
+        assert_eq!(h["x-forwarded-host"], "chat.example:8080");
+        assert_eq!(h["cookie"], "sid=1");
+        let custom: Vec<_> = h.get_all("x-custom").iter().collect();
+        assert_eq!(
+            custom,
+            ["kept", "chat.example:8080"],
+            "order or repeats lost"
+        );
+        let open = request.to_open("127.0.0.1:9001", addr, false);
+        let custom: Vec<_> = open
+            .headers
+            .iter()
+            .filter(|(name, _)| name == "x-custom")
+            .map(|(_, value)| value.as_slice())
+            .collect();
+        assert_eq!(custom, [&b"kept"[..], &b"chat.example:8080"[..]]);
     }
 }

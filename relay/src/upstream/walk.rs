@@ -70,10 +70,6 @@ pub(crate) struct Replacing<'a> {
 }
 
 /// Where a walk ended.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per connect and moved into the session: a box would only add an allocation"
-)]
 pub(crate) enum Walked {
     /// A backend took the client.
     Connected {
@@ -115,10 +111,6 @@ pub(crate) struct Walk<'a> {
 }
 
 /// What trying one backend gave.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a short-lived return value, as `Walked`"
-)]
 enum Attempt {
     Connected(BackendLeg, Option<HeaderValue>),
     Refused(BackendRefusal),
@@ -227,7 +219,10 @@ impl Walk<'_> {
             )
             .await
             {
-                Ok(dialed) => Attempt::Connected(AnyLeg::Socket(dialed.socket), dialed.protocol),
+                Ok(mut dialed) => {
+                    let protocol = dialed.protocol.take();
+                    Attempt::Connected(AnyLeg::Socket(dialed.websocket()), protocol)
+                }
                 Err(DialError::Refused {
                     status,
                     headers,

@@ -40,6 +40,10 @@ use codec::{FrameKind, Header, ReadContext, TextCheck, opcode};
 /// beyond the end of one that is nearly complete, so one read can bring the frames behind it.
 const PARTIAL_READ: usize = 4 * 1024;
 
+/// The write buffer's first size: a burst of small frames fits without growing it; it is let
+/// go once written, so an idle leg holds none.
+const FIRST_WRITE_BUFFER: usize = 2 * 1024;
+
 /// Where the close handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -370,7 +374,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     fn format(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.mask();
         if self.unwritten.capacity() == 0 {
-            self.unwritten.reserve(payload.len() + codec::MAX_HEADER);
+            // Room for a burst of small frames at once: the buffer lives until it is written.
+            let frame = payload.len() + codec::MAX_HEADER;
+            self.unwritten.reserve(frame.max(FIRST_WRITE_BUFFER));
         }
         codec::write_frame(&mut self.unwritten, opcode, mask, payload);
     }

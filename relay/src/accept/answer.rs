@@ -103,8 +103,9 @@ pub(super) async fn answer(
         return Answer::refusal(Outcome::Refused, refusal);
     }
     let (scheme, http) = (connection.scheme, if http2 { "2" } else { "1.1" });
-    // The connection stays open while the WebSocket lives (an HTTP/2 one carries it).
-    let open = connection.streams.open();
+    // An HTTP/2 connection stays open while the WebSocket it carries lives. An HTTP/1.1 one
+    // is the WebSocket's own socket from the upgrade on: nothing to count.
+    let open = http2.then(|| connection.streams.open());
     if route.mode == Mode::Mux
         && headers::has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, LINK_SUBPROTOCOL)
     {
@@ -163,7 +164,7 @@ pub(super) async fn answer(
 }
 
 /// Runs `task` with `stream` counted open until it ends.
-async fn holding(stream: StreamGuard, task: impl Future<Output = ()>) {
+async fn holding(stream: Option<StreamGuard>, task: impl Future<Output = ()>) {
     task.await;
     drop(stream);
 }

@@ -128,31 +128,26 @@ impl PendingSession {
         let abort = context.shutdown.abort.clone();
         // Boxed until the session starts: an async function keeps its arguments for its whole
         // life, and a session lives as long as its client.
-        until_aborted(Box::new(self).run_to_end(context, client), abort, held)
-    }
-
-    async fn run_to_end(self: Box<Self>, context: SessionContext, client: ClientStart) {
-        // The start is one-off and boxed: a session's future is as large as its largest step.
-        let Some((mut session, mut client)) = Box::pin(self.start(context, client)).await else {
-            return;
-        };
-        let closing = session.pump_to_end(&mut client).await;
-        session.carry_out(&mut client, &closing).await;
-        session.finish(&closing);
+        let start = Box::new(Start {
+            pending: self,
+            context,
+            client,
+        });
+        until_aborted(run_to_end(start), abort, held)
     }
 
     /// Takes over the client's side (its upgraded connection, or a mux client's stream) and
     /// opens the session; `None` when the client left first or its leg could not start (the
     /// backend leg is closed then).
     async fn start(
-        mut self: Box<Self>,
+        mut self,
         context: SessionContext,
         client: ClientStart,
     ) -> Option<(Session, ClientLeg)> {
         let (upgrade, agreed) = match client {
             ClientStart::Stream(stream) => {
                 let client = MaybeDeflate::Plain(AnyLeg::Stream(stream));
-                return Some((Session::open(*self, context), client));
+                return Some((Session::open(self, context), client));
             }
             ClientStart::Upgrade(upgrade) => (upgrade, None),
             ClientStart::Deflate(upgrade, agreed) => (upgrade, Some(agreed)),
@@ -188,8 +183,31 @@ impl PendingSession {
                 }
             }
         };
-        Some((Session::open(*self, context), client))
+        Some((Session::open(self, context), client))
     }
+}
+
+/// What a session starts from, in one box until it starts: an async function keeps its
+/// arguments for its whole life, and a session lives as long as its client.
+struct Start {
+    pending: PendingSession,
+    context: SessionContext,
+    client: ClientStart,
+}
+
+async fn run_to_end(start: Box<Start>) {
+    let Start {
+        pending,
+        context,
+        client,
+    } = *start;
+    // The start is one-off and boxed: a session's future is as large as its largest step.
+    let Some((mut session, mut client)) = Box::pin(pending.start(context, client)).await else {
+        return;
+    };
+    let closing = session.pump_to_end(&mut client).await;
+    session.carry_out(&mut client, &closing).await;
+    session.finish(&closing);
 }
 
 /// A session between its start and its end.

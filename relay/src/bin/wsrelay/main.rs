@@ -1,6 +1,6 @@
 //! The `wsrelay` command: a thin CLI over the library. `cli` says what each command takes,
-//! `signals` how the process stops and reloads, `log` where its log goes, `tap` and `demo`
-//! are commands of their own.
+//! `signals` how the process stops and reloads, `log` where its log goes, `trim` when freed heap
+//! goes back to the system, `tap` and `demo` are commands of their own.
 
 mod cli;
 mod demo;
@@ -8,6 +8,7 @@ mod log;
 mod reload;
 mod signals;
 mod tap;
+mod trim;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -159,7 +160,10 @@ async fn run(run: &RunArgs) -> Result<()> {
         .bind()
         .await
         .map_err(|error| explain_bind(error, "wsrelay --listen 127.0.0.1:8081 ..."))?;
-    signals.wait(Some(&relay)).await;
+    tokio::select! {
+        () = signals.wait(Some(&relay)) => {}
+        () = trim::watch(&relay) => {}
+    }
     let report = relay.shutdown().await;
     if report.sessions_aborted > 0 {
         tracing::warn!(

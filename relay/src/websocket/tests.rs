@@ -354,3 +354,84 @@ async fn a_client_masks_every_frame_with_its_own_key() {
     assert_ne!(first.mask, second.mask, "one key for two frames");
     assert_ne!(&wire[6..10], b"same", "sent in clear");
 }
+
+mod properties {
+    //! Whatever a peer sends, in whatever pieces, the WebSocket gives messages or an error and
+    //! then ends: it never panics, never loops, and never hands on more than the limits allow.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Frames close to valid ones (so the fuzzing reaches past the header checks), cut at
+    /// random points, with random bytes between.
+    fn wire() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+        let frame = (
+            0u8..16,
+            any::<bool>(),
+            any::<bool>(),
+            0usize..300,
+            any::<[u8; 4]>(),
+        )
+            .prop_map(|(opcode, fin, masked, len, key)| {
+                let mut out = Vec::new();
+                codec::write_header(&mut out, opcode, masked.then_some(key), len);
+                if !fin {
+                    out[0] &= 0x7F;
+                }
+                out.extend((0..len).map(|i| (i * 31 % 256) as u8));
+                out
+            });
+        let piece = prop_oneof![
+            4 => frame,
+            1 => proptest::collection::vec(any::<u8>(), 0..20),
+        ];
+        (
+            proptest::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat()),
+            proptest::collection::vec(1usize..64, 1..8),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_give_messages_or_an_error_then_the_end((bytes, cuts) in wire(), server in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let (ours, mut raw) = tokio::io::duplex(1 << 16);
+                let role = if server { Role::Server } else { Role::Client };
+                let limits = WebSocketConfig::default()
+                    .max_message_size(Some(500))
+                    .max_frame_size(Some(200));
+                let mut ours = WebSocket::new(ours, role, &limits, &[]);
+                let writer = async move {
+                    let mut rest = &bytes[..];
+                    for cut in cuts.iter().cycle() {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let (piece, tail) = rest.split_at((*cut).min(rest.len()));
+                        if raw.write_all(piece).await.is_err() {
+                            break;
+                        }
+                        rest = tail;
+                        tokio::task::yield_now().await;
+                    }
+                    drop(raw);
+                };
+                let reader = async {
+                    let mut errors = 0;
+                    while let Some(item) = next(&mut ours).await {
+                        match item {
+                            Ok(message) => prop_assert!(message.len() <= 500, "{} bytes", message.len()),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    prop_assert!(errors <= 1, "{errors} errors before the end");
+                    Ok(())
+                };
+                let ((), read) = tokio::join!(writer, reader);
+                read
+            })?;
+        }
+    }
+}

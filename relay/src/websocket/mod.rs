@@ -156,7 +156,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 // A server ends the connection once its Close answer is out (RFC 6455 §7.1.1:
                 // the server closes TCP first).
                 if self.has_unwritten() || self.reply.is_some() {
-                    return Poll::Pending;
+                    // Waits for the socket to take it (a Close of ours, or our answer to one).
+                    ready!(self.poll_write_out(cx))?;
                 }
                 self.state = State::Terminated;
                 return Poll::Ready(Err(WsError::ConnectionClosed));

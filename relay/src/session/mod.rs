@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -49,19 +50,19 @@ type ClientStream = Either<TcpStream, Either<Box<ServerTlsStream<TcpStream>>, To
 
 /// `upgraded` as the stream a session reads and writes, and the bytes the client sent after
 /// its request (its first frames, if it did not wait for the `101`).
-fn client_stream(upgraded: Upgraded) -> (ClientStream, Vec<u8>) {
+fn client_stream(upgraded: Upgraded) -> (ClientStream, Bytes) {
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return (Either::Left(parts.io.into_inner()), parts.read_buf.to_vec()),
+        Ok(parts) => return (Either::Left(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => upgraded,
     };
     match upgraded.downcast::<TokioIo<ServerTlsStream<TcpStream>>>() {
         Ok(parts) => {
             let tls = Box::new(parts.io.into_inner());
-            (Either::Right(Either::Left(tls)), parts.read_buf.to_vec())
+            (Either::Right(Either::Left(tls)), parts.read_buf)
         }
         Err(upgraded) => (
             Either::Right(Either::Right(TokioIo::new(upgraded))),
-            Vec::new(),
+            Bytes::new(),
         ),
     }
 }

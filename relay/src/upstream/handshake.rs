@@ -32,7 +32,7 @@ pub(crate) struct Dialed<S = BackendStream> {
     /// The upgraded connection.
     io: S,
     /// What the backend sent right behind its `101` (its first frames), read with it.
-    read_ahead: Vec<u8>,
+    read_ahead: Bytes,
     /// The limits and write batch the WebSocket gets.
     config: WebSocketConfig,
     /// The subprotocol the backend picked, if any.
@@ -49,7 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Dialed<S> {
     pub async fn tungstenite(self) -> WebSocketStream<S> {
         WebSocketStream::from_partially_read(
             self.io,
-            self.read_ahead,
+            self.read_ahead.to_vec(),
             Role::Client,
             Some(self.config),
         )
@@ -151,7 +151,7 @@ where
         .map_err(|_| Failure::Broken("the upgraded connection is not the stream dialed".into()))?;
     Ok(Dialed {
         io: parts.io.into_inner(),
-        read_ahead: parts.read_buf.to_vec(),
+        read_ahead: parts.read_buf,
         config,
         protocol,
     })

@@ -74,7 +74,7 @@ pub async fn backend_answer(answer: &[u8]) -> Result<Option<String>, String> {
         backend_end
     };
     let request = Request::builder()
-        .uri("ws://backend.test/chat")
+        .uri("/chat")
         .header(header::HOST, "backend.test")
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")

@@ -49,6 +49,7 @@ mod session;
 mod shutdown;
 mod upstream;
 mod websocket;
+mod woken;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -9,6 +9,8 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::woken::WhenWoken;
+
 /// The three stages of stopping, each a token that tasks watch.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
@@ -40,7 +42,7 @@ pin_project! {
         #[pin]
         work: F,
         #[pin]
-        abort: WaitForCancellationFutureOwned,
+        abort: WhenWoken<WaitForCancellationFutureOwned>,
         held: H,
     }
 }
@@ -53,7 +55,7 @@ pub fn until_aborted<F: Future<Output = ()>, H>(
 ) -> UntilAborted<F, H> {
     UntilAborted {
         work,
-        abort: abort.cancelled_owned(),
+        abort: WhenWoken::new(abort.cancelled_owned()),
         held,
     }
 }

@@ -7,7 +7,7 @@
 //! stored twice; the data path counts traffic in its own session entry only. The series and
 //! their labels are listed in `docs/operations.md` (Metrics).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,9 @@ pub struct Metrics {
     closes: Family<Labels, Counter>,
     reoriginations: Counter,
     ping_rtt: Family<Labels, Histogram>,
+    /// The `ping_rtt` series of each leg (client, backend), looked up once: every session
+    /// keeps both, and a lookup costs a label vector and a lock.
+    rtt_by_leg: [OnceLock<Histogram>; 2],
     tap_dropped: Counter,
     discovery_failures: Family<Labels, Counter>,
     /// Bytes of the compressed client legs, counted by the legs themselves.
@@ -155,6 +158,7 @@ impl Default for Metrics {
             closes,
             reoriginations,
             ping_rtt,
+            rtt_by_leg: Default::default(),
             tap_dropped,
             rendered_traffic: Mutex::default(),
         }
@@ -205,8 +209,16 @@ impl Metrics {
 
     /// The histogram of keepalive round trips on `side`'s legs, for a session to keep.
     pub fn ping_rtt(&self, side: Side) -> Histogram {
-        self.ping_rtt
-            .get_or_create_owned(&vec![("leg", side.as_str().to_owned())])
+        let leg = match side {
+            Side::Client => 0,
+            Side::Backend => 1,
+        };
+        self.rtt_by_leg[leg]
+            .get_or_init(|| {
+                self.ping_rtt
+                    .get_or_create_owned(&vec![("leg", side.as_str().to_owned())])
+            })
+            .clone()
     }
 
     /// The Prometheus text exposition of every metric: events as counted, state from `figures`.

@@ -35,6 +35,8 @@ pub use leg::{
 use keepalive::{LegLiveness, LegVerdict, far_future};
 use replay::ReplayLog;
 
+use crate::woken::WhenWoken;
+
 /// Messages a direction moves before it lets the other direction and the timers run.
 const FAIRNESS_BUDGET: usize = 32;
 
@@ -151,7 +153,7 @@ pin_project_lite::pin_project! {
         client: &'a mut C,
         backend: &'a mut B,
         #[pin]
-        stop: S,
+        stop: WhenWoken<S>,
         #[pin]
         timer: Sleep,
     }
@@ -270,7 +272,7 @@ impl<H: PumpHooks> PumpState<H> {
             state: self,
             client,
             backend,
-            stop,
+            stop: WhenWoken::new(stop),
         }
     }
 

@@ -10,8 +10,8 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, StatusCode, Uri};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -90,11 +90,14 @@ pub(crate) struct Refusal {
     pub(crate) body: Bytes,
 }
 
-/// Performs the handshake of `request` (absolute `ws://` URI, `Host` and
-/// `Sec-WebSocket-Key` set) over `io`, the dialed stream (TCP, or TLS over it; for the fuzz target, bytes
-/// in memory). The head and the upgrade must arrive before
-/// `deadline`; a refusal's body is read until the deadline or [`REFUSAL_BODY_WAIT`],
-/// whichever comes first, so a dial never outlasts its deadline.
+/// Performs the handshake of `request` over `io`, the dialed stream (TCP, or TLS over it; for
+/// the fuzz target, bytes in memory). `request` goes out as it is: origin-form URI, `Host` and
+/// `Sec-WebSocket-Key` set, headers in the order to send ([`BackendRequest::for_backend`]).
+/// The head and the upgrade must arrive before `deadline`; a refusal's body is read until the
+/// deadline or [`REFUSAL_BODY_WAIT`], whichever comes first, so a dial never outlasts its
+/// deadline.
+///
+/// [`BackendRequest::for_backend`]: super::request::BackendRequest::for_backend
 pub(crate) async fn open<S>(
     io: S,
     request: Request<()>,
@@ -111,7 +114,7 @@ where
         .ok_or_else(|| Failure::Broken("the handshake request has no Sec-WebSocket-Key".into()))?
         .to_owned();
     let offered = offered_protocols(request.headers());
-    let request = origin_form(request);
+    let request = request.map(|()| Empty::<Bytes>::new());
 
     let (mut sender, connection) = http1::Builder::new()
         .max_header_size(MAX_RESPONSE_HEAD)
@@ -168,40 +171,6 @@ fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
         .collect()
-}
-
-/// The headers written first, in this order, as the relay always has: backends that read the
-/// handshake naively find them where tungstenite's clients put them.
-const LEADING_HEADERS: [HeaderName; 5] = [
-    header::HOST,
-    header::CONNECTION,
-    header::UPGRADE,
-    header::SEC_WEBSOCKET_VERSION,
-    header::SEC_WEBSOCKET_KEY,
-];
-
-/// `request` with its URI in origin form (`/path?query`), which is what an HTTP/1.1 client
-/// sends to an origin server; the authority travels in `Host`, already set.
-fn origin_form(request: Request<()>) -> Request<Empty<Bytes>> {
-    let (mut parts, ()) = request.into_parts();
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .map_or_else(|| Uri::from_static("/"), Uri::from);
-    let mut headers = HeaderMap::with_capacity(parts.headers.len());
-    for name in LEADING_HEADERS {
-        for value in parts.headers.get_all(&name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    for (name, value) in &parts.headers {
-        if !LEADING_HEADERS.contains(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    parts.headers = headers;
-    Request::from_parts(parts, Empty::new())
 }
 
 /// Checks a backend's `101` answer against what was asked; gives the subprotocol it picked.
@@ -470,44 +439,6 @@ mod tests {
             offered_protocols(&headers),
             offered(&["chat", "superchat", "v2"])
         );
-    }
-
-    #[test]
-    fn the_request_goes_out_in_origin_form_with_its_headers() {
-        let request = Request::get("ws://127.0.0.1:9001/base/chat?x=1")
-            .header("x-custom", "kept")
-            .header("cookie", "a=1")
-            .header("cookie", "b=2")
-            .header("host", "chat.example")
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", KEY)
-            .body(())
-            .unwrap();
-        let request = origin_form(request);
-        assert_eq!(request.uri(), "/base/chat?x=1");
-        assert_eq!(request.uri().authority(), None);
-        let order: Vec<(&str, &str)> = request
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
-            .collect();
-        assert_eq!(
-            order,
-            [
-                ("host", "chat.example"),
-                ("connection", "Upgrade"),
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", KEY),
-                ("x-custom", "kept"),
-                ("cookie", "a=1"),
-                ("cookie", "b=2"),
-            ]
-        );
-        let bare = origin_form(Request::get("ws://127.0.0.1:9001").body(()).unwrap());
-        assert_eq!(bare.uri(), "/");
     }
 }
 

@@ -2,8 +2,10 @@
 //! headers, and the forwarding headers a proxy adds. The same request opens a socket of its
 //! own (per-client mode) or a stream on a mux link.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use tungstenite::handshake::client::generate_key;
@@ -30,29 +32,70 @@ pub struct BackendRequest {
 
 /// Header fields packed into one allocation, `name:value\n` each: a name never holds `:` and
 /// a value never holds a line feed, so the block reads back unambiguously. A `HeaderMap` of the
-/// same fields costs a kilobyte of tables beside the values.
+/// same fields costs a kilobyte of tables beside the values. Each dial's header values are
+/// slices of the block, so a dial copies none of them.
 #[derive(Debug, Clone, Default)]
-struct HeaderBlock(Box<[u8]>);
+struct HeaderBlock {
+    block: Bytes,
+    fields: u16,
+}
+
+/// Writes a [`HeaderBlock`], field by field, straight from the client's request: no header
+/// map in between.
+struct BlockWriter {
+    block: Vec<u8>,
+    fields: u16,
+}
+
+impl BlockWriter {
+    fn with_capacity(bytes: usize) -> Self {
+        BlockWriter {
+            block: Vec::with_capacity(bytes),
+            fields: 0,
+        }
+    }
+
+    /// Adds `name: value`; `name` is a valid header name (no `:`), `value` a valid value (no
+    /// line feed).
+    fn field(&mut self, name: &str, value: &[u8]) {
+        self.field_with(name, |out| out.extend_from_slice(value));
+    }
+
+    /// Adds `name` with the value `write` puts in the block.
+    fn field_with(&mut self, name: &str, write: impl FnOnce(&mut Vec<u8>)) {
+        self.block.extend_from_slice(name.as_bytes());
+        self.block.push(b':');
+        write(&mut self.block);
+        self.block.push(b'\n');
+        self.fields = self.fields.saturating_add(1);
+    }
+
+    fn finish(self) -> HeaderBlock {
+        HeaderBlock {
+            block: Bytes::from(self.block),
+            fields: self.fields,
+        }
+    }
+}
+
+/// The header names the relay adds itself: a dial names them without allocating.
+const RELAY_HEADERS: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "x-relay-conn-id",
+];
 
 impl HeaderBlock {
-    fn pack(fields: &HeaderMap) -> Self {
-        let size = fields
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 2)
-            .sum();
-        let mut block = Vec::with_capacity(size);
-        for (name, value) in fields {
-            block.extend_from_slice(name.as_str().as_bytes());
-            block.push(b':');
-            block.extend_from_slice(value.as_bytes());
-            block.push(b'\n');
-        }
-        HeaderBlock(block.into_boxed_slice())
+    /// How many fields it holds.
+    fn len(&self) -> usize {
+        usize::from(self.fields)
     }
 
     /// The fields in the order they were packed, as bytes.
     fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.0
+        self.block
             .split(|&byte| byte == b'\n')
             .filter(|line| !line.is_empty())
             .filter_map(|line| {
@@ -61,18 +104,19 @@ impl HeaderBlock {
             })
     }
 
-    /// The fields as a header map, for a request.
-    fn to_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::new();
+    /// Appends the fields to `map`, in order.
+    fn append_to(&self, map: &mut HeaderMap) {
         for (name, value) in self.fields() {
+            let name = match RELAY_HEADERS.iter().find(|own| own.as_bytes() == name) {
+                Some(own) => Ok(HeaderName::from_static(own)),
+                None => HeaderName::from_bytes(name),
+            };
             // Both were valid when packed.
-            if let (Ok(name), Ok(value)) =
-                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-            {
+            let value = HeaderValue::from_maybe_shared(self.block.slice_ref(value));
+            if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
             }
         }
-        map
     }
 }
 
@@ -88,44 +132,46 @@ impl BackendRequest {
         preserve_host: bool,
         scheme: &str,
     ) -> BackendRequest {
-        let mut headers = HeaderMap::with_capacity(client_headers.len() + 5);
+        let mut block = BlockWriter::with_capacity(
+            client_headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 2)
+                .sum::<usize>()
+                + 160,
+        );
         for (name, value) in client_headers {
-            let websocket_own = matches!(
+            let replaced = matches!(
                 name.as_str(),
                 "sec-websocket-key"
                     | "sec-websocket-accept"
                     | "sec-websocket-extensions"
                     | "sec-websocket-version"
-            );
-            if websocket_own
-                || name == header::HOST
-                || name.as_str() == "x-forwarded-for"
-                || headers::is_hop_by_hop(name, client_headers)
-            {
+                    | "host"
+            ) || RELAY_HEADERS.contains(&name.as_str());
+            if replaced || headers::is_hop_by_hop(name, client_headers) {
                 continue;
             }
-            headers.append(name.clone(), value.clone());
+            block.field(name.as_str(), value.as_bytes());
         }
-        let client_ip = client_addr.ip().to_string();
-        let forwarded_for = client_headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .chain(std::iter::once(client_ip.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let insert = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
+        let client_ip = client_addr.ip();
+        block.field_with("x-forwarded-for", |out| {
+            for earlier in client_headers.get_all("x-forwarded-for") {
+                if let Ok(earlier) = earlier.to_str() {
+                    let _ = write!(out, "{earlier}, ");
+                }
             }
-        };
-        insert(&mut headers, "x-forwarded-for", &forwarded_for);
-        insert(&mut headers, "x-forwarded-proto", scheme);
+            let _ = write!(out, "{client_ip}");
+        });
+        block.field("x-forwarded-proto", scheme.as_bytes());
         if let Some(host) = client_headers.get(header::HOST) {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+            block.field("x-forwarded-host", host.as_bytes());
         }
-        insert(&mut headers, "x-real-ip", &client_ip);
-        insert(&mut headers, "x-relay-conn-id", &conn_id.to_string());
+        block.field_with("x-real-ip", |out| {
+            let _ = write!(out, "{client_ip}");
+        });
+        block.field_with("x-relay-conn-id", |out| {
+            let _ = write!(out, "{conn_id}");
+        });
         BackendRequest {
             path_and_query: uri
                 .path_and_query()
@@ -134,61 +180,63 @@ impl BackendRequest {
             client_host: client_headers
                 .get(header::HOST)
                 .and_then(|host| HeaderValue::from_bytes(host.as_bytes()).ok()),
-            headers: HeaderBlock::pack(&headers),
+            headers: block.finish(),
             preserve_host,
         }
     }
 
     /// The request of an active health check: `/` with `User-Agent: wsrelay-health-check`.
     pub fn health_probe() -> BackendRequest {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static("wsrelay-health-check"),
-        );
+        let mut block = BlockWriter::with_capacity(40);
+        block.field("user-agent", b"wsrelay-health-check");
         BackendRequest {
             path_and_query: "/".into(),
             client_host: None,
-            headers: HeaderBlock::pack(&headers),
+            headers: block.finish(),
             preserve_host: false,
         }
     }
 
     /// The handshake request of a mux link: the backend's base path, the mux subprotocol.
     pub fn mux_link() -> BackendRequest {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static("wsrelay-mux-link"),
-        );
-        headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(wsrelay_protocol::LINK_SUBPROTOCOL),
+        let mut block = BlockWriter::with_capacity(80);
+        block.field("user-agent", b"wsrelay-mux-link");
+        block.field(
+            "sec-websocket-protocol",
+            wsrelay_protocol::LINK_SUBPROTOCOL.as_bytes(),
         );
         BackendRequest {
             path_and_query: "/".into(),
             client_host: None,
-            headers: HeaderBlock::pack(&headers),
+            headers: block.finish(),
             preserve_host: false,
         }
     }
 
-    /// The HTTP request for one backend, with a fresh `Sec-WebSocket-Key`.
+    /// The HTTP request for one backend, with a fresh `Sec-WebSocket-Key`, as it goes out:
+    /// in origin form (`/base/path?query`, which is what an HTTP/1.1 client sends to an origin
+    /// server; the authority travels in `Host`), with the handshake's own headers first, in
+    /// the order the relay has always sent them (backends that read the handshake naively
+    /// find them where tungstenite's clients put them), then the kept ones.
     pub(super) fn for_backend(&self, backend: &BackendUrl) -> Result<Request<()>, String> {
-        let uri = format!(
-            "ws://{}{}{}",
-            backend.authority, backend.base_path, self.path_and_query
-        );
-        let mut request = Request::get(&uri)
-            .body(())
-            .map_err(|e| format!("bad backend URI {uri:?}: {e}"))?;
+        let mut target =
+            String::with_capacity(backend.base_path.len() + self.path_and_query.len() + 1);
+        target.push_str(&backend.base_path);
+        target.push_str(&self.path_and_query);
+        if !target.starts_with('/') {
+            target.insert(0, '/');
+        }
+        let uri = Uri::try_from(target)
+            .map_err(|e| format!("bad backend path {:?}: {e}", backend.base_path))?;
         let host = match (&self.client_host, self.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => HeaderValue::from_str(&backend.authority)
                 .map_err(|e| format!("bad backend authority: {e}"))?,
         };
+        let mut request = Request::new(());
+        *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        *headers = self.headers.to_map();
+        headers.reserve(self.headers.len() + 5);
         headers.insert(header::HOST, host);
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -200,8 +248,10 @@ impl BackendRequest {
             header::SEC_WEBSOCKET_KEY,
             HeaderValue::from_str(&generate_key()).expect("base64 key"),
         );
+        self.headers.append_to(headers);
         Ok(request)
     }
+
     /// The mux `Open` of this request for the backend at `authority`: the same path, query
     /// and headers a socket of its own would get, and the client's address; `resumed` marks
     /// a client moved here from a lost backend.
@@ -260,7 +310,7 @@ mod tests {
         let backend = BackendUrl::parse("ws://127.0.0.1:9001").unwrap();
         let http = request.for_backend(&backend).unwrap();
         let h = http.headers();
-        assert_eq!(http.uri(), "ws://127.0.0.1:9001/chat/room?x=1");
+        assert_eq!(http.uri(), "/chat/room?x=1");
         assert_eq!(h["host"], "chat.example:8080");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -285,7 +335,57 @@ mod tests {
         let backend = BackendUrl::parse("ws://127.0.0.1:9001/base").unwrap();
         let http = plain.for_backend(&backend).unwrap();
         assert_eq!(http.headers()["host"], "127.0.0.1:9001");
-        assert_eq!(http.uri(), "ws://127.0.0.1:9001/base/chat/room?x=1");
+        assert_eq!(http.uri(), "/base/chat/room?x=1");
+    }
+
+    #[test]
+    fn the_request_goes_out_in_origin_form_with_the_handshake_headers_first() {
+        let mut client = HeaderMap::new();
+        client.insert("host", HeaderValue::from_static("chat.example"));
+        client.insert("x-custom", HeaderValue::from_static("kept"));
+        client.append("cookie", HeaderValue::from_static("a=1"));
+        client.append("cookie", HeaderValue::from_static("b=2"));
+        let uri: Uri = "/chat?x=1".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.9:4444".parse().unwrap();
+        let request = BackendRequest::from_client(&uri, &client, addr, 3, true, "http");
+        let backend = BackendUrl::parse("ws://127.0.0.1:9001/base/").unwrap();
+        let http = request.for_backend(&backend).unwrap();
+        assert_eq!(http.uri(), "/base/chat?x=1");
+        assert_eq!(http.uri().authority(), None);
+        let names: Vec<&str> = http.headers().keys().map(|name| name.as_str()).collect();
+        assert_eq!(
+            names[..5],
+            [
+                "host",
+                "connection",
+                "upgrade",
+                "sec-websocket-version",
+                "sec-websocket-key"
+            ]
+        );
+        let order: Vec<(&str, &str)> = http
+            .headers()
+            .iter()
+            .skip(5)
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("x-custom", "kept"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+                ("x-forwarded-for", "10.0.0.9"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "chat.example"),
+                ("x-real-ip", "10.0.0.9"),
+                ("x-relay-conn-id", "3"),
+            ]
+        );
+        let bare = BackendRequest::health_probe()
+            .for_backend(&BackendUrl::parse("ws://127.0.0.1:9001").unwrap())
+            .unwrap();
+        assert_eq!(bare.uri(), "/");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use frame::{
 };
 pub use link::{
     IncomingStream, LINK_SUBPROTOCOL, Link, LinkConfig, LinkDriver, LinkError, LinkHandle,
-    LinkRole, MuxStream, OpenError, OpenRequest,
+    LinkRole, LinkSocket, MuxStream, OpenError, OpenRequest,
 };
 pub use version::{
     LinkParams, MIN_PROTOCOL_VERSION, NegotiateError, PROTOCOL_VERSION, Side, negotiate,

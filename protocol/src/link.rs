@@ -49,9 +49,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 
 pub use error::{LinkError, OpenError};
@@ -188,6 +186,27 @@ impl OpenRequest {
     }
 }
 
+/// The WebSocket a link runs over: a stream and sink of tungstenite messages that answers
+/// pings and Closes by itself, as tokio-tungstenite's `WebSocketStream` does (the client SDK's
+/// links) and the relay's own WebSocket does (the relay's links).
+pub trait LinkSocket:
+    futures_util::Stream<Item = Result<Message, tungstenite::Error>>
+    + futures_util::Sink<Message, Error = tungstenite::Error>
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<W> LinkSocket for W where
+    W: futures_util::Stream<Item = Result<Message, tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tungstenite::Error>
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// Sets up links; see [`Link::establish`].
 pub struct Link;
 
@@ -200,8 +219,8 @@ impl Link {
     ///
     /// The WebSocket must accept messages of at least `max_frame + 64 KiB` (tungstenite's
     /// default limits do).
-    pub async fn establish<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        mut ws: WebSocketStream<S>,
+    pub async fn establish<W: LinkSocket>(
+        mut ws: W,
         role: LinkRole,
         config: LinkConfig,
     ) -> Result<(LinkHandle, LinkDriver), LinkError> {
@@ -259,8 +278,8 @@ impl Link {
 /// Reads messages until the peer's `Hello`. Returns it and the rest of its message (frames the
 /// peer batched after it, if it had already seen ours). On error, says whether to close with
 /// 1002.
-async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+async fn read_hello<W: LinkSocket>(
+    ws: &mut W,
 ) -> Result<(Hello, Option<Bytes>), (LinkError, bool)> {
     loop {
         let msg = match ws.next().await {

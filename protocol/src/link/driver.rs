@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 
+use super::LinkSocket;
 use super::error::{LinkError, OpenError};
 use super::shared::{LinkShared, Out, RecvEnd, StreamShared, lock};
 use super::stream::{IncomingStream, MuxStream, truncate_reason, wire_close_code};
@@ -79,8 +78,8 @@ impl Stop {
 }
 
 /// The state of a running link; see the module docs.
-pub(crate) struct Engine<S> {
-    ws: WebSocketStream<S>,
+pub(crate) struct Engine<W> {
+    ws: W,
     shared: Arc<LinkShared>,
     limits: Limits,
     entries: HashMap<u64, Entry>,
@@ -112,13 +111,13 @@ pub(crate) struct Engine<S> {
     finished: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Engine<S> {
+impl<W: LinkSocket> Engine<W> {
     pub fn new(
-        ws: WebSocketStream<S>,
+        ws: W,
         shared: Arc<LinkShared>,
         incoming: Option<mpsc::UnboundedSender<IncomingStream>>,
         first: Option<Bytes>,
-    ) -> Engine<S> {
+    ) -> Engine<W> {
         let limits = shared.params.recv_limits(Limits::DEFAULT);
         let now = Instant::now();
         let timer = Box::pin(tokio::time::sleep_until(next_ping(&shared, now)));
@@ -178,14 +177,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Engine<S> {
                     reason: reason.into(),
                 };
                 let _ = tokio::time::timeout(grace, async {
-                    if ws.close(Some(frame)).await.is_ok() {
+                    if ws.send(Message::Close(Some(frame))).await.is_ok() {
                         while let Some(Ok(_)) = ws.next().await {}
                     }
                 })
                 .await;
             }
             Stop::PeerClosed(_) => {
-                // tungstenite queued the reply to the peer's close when it read it; send it.
+                // The socket queued its answer to the peer's close when it read it; send it.
                 let _ = tokio::time::timeout(grace, ws.flush()).await;
             }
             Stop::Broken(_) => {}
@@ -343,7 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Engine<S> {
     }
 }
 
-impl<S> Engine<S> {
+impl<W> Engine<W> {
     /// Carries out one command from a handle or stream, queueing the frames it produces.
     fn process(&mut self, item: Out, data_taken: &mut usize) {
         match item {
@@ -571,7 +570,7 @@ impl<S> Engine<S> {
     }
 }
 
-impl<S> Drop for Engine<S> {
+impl<W> Drop for Engine<W> {
     fn drop(&mut self) {
         // Only if the driver future was dropped before the link ended.
         self.finish(LinkError::Aborted);
@@ -612,8 +611,8 @@ fn cap_string(mut s: String) -> String {
 
 /// Closes the WebSocket with `code` and `reason` and waits (at most `grace`) for the peer's
 /// close; used when the handshake fails.
-pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+pub(crate) async fn close_with<W: LinkSocket>(
+    ws: &mut W,
     code: u16,
     reason: &str,
     grace: Duration,
@@ -623,7 +622,7 @@ pub(crate) async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
         reason: truncate_reason(reason).into(),
     };
     let _ = tokio::time::timeout(grace, async {
-        if ws.close(Some(frame)).await.is_ok() {
+        if ws.send(Message::Close(Some(frame))).await.is_ok() {
             while let Some(Ok(_)) = ws.next().await {}
         }
     })

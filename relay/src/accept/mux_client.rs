@@ -9,7 +9,6 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
 use tracing::{Instrument, debug, info, warn};
 use tungstenite::protocol::Role;
 use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole};
@@ -20,6 +19,7 @@ use crate::admission::ConnectionSlot;
 use crate::pump::StreamLeg;
 use crate::session::ClientStart;
 use crate::upstream::link_socket_config;
+use crate::websocket::WebSocket;
 
 /// Streams one mux client may have open at once; more are rejected with 503.
 const MAX_STREAMS_PER_CLIENT: usize = 1024;
@@ -44,9 +44,7 @@ pub(super) async fn serve(
         ..generation.mux.link_config().clone()
     };
     let socket_config = link_socket_config(generation.socket, &config);
-    let socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(socket_config))
-            .await;
+    let socket = WebSocket::new(TokioIo::new(upgraded), Role::Server, &socket_config, &[]);
     let (link, driver) = match Link::establish(socket, LinkRole::Acceptor, config).await {
         Ok(established) => established,
         Err(error) => {

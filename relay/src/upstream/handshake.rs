@@ -18,7 +18,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Duration, Instant};
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
@@ -40,20 +39,9 @@ pub(crate) struct Dialed<S = BackendStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Dialed<S> {
-    /// The connection as a leg of a session: the relay's own WebSocket.
+    /// The connection as the relay's own WebSocket: a leg of a session, or a mux link.
     pub fn websocket(self) -> WebSocket<S> {
         WebSocket::new(self.io, Role::Client, &self.config, &self.read_ahead)
-    }
-
-    /// The connection as tokio-tungstenite's WebSocket, which a mux link's engine runs on.
-    pub async fn tungstenite(self) -> WebSocketStream<S> {
-        WebSocketStream::from_partially_read(
-            self.io,
-            self.read_ahead.to_vec(),
-            Role::Client,
-            Some(self.config),
-        )
-        .await
     }
 }
 

@@ -255,11 +255,8 @@ impl LinkSlotTask {
                 )
                 .await;
                 let dialed = dialed.map_err(|e| e.to_string())?;
-                let establish = Link::establish(
-                    dialed.tungstenite().await,
-                    LinkRole::Initiator,
-                    self.config.clone(),
-                );
+                let establish =
+                    Link::establish(dialed.websocket(), LinkRole::Initiator, self.config.clone());
                 tokio::time::timeout(timeout, establish)
                     .await
                     .map_err(|_| "no Hello within connect_timeout".to_owned())?

@@ -1,5 +1,6 @@
-//! The relay's own WebSocket (RFC 6455) over a byte stream, for the sockets the pump moves
-//! messages between: a client's connection and a per-client backend connection.
+//! The relay's own WebSocket (RFC 6455) over a byte stream, for every socket the relay frames
+//! itself: a client's connection, a per-client backend connection, and the mux links (to
+//! backends, and from mux clients), which the protocol crate's link engine drives.
 //!
 //! It speaks tungstenite's [`Message`], [`CloseFrame`] and [`WsError`], and behaves as
 //! tokio-tungstenite's `WebSocketStream` does (pongs and Close answers sent by itself, the same

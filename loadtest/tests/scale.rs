@@ -27,6 +27,7 @@ async fn relays_sharing_a_port_send_every_key_to_one_backend() {
     assert_eq!((c.failed, c.dropped, c.pong_timeouts), (0, 0, 0), "{text}");
     assert_eq!(c.processes, 2, "{text}");
     assert!(c.pings > 0, "{text}");
+    assert!(c.closing.released_after_s.is_some(), "{text}");
 
     // The backends saw every client once, with its key, through a relay of the run.
     let r = &report.routing;

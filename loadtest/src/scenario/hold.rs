@@ -311,7 +311,7 @@ pub trait HoldObserver {
     /// Every connection has been open `--settle`: the "loaded" memory reading, and the start
     /// of the hold window.
     fn holding(&mut self) {}
-    /// The end of the hold window; the connections are still open.
+    /// The end of the hold window; the connections are still open, and all close right after.
     fn held(&mut self) {}
 }
 

@@ -14,8 +14,11 @@
 //!
 //! It passes when every client connected, none was dropped while held, every client ping was
 //! answered, every key reached one backend only (and some keys came through several relays,
-//! so the check compared something), and every process lived to the end. It reports the relays'
-//! memory per client and their CPU while holding, relay by relay ([`report`]).
+//! so the check compared something), every process lived to the end, and the relays let go of
+//! every client's socket once the clients closed (all at once: how long that took is reported,
+//! and so are the clients that waited more than 2 s for their close reply in that storm). It
+//! reports the relays' memory per client and their CPU while holding, relay by relay
+//! ([`report`]).
 //!
 //! Limits of one machine: every process may hold 20,000 files; a mux client costs a relay one
 //! socket, so 100,000 clients need 6 relays (~16,700 each, as the kernel spreads them), and the
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use self::fleet::{Fleet, FleetSpec};
-use self::report::{ClientFigures, ScaleReport, Totals};
+use self::report::{ClientFigures, Closing, ScaleReport, Totals};
 use crate::conn::{Connector, TargetUrl, loopback_sources};
 use crate::monitor::Watched;
 use crate::procstat::{self, GroupSample, MachineInfo, ProcessGroup};
@@ -50,6 +53,14 @@ const RELAY_FILES_BESIDE_CLIENTS: u64 = 200;
 
 /// How long a backend may take to report its records.
 const RECORDS_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long the relays may take, after every client closed, to be back near the open files
+/// they had before the clients came.
+const RELEASE_WITHIN: Duration = Duration::from_secs(60);
+
+/// Open files above its count before the clients came that a relay may keep after they left
+/// (a re-dialled link, a log file).
+const FILES_SLACK: u64 = 16;
 
 /// Options of `scale`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -271,10 +282,15 @@ pub async fn run(opts: &ScaleOpts, programs: &Programs) -> Result<ScaleReport, S
     )
     .await
     .map_err(|e| ScaleError::Hold(format!("{e:#}")))?;
+    let closing = match readings.release.take() {
+        Some(watch) => watch.await.unwrap_or_default(),
+        None => Closing::default(),
+    };
     let after = sample_each(&relays);
     let records = fleet.records(RECORDS_WITHIN).await?;
     let routing = routing::check(&records, &readings.owners, &relays);
-    let clients = ClientFigures::of(&measured, opts.connections);
+    let mut clients = ClientFigures::of(&measured, opts.connections);
+    clients.closing = closing;
     let deaths = fleet.deaths();
     let backends = report::backend_figures(&fleet.backend_urls(), &fleet.backend_pids(), &routing);
     let relay_figures = report::relay_figures(
@@ -334,6 +350,8 @@ struct Readings {
     before: Vec<GroupSample>,
     holding: Vec<GroupSample>,
     held: Vec<GroupSample>,
+    /// Watches the relays let go of their clients' sockets, from the moment they close.
+    release: Option<tokio::task::JoinHandle<Closing>>,
     window: Option<(Instant, (u64, u64))>,
     machine: Option<(f64, (u64, u64))>,
     /// Relay-side address of each mux link -> relay pid, read when every client was connected.
@@ -348,6 +366,7 @@ impl Readings {
             before: Vec::new(),
             holding: Vec::new(),
             held: Vec::new(),
+            release: None,
             window: None,
             machine: None,
             owners: HashMap::new(),
@@ -384,5 +403,34 @@ impl HoldObserver for Readings {
         if let Some((start, _)) = self.window {
             self.machine = Some((start.elapsed().as_secs_f64(), ticks));
         }
+        let before = self.before.iter().map(|s| s.fds).collect();
+        self.release = Some(tokio::spawn(watch_release(self.relays.clone(), before)));
+    }
+}
+
+/// Reads the relays' open files every quarter second, from now until every relay is back
+/// within [`FILES_SLACK`] of `before` (its count before the clients came) or
+/// [`RELEASE_WITHIN`] has passed.
+async fn watch_release(relays: Vec<u32>, before: Vec<u64>) -> Closing {
+    let started = Instant::now();
+    loop {
+        let over: u64 = relays
+            .iter()
+            .zip(&before)
+            .map(|(&pid, &was)| {
+                procstat::open_fds(pid)
+                    .unwrap_or(0)
+                    .saturating_sub(was + FILES_SLACK)
+            })
+            .sum();
+        let waited = started.elapsed();
+        if over == 0 || waited >= RELEASE_WITHIN {
+            return Closing {
+                released_after_s: (over == 0).then_some(waited.as_secs_f64()),
+                files_still_open: over,
+                ..Closing::default()
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -60,6 +60,12 @@ impl ScaleReport {
     }
 }
 
+/// hold's error kind of a client ping with no pong by the next one.
+const PONG_TIMEOUT: &str = "pong-timeout";
+
+/// hold's error kind of a close not answered within 2 s.
+const CLOSE_TIMEOUT: &str = "close-timeout";
+
 /// The clients of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ClientFigures {
@@ -89,6 +95,21 @@ pub struct ClientFigures {
     pub connect_rate_per_s: f64,
     /// Handshake latency (TCP connect + upgrade through a relay and a mux stream), µs.
     pub handshake_us: Option<LatencySummary>,
+    /// How the clients' closing went.
+    pub closing: Closing,
+}
+
+/// The end of a scale run: every client closes at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Closing {
+    /// Clients that waited more than 2 s for their close reply (then stopped waiting and
+    /// dropped their socket): how a storm of closes is served, not a failure of the hold.
+    pub close_timeouts: u64,
+    /// Seconds from the close until every relay was back near its open files before the
+    /// clients came (at most a quarter second late); `None` if not within 60 s.
+    pub released_after_s: Option<f64>,
+    /// Client files the relays still held when the wait for them ended (0 when released).
+    pub files_still_open: u64,
 }
 
 impl ClientFigures {
@@ -102,7 +123,7 @@ impl ClientFigures {
             // hold counts a connection dropped while held as failed too.
             failed: (detail("failed_connects") as u64).saturating_sub(dropped),
             dropped,
-            pong_timeouts: m.errors.get("pong-timeout").map_or(0, |e| e.count),
+            pong_timeouts: m.errors.get(PONG_TIMEOUT).map_or(0, |e| e.count),
             pings: m.sent,
             pongs: m.received,
             errors: m.error_total(),
@@ -111,11 +132,16 @@ impl ClientFigures {
             ramp_s: detail("ramp_s"),
             connect_rate_per_s: detail("connect_rate_per_s"),
             handshake_us: (!m.latency.is_empty()).then(|| LatencySummary::of(&m.latency)),
+            closing: Closing {
+                close_timeouts: m.errors.get(CLOSE_TIMEOUT).map_or(0, |e| e.count),
+                ..Closing::default()
+            },
         }
     }
 
     /// The client invariants broken: everyone connected, none dropped, every ping answered,
-    /// no error at all.
+    /// every client's socket let go by the relays after the close, and no other error (close
+    /// replies later than 2 s in the closing storm are reported, not counted against it).
     pub fn broken(&self) -> Vec<String> {
         let mut broken = Vec::new();
         if self.connected != self.asked {
@@ -133,10 +159,17 @@ impl ClientFigures {
                 self.pong_timeouts
             ));
         }
+        if self.closing.released_after_s.is_none() {
+            broken.push(format!(
+                "the relays still held {} client files {:?} after the clients closed",
+                self.closing.files_still_open,
+                super::RELEASE_WITHIN
+            ));
+        }
         let others: u64 = self
             .error_kinds
             .iter()
-            .filter(|(kind, _)| *kind != "pong-timeout")
+            .filter(|(kind, _)| !matches!(kind.as_str(), PONG_TIMEOUT | CLOSE_TIMEOUT))
             .map(|(_, e)| e.count)
             .sum();
         if others > self.failed + self.dropped {
@@ -362,9 +395,27 @@ pub fn render(report: &ScaleReport) -> String {
         c.ramp_s,
         thousands(c.connect_rate_per_s.round() as u64)
     );
-    for (kind, e) in &c.error_kinds {
+    for (kind, e) in c
+        .error_kinds
+        .iter()
+        .filter(|(kind, _)| *kind != CLOSE_TIMEOUT)
+    {
         let _ = writeln!(out, "  ERROR {kind} x{}: {}", thousands(e.count), e.example);
     }
+    let k = &c.closing;
+    let released = match k.released_after_s {
+        Some(s) => format!("the relays had let go of every client's socket {s:.1} s after"),
+        None => format!(
+            "the relays still held {} client files 60 s after",
+            thousands(k.files_still_open)
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "closing: every client closed at once; {} of them waited more than 2 s for their close \
+         reply; {released}",
+        thousands(k.close_timeouts)
+    );
     let _ = writeln!(out);
     let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
     let opt = |v: Option<f64>| v.map_or("-".into(), fmt_num);
@@ -487,12 +538,25 @@ mod tests {
 
     #[test]
     fn client_invariants() {
-        let fine = ClientFigures {
+        let mut fine = ClientFigures {
             asked: 10,
             connected: 10,
+            closing: Closing {
+                close_timeouts: 4,
+                released_after_s: Some(1.5),
+                files_still_open: 0,
+            },
             ..ClientFigures::default()
         };
-        assert!(fine.broken().is_empty());
+        // Close replies later than 2 s in the closing storm are no failure.
+        fine.error_kinds.insert(
+            CLOSE_TIMEOUT.into(),
+            ErrorKind {
+                count: 4,
+                example: "late".into(),
+            },
+        );
+        assert!(fine.broken().is_empty(), "{:?}", fine.broken());
         let mut bad = fine.clone();
         bad.connected = 9;
         bad.failed = 1;
@@ -519,11 +583,14 @@ mod tests {
                 example: "z".into(),
             },
         );
+        bad.closing.released_after_s = None;
+        bad.closing.files_still_open = 7;
         let broken = bad.broken().join("\n");
         for words in [
             "9 of 10 clients connected (1 failed)",
             "2 clients were dropped",
             "3 client pings",
+            "the relays still held 7 client files",
             "4 other client errors",
         ] {
             assert!(broken.contains(words), "{words} missing from\n{broken}");

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use wsrelay_client::MuxServer;
+use wsrelay_client::{MuxServer, VirtualConnection};
 
 /// Which server to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -98,7 +98,7 @@ fn server_ws_config() -> WebSocketConfig {
 
 async fn accept_loop(kind: BackendKind, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
     if kind == BackendKind::MuxEcho {
-        return mux_echo(listener, stopped).await;
+        return mux_echo(listener, stopped, |_| {}).await;
     }
     let rooms = Arc::new(Rooms::default());
     loop {
@@ -166,9 +166,14 @@ async fn echo(tcp: TcpStream) {
     }
 }
 
-/// Serves mux links on `listener`: every stream of every link is accepted and echoed in its
-/// own task, which ends with its stream (and so with its link).
-async fn mux_echo(listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+/// Serves mux links on `listener` until `stopped` changes: every stream of every link is shown
+/// to `opened` (its path, query, link peer: what the scale run's backends record), then
+/// accepted and echoed in its own task, which ends with its stream (and so with its link).
+pub async fn mux_echo(
+    listener: TcpListener,
+    mut stopped: watch::Receiver<bool>,
+    mut opened: impl FnMut(&VirtualConnection),
+) {
     let Ok(server) = MuxServer::from_listener(listener) else {
         return;
     };
@@ -178,6 +183,7 @@ async fn mux_echo(listener: TcpListener, mut stopped: watch::Receiver<bool>) {
             _ = stopped.changed() => return,
         };
         let Some(conn) = conn else { return };
+        opened(&conn);
         let mut stream = conn.accept(None);
         tokio::spawn(async move {
             while let Some(Ok(message)) = stream.next().await {

@@ -314,6 +314,7 @@ pub async fn run(
                     backends: backend_urls.clone(),
                     hash_key: hash_key.into(),
                     max_message: common.size * 2,
+                    reuse_port: false,
                 },
                 temp.path(),
                 workers,
@@ -523,6 +524,7 @@ fn start_mux(
         backends: vec!["ws://127.0.0.1:9/".into()],
         hash_key: "remote_addr".into(),
         max_message: common.size * 2,
+        reuse_port: false,
     };
     let probe_path = temp.path().join("mux-check.toml");
     std::fs::write(&probe_path, targets::relay_config(&probe, 9)).map_err(|e| {
@@ -557,6 +559,7 @@ fn start_mux(
             backends: urls,
             hash_key: "remote_addr".into(),
             max_message: common.size * 2,
+            reuse_port: false,
         },
         temp.path(),
         opts.proxy_workers,

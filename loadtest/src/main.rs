@@ -1,10 +1,10 @@
 //! The `wsrelay-loadtest` command: a thin CLI over the `wsrelay_loadtest` library.
 //!
-//! Exit status: 0 when the run had no errors, 2 when it finished with errors or (soak) broke
-//! an invariant (the figures are still printed and written), 1 when the harness itself failed, 130 on Ctrl-C.
+//! Exit status: 0 when the run had no errors, 2 when it finished with errors or (soak, scale)
+//! broke an invariant (the figures are still printed and written), 1 when the harness itself failed, 130 on Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -20,7 +20,9 @@ use wsrelay_loadtest::scenario::echo::EchoOpts;
 use wsrelay_loadtest::scenario::fanout::FanoutOpts;
 use wsrelay_loadtest::scenario::hold::HoldOpts;
 use wsrelay_loadtest::scenario::rate::RateOpts;
+use wsrelay_loadtest::scenario::scale::{self, ScaleOpts};
 use wsrelay_loadtest::scenario::soak::{self, SoakOpts};
+use wsrelay_loadtest::targets::{self, Programs};
 use wsrelay_loadtest::worker::{self, WorkerLauncher};
 
 /// Load tests for WebSocket servers and proxies, wsrelay first: closed and open loop echo,
@@ -98,6 +100,12 @@ enum Command {
         #[command(flatten)]
         opts: SoakOpts,
     },
+    /// 100,000 idle mux clients through 6 relay processes sharing one port (reuse_port), held
+    /// with keepalive; no drops, and every key on one backend as the backends saw it.
+    Scale {
+        #[command(flatten)]
+        opts: ScaleOpts,
+    },
     /// Start backends, wsrelay (per-client, mux), nginx, HAProxy and Caddy on loopback and run
     /// one scenario against each, alternating, side by side.
     Compare {
@@ -122,6 +130,13 @@ enum Command {
         #[arg(long)]
         spec: String,
     },
+    /// Internal: a recording mux backend of a `scale` run.
+    #[command(hide = true)]
+    ScaleBackend {
+        /// Address to listen on (port 0: any free port; the address is printed).
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Internal: the relay library compiled into the harness (`compare --relay-builtin`).
     #[command(hide = true)]
     ServeRelay {
@@ -142,6 +157,9 @@ fn main() -> ExitCode {
             let spec = serde_json::from_str(&spec).context("parse the worker spec")?;
             rt.block_on(worker::worker_main(spec))
         })),
+        Command::ScaleBackend { listen } => {
+            finish(runtime(None).and_then(|rt| Ok(rt.block_on(scale::recorder::serve(listen))?)))
+        }
         Command::ServeRelay { config } => {
             finish(runtime(None).and_then(|rt| rt.block_on(serve_relay(config))))
         }
@@ -170,7 +188,21 @@ fn main() -> ExitCode {
             common,
             opts,
         } => single(common, ScenarioOpts::Churn(opts), targets.urls),
-        Command::Soak { opts } => run_soak(opts),
+        Command::Soak { opts } => {
+            let outcome = with_programs(opts.relay_bin.as_deref(), opts.relay_builtin, {
+                let opts = opts.clone();
+                async move |programs: Programs| Ok(soak::run(&opts, &programs).await?)
+            });
+            conclude_verdict(outcome, opts.json.as_deref(), soak::render, |r| r.passed())
+        }
+        Command::Scale { opts } => {
+            let outcome = with_programs(opts.relay_bin.as_deref(), opts.relay_builtin, {
+                let opts = opts.clone();
+                async move |programs: Programs| Ok(scale::run(&opts, &programs).await?)
+            });
+            let render = scale::report::render;
+            conclude_verdict(outcome, opts.json.as_deref(), render, |r| r.passed())
+        }
         Command::Compare { common, opts } => {
             let threads = threads(&common);
             let exe = match std::env::current_exe() {
@@ -185,27 +217,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_soak(opts: SoakOpts) -> ExitCode {
-    let programs = std::env::current_exe()
-        .map_err(|e| anyhow::anyhow!("find my own executable: {e}"))
-        .and_then(|exe| {
-            soak::programs(&exe, opts.relay_bin.as_deref(), opts.relay_builtin)
-                .map_err(anyhow::Error::msg)
-        });
-    let outcome = programs.and_then(|programs| {
-        runtime(None).and_then(|rt| {
-            rt.block_on(interruptible(async {
-                Ok(soak::run(&opts, &programs).await?)
-            }))
-        })
-    });
+/// Runs `work` (a run that starts its own relay and backends) with the programs it needs,
+/// unless Ctrl-C comes first.
+fn with_programs<T>(
+    relay_bin: Option<&Path>,
+    builtin: bool,
+    work: impl AsyncFnOnce(Programs) -> Result<T>,
+) -> Result<Option<T>> {
+    let exe = std::env::current_exe().context("find my own executable")?;
+    let programs = targets::programs(&exe, relay_bin, builtin).map_err(anyhow::Error::msg)?;
+    runtime(None)?.block_on(interruptible(work(programs)))
+}
+
+/// Prints a judged run's report, writes its JSON, and exits 0 if it passed, 2 if it broke an
+/// invariant.
+fn conclude_verdict<R: serde::Serialize>(
+    outcome: Result<Option<R>>,
+    json: Option<&Path>,
+    render: impl Fn(&R) -> String,
+    passed: impl Fn(&R) -> bool,
+) -> ExitCode {
     let report = match outcome {
         Ok(Some(report)) => report,
         Ok(None) => return ExitCode::from(130),
         Err(error) => return fail(error),
     };
-    print!("{}", soak::render(&report));
-    if let Some(path) = &opts.json {
+    print!("{}", render(&report));
+    if let Some(path) = json {
         let written = serde_json::to_vec_pretty(&report)
             .map_err(anyhow::Error::from)
             .and_then(|json| Ok(std::fs::write(path, json)?));
@@ -214,7 +252,7 @@ fn run_soak(opts: SoakOpts) -> ExitCode {
         }
         eprintln!("JSON written to {}", path.display());
     }
-    if report.passed() {
+    if passed(&report) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)

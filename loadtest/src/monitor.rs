@@ -182,7 +182,7 @@ impl Monitor {
                     Rate::Connected => Counters::get(&counters.connected),
                 };
                 let dt = now.duration_since(last_at).as_secs_f64();
-                let rss = watched.proxy.sample_if_any().map(|s| s.rss_kib);
+                let rss = watched.proxy.rss_kib();
                 if let Some(r) = rss {
                     outcome.peak_proxy_rss_kib =
                         Some(outcome.peak_proxy_rss_kib.unwrap_or(0).max(r));

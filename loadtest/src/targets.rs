@@ -115,6 +115,11 @@ impl ChildProcess {
         &self.name
     }
 
+    /// Its stdin, if it was piped and not taken yet (the harness's commands to it).
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// `Some(description)` if it has exited, with the end of its log.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -237,30 +242,73 @@ pub fn start_backend_on(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut process = ChildProcess::spawn(&name, command, None)?;
-    let stdout = process.child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+    let lines = ChildLines::take(&mut process);
+    let url = listening_url(&mut process, &lines)?;
+    Ok(Backend { process, url })
+}
+
+/// The lines a child prints on its piped stdout, read by a thread of their own so that a wait
+/// for one can time out. The thread ends when the child's stdout does.
+#[derive(Debug)]
+pub struct ChildLines {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildLines {
+    /// Reads `process`'s stdout from now on (nothing comes if it was not piped).
+    pub fn take(process: &mut ChildProcess) -> ChildLines {
+        let (tx, lines) = std::sync::mpsc::channel();
+        if let Some(stdout) = process.child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { return };
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        ChildLines { lines }
+    }
+
+    /// The next line, waiting at most `timeout` (blocking this thread); `None` if none came or
+    /// stdout has ended.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// The next line, waiting at most `timeout` without blocking the runtime's thread (it
+    /// looks every 10 ms: for the few answers of a run, not for streams of lines).
+    pub async fn next_async(&self, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.lines.try_recv() {
+                Ok(line) => return Some(line),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Waits up to 10 s for the `listening on ws://ADDR/` line a backend of the harness prints
+/// first, and returns the URL.
+pub fn listening_url(process: &mut ChildProcess, lines: &ChildLines) -> Result<String, StartError> {
+    let what = format!("start {}", process.name());
+    let Some(line) = lines.next(Duration::from_secs(10)) else {
         let why = process
             .exited()
             .unwrap_or_else(|| "no `listening on` line within 10s".into());
-        failed(format!("start {name}"), why)
-    })?;
-    let url = line
-        .trim()
+        return Err(failed(what, why));
+    };
+    line.trim()
         .strip_prefix("listening on ")
-        .ok_or_else(|| {
-            failed(
-                format!("start {name}"),
-                format!("unexpected output {line:?}"),
-            )
-        })?
-        .to_owned();
-    Ok(Backend { process, url })
+        .map(str::to_owned)
+        .ok_or_else(|| failed(what, format!("unexpected output {line:?}")))
 }
 
 /// A mux backend (`mux_echo_backend` example of the client SDK) listening on a free port.
@@ -302,6 +350,38 @@ impl RelayBin {
     }
 }
 
+/// The programs a run that starts its own relay finds: the harness itself (its backends are
+/// `EXE serve ...`) and the relay.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// The harness executable.
+    pub harness: PathBuf,
+    /// The relay.
+    pub relay: RelayBin,
+}
+
+/// The programs of a run started from the harness executable at `harness`: the `wsrelay`
+/// binary from `relay_bin`, else beside the harness, unless `builtin`.
+pub fn programs(
+    harness: &Path,
+    relay_bin: Option<&Path>,
+    builtin: bool,
+) -> Result<Programs, String> {
+    let relay = if builtin {
+        RelayBin::Builtin(harness.to_owned())
+    } else {
+        let bin = relay_bin
+            .map(Path::to_owned)
+            .or_else(|| sibling("wsrelay"))
+            .ok_or("no wsrelay binary beside the harness: build it (cargo build --release -p wsrelay) or pass --relay-bin PATH or --relay-builtin")?;
+        RelayBin::Binary(bin)
+    };
+    Ok(Programs {
+        harness: harness.to_owned(),
+        relay,
+    })
+}
+
 /// A relay's route mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayMode {
@@ -322,6 +402,8 @@ pub struct RelaySpec {
     pub hash_key: String,
     /// Largest message, in bytes (the relay's default is 1 MiB).
     pub max_message: usize,
+    /// `[server] reuse_port`: relays with the same config share the port.
+    pub reuse_port: bool,
 }
 
 /// The relay config file for `spec` listening on `port`.
@@ -332,9 +414,14 @@ pub fn relay_config(spec: &RelaySpec, port: u16) -> String {
         RelayMode::Mux => ("mux", "mux_links = 2\n"),
     };
     let size = spec.max_message.max(1 << 20);
+    let reuse_port = if spec.reuse_port {
+        "reuse_port = true\n"
+    } else {
+        ""
+    };
     format!(
         "# written by wsrelay-loadtest\n\
-         [server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 200000\n\
+         [server]\nlisten = \"127.0.0.1:{port}\"\n{reuse_port}max_connections = 200000\n\
          handshake_timeout = \"10s\"\nshutdown_grace = \"1s\"\n\n\
          [limits]\nmax_message_size = {size}\nmax_frame_size = {size}\n\n\
          [[route]]\npath = \"/\"\nupstream = \"bench\"\nmode = \"{mode}\"\nhash_key = \"{}\"\n\n\
@@ -442,27 +529,7 @@ impl RelayLaunch<'_> {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, &self.config).map_err(|e| failed("write config", e))?;
         check_relay_config(bin, &config)?;
-        let log_path = dir.join(format!("{name}.log"));
-        let log_file = std::fs::File::create(&log_path).map_err(|e| failed("create log", e))?;
-        let mut command = match bin {
-            RelayBin::Binary(path) => Command::new(path),
-            RelayBin::Builtin(exe) => {
-                let mut c = Command::new(exe);
-                c.arg("serve-relay");
-                c
-            }
-        };
-        command
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", self.log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if let Some(n) = self.workers {
-            command.env("TOKIO_WORKER_THREADS", n.to_string());
-        }
-        let mut process = ChildProcess::spawn(name, command, Some(log_path))?;
+        let mut process = spawn_relay(name, bin, &config, dir, self.workers, self.log)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         process.wait_for_port(addr, Duration::from_secs(15))?;
         Ok(Relay {
@@ -470,6 +537,40 @@ impl RelayLaunch<'_> {
             url: format!("ws://{addr}/"),
         })
     }
+}
+
+/// Starts relay `name` from the (checked) `config` file, logging to `dir/NAME.log`, and
+/// returns at once: the caller decides how to know it is ready. `workers` sets
+/// `TOKIO_WORKER_THREADS`; `log` sets `RUST_LOG`.
+pub fn spawn_relay(
+    name: &str,
+    bin: &RelayBin,
+    config: &Path,
+    dir: &Path,
+    workers: Option<usize>,
+    log: &str,
+) -> Result<ChildProcess, StartError> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log_file = std::fs::File::create(&log_path).map_err(|e| failed("create log", e))?;
+    let mut command = match bin {
+        RelayBin::Binary(path) => Command::new(path),
+        RelayBin::Builtin(exe) => {
+            let mut c = Command::new(exe);
+            c.arg("serve-relay");
+            c
+        }
+    };
+    command
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    if let Some(n) = workers {
+        command.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
+    ChildProcess::spawn(name, command, Some(log_path))
 }
 
 /// The proxies `compare` runs beside the relay, each from its Debian package and a config of
@@ -851,10 +952,21 @@ mod tests {
             backends: vec!["ws://127.0.0.1:9001/".into(), "ws://127.0.0.1:9002/".into()],
             hash_key: "remote_addr".into(),
             max_message: 64,
+            reuse_port: false,
         };
         let text = relay_config(&spec, 8080);
         let config = wsrelay::config::Config::from_toml(&text, "test").unwrap();
         assert_eq!(config.listen_addr().port(), 8080);
+        assert!(!config.server.reuse_port);
+        let shared = relay_config(
+            &RelaySpec {
+                reuse_port: true,
+                ..spec
+            },
+            8080,
+        );
+        let config = wsrelay::config::Config::from_toml(&shared, "test").unwrap();
+        assert!(config.server.reuse_port);
     }
 
     static BACKENDS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {

@@ -188,6 +188,7 @@ impl WorkerFleet {
                     connections,
                     first_index: first,
                     connect_rate: opts.connect_rate / count as f64,
+                    key_space: opts.key_space,
                 },
                 source_addrs: common.source_count(common.connections),
                 connect_concurrency: common.connect_concurrency.div_ceil(count),

@@ -4,10 +4,11 @@
 //! show that each thing the soak claims to exercise did happen. Nothing is timed.
 
 use wsrelay_loadtest::scenario::soak::{self, SoakOpts};
+use wsrelay_loadtest::targets;
 
-fn programs() -> soak::SoakPrograms {
+fn programs() -> targets::Programs {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_wsrelay-loadtest"));
-    soak::programs(exe, None, true).unwrap()
+    targets::programs(exe, None, true).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

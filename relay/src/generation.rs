@@ -206,6 +206,9 @@ pub(crate) fn restart_needed(before: &ServerConfig, after: &ServerConfig) -> Vec
     if before.listen.get_ref() != after.listen.get_ref() {
         keys.push("server.listen".to_owned());
     }
+    if before.reuse_port != after.reuse_port {
+        keys.push("server.reuse_port".to_owned());
+    }
     if before.admin.as_ref().map(|a| *a.get_ref()) != after.admin.as_ref().map(|a| *a.get_ref()) {
         keys.push("server.admin".to_owned());
     }
@@ -283,6 +286,14 @@ mod tests {
                 &config("127.0.0.1:3", "127.0.0.1:4", "max_connections = 5")
             ),
             ["server.listen", "server.admin", "server.max_connections"]
+        );
+        assert_eq!(
+            restart_needed(
+                &base,
+                &config("127.0.0.1:1", "127.0.0.1:2", "reuse_port = true")
+            ),
+            ["server.reuse_port"],
+            "the listening socket is bound once"
         );
         assert_eq!(
             restart_needed(&base, &config("127.0.0.1:1", "127.0.0.1:2", "http2 = true")),

@@ -172,7 +172,9 @@ impl RelayBuilder {
     /// Binds the client listener and starts serving.
     pub async fn bind(self) -> Result<RelayHandle, RelayError> {
         let addr = self.config.listen_addr();
-        let listener = listen(addr).map_err(|error| RelayError::Bind { addr, error })?;
+        let reuse_port = self.config.server.reuse_port;
+        let listener =
+            listen(addr, reuse_port).map_err(|error| RelayError::Bind { addr, error })?;
         self.serve(listener)
     }
 
@@ -267,14 +269,18 @@ impl RelayBuilder {
 const ACCEPT_BACKLOG: u32 = 4096;
 
 /// Binds the client listener with `SO_REUSEADDR` (a restarted relay gets its port back at once)
-/// and a deep accept backlog.
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// and a deep accept backlog; with `reuse_port`, also `SO_REUSEPORT`, so relay processes that
+/// all set it share the address and the kernel spreads new connections over them.
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(ACCEPT_BACKLOG)
 }

@@ -143,3 +143,34 @@ async fn two_relays_with_the_same_backends_agree_without_coordination() {
         );
     }
 }
+
+#[tokio::test]
+async fn relays_with_reuse_port_share_one_address_and_the_kernel_spreads_clients() {
+    let backend = TestBackend::start("b").await;
+    let config = format!("[server]\nreuse_port = true\n{SIMPLE}");
+    let first = TestRelay::start(&config, &[&backend]).await;
+    let shared = format!(
+        "[server]\nlisten = \"{}\"\nreuse_port = true\n{SIMPLE}",
+        first.addr()
+    );
+    let second = TestRelay::start(&shared, &[&backend]).await;
+    assert_eq!(second.addr(), first.addr());
+
+    // Without the setting the address is taken.
+    let alone = format!("[server]\nlisten = \"{}\"\n{SIMPLE}", first.addr())
+        .replace("BACKENDS", &backend_list(&[backend.url()]));
+    let alone: wsrelay::config::Config = toml::from_str(&alone).unwrap();
+    assert!(matches!(
+        wsrelay::Relay::bind(alone).await,
+        Err(wsrelay::RelayError::Bind { .. })
+    ));
+
+    // Clients from new source ports hash to either listener; both take some.
+    let mut clients = Vec::new();
+    while first.handle.open_sessions() == 0 || second.handle.open_sessions() == 0 {
+        assert!(clients.len() < 200, "200 clients all went to one relay");
+        let mut client = connect(&first.url("/")).await;
+        assert_eq!(round_trip(&mut client, "hi").await, "hi");
+        clients.push(client);
+    }
+}

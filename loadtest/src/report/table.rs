@@ -264,7 +264,7 @@ pub fn fmt_num(v: f64) -> String {
 
 /// Left-aligned first column, right-aligned numbers; rows shorter than the header (skipped
 /// targets) print their text after the name.
-fn grid(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn grid(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows.iter().filter(|r| r.len() == headers.len()) {
         for (i, cell) in row.iter().enumerate() {

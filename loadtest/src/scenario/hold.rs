@@ -52,6 +52,11 @@ pub struct HoldOpts {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub settle: Duration,
+    /// Each connection's URL carries `key=INDEX mod N` (for a route with `hash_key =
+    /// "query:key"`: N keys, each shared by connections that may land on different relays); 0:
+    /// no key.
+    #[arg(long, default_value_t = 0)]
+    pub key_space: usize,
 }
 
 impl Default for HoldOpts {
@@ -61,6 +66,7 @@ impl Default for HoldOpts {
             connect_rate: 0.0,
             per_process: 15_000,
             settle: Duration::from_secs(1),
+            key_space: 0,
         }
     }
 }
@@ -115,6 +121,19 @@ pub struct Share {
     pub first_index: usize,
     /// New connections per second for this share (0: unlimited).
     pub connect_rate: f64,
+    /// Keys the connections' URLs carry (see [`key_query`]); 0: none.
+    #[serde(default)]
+    pub key_space: usize,
+}
+
+/// The query parameter that carries a connection's key.
+pub const KEY_PARAM: &str = "key";
+
+/// The query of connection `index` when `key_space` keys are spread over the connections:
+/// `key=INDEX mod KEY_SPACE`, so consecutive connections have different keys and every key
+/// has connections all over the run (and its worker processes and source addresses).
+pub fn key_query(index: usize, key_space: usize) -> Option<String> {
+    (key_space > 0).then(|| format!("{KEY_PARAM}={}", index % key_space))
 }
 
 /// Counters of held connections.
@@ -169,7 +188,7 @@ impl HeldSet {
         attempts
             .run(
                 indices,
-                |_| None,
+                |index| key_query(index, share.key_space),
                 pace,
                 |index, ws| {
                     tasks.spawn(hold_one(
@@ -286,6 +305,19 @@ async fn hold_one(
     }
 }
 
+/// Moments of a hold at which its caller may read what it watches beside the proxy group
+/// (the scale run reads each relay process on its own). Each method does nothing by default.
+pub trait HoldObserver {
+    /// Every connection has been open `--settle`: the "loaded" memory reading, and the start
+    /// of the hold window.
+    fn holding(&mut self) {}
+    /// The end of the hold window; the connections are still open, and all close right after.
+    fn held(&mut self) {}
+}
+
+/// The observer that reads nothing.
+impl HoldObserver for () {}
+
 /// Runs `hold` against `target`; beyond `--per-process` connections it needs `launcher` to
 /// start worker processes.
 pub async fn run(
@@ -293,6 +325,17 @@ pub async fn run(
     opts: &HoldOpts,
     target: &RunTarget,
     launcher: Option<&WorkerLauncher>,
+) -> anyhow::Result<Measurement> {
+    run_observed(common, opts, target, launcher, &mut ()).await
+}
+
+/// [`run`], telling `observer` when the hold window starts and ends.
+pub async fn run_observed(
+    common: &CommonOpts,
+    opts: &HoldOpts,
+    target: &RunTarget,
+    launcher: Option<&WorkerLauncher>,
+    observer: &mut impl HoldObserver,
 ) -> anyhow::Result<Measurement> {
     let counters = Arc::new(Counters::default());
     let probe = target.probe();
@@ -323,6 +366,7 @@ pub async fn run(
             connections: common.connections,
             first_index: 0,
             connect_rate: opts.connect_rate,
+            key_space: opts.key_space,
         };
         Fleet::Local(
             HeldSet::ramp(
@@ -339,8 +383,10 @@ pub async fn run(
     tokio::time::sleep(opts.settle).await;
     let loaded = target.proxy_sample();
     let hold_start = probe.read(&counters);
+    observer.holding();
     tokio::time::sleep(common.duration).await;
     let hold_end = probe.read(&counters);
+    observer.held();
     let summary = match fleet {
         Fleet::Local(set) => set.close().await,
         Fleet::Workers(fleet) => fleet.close().await?,

@@ -11,6 +11,7 @@
 //! | [`hold`] | idle connections with keepalive | connections/s (ramp) | WebSocket handshake |
 //! | [`churn`] | connect, one message, close, repeat | connections/s | handshake |
 //! | [`soak`] | churn and backend kills through a relay process it starts, for hours | pass/fail on invariants | — |
+//! | [`scale`] | idle mux clients through relay processes sharing a port (`reuse_port`) | pass/fail: no drops, one backend per key | handshake |
 
 pub mod churn;
 mod driver;
@@ -19,6 +20,7 @@ pub mod fanout;
 pub mod hold;
 mod messages;
 pub mod rate;
+pub mod scale;
 pub mod soak;
 
 use std::collections::BTreeMap;

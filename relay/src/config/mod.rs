@@ -72,6 +72,9 @@ impl std::fmt::Debug for Source {
 pub struct ServerConfig {
     /// Client-facing listener address.
     pub listen: Spanned<ListenAddr>,
+    /// Bind `listen` with `SO_REUSEPORT`, so several relay processes with this setting share
+    /// the address and the kernel spreads new connections over them (scaling out on one box).
+    pub reuse_port: bool,
     /// TLS certificate chain (PEM); with `tls_key`, the listener speaks wss://.
     pub tls_cert: Option<Spanned<PathBuf>>,
     /// TLS private key (PEM).
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([0, 0, 0, 0], 8080)))),
+            reuse_port: false,
             tls_cert: None,
             tls_key: None,
             http2: false,

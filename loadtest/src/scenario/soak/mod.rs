@@ -20,7 +20,7 @@ pub mod faults;
 pub mod ledger;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -37,7 +37,7 @@ use crate::backend::BackendKind;
 use crate::conn::{self, Connector, TargetUrl};
 use crate::procstat;
 use crate::stats::{ErrorKind, ErrorLog};
-use crate::targets::{RelayBin, RelayLaunch, TempDir};
+use crate::targets::{Programs, RelayLaunch, TempDir};
 use crate::units::{parse_duration, parse_size, ser_duration, thousands};
 
 /// Options of `soak`.
@@ -232,15 +232,6 @@ impl SoakOpts {
     }
 }
 
-/// Where the soak finds its programs.
-#[derive(Debug, Clone)]
-pub struct SoakPrograms {
-    /// The harness executable: backends are `EXE serve echo|mux-echo`.
-    pub harness: PathBuf,
-    /// The relay.
-    pub relay: RelayBin,
-}
-
 /// Everything a soak run found.
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakReport {
@@ -347,7 +338,7 @@ pub fn relay_config(port: u16, per_client: &[String], mux: &[String]) -> String 
 
 /// Runs the soak: starts the backends and the relay, the clients and the faults, judges the
 /// run, and stops everything it started.
-pub async fn run(opts: &SoakOpts, programs: &SoakPrograms) -> Result<SoakReport, SoakError> {
+pub async fn run(opts: &SoakOpts, programs: &Programs) -> Result<SoakReport, SoakError> {
     opts.validate().map_err(SoakError::Options)?;
     let seed = opts.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -723,26 +714,4 @@ fn kinds(map: &BTreeMap<String, ErrorKind>) -> String {
     map.iter()
         .map(|(kind, e)| format!("\n  {kind}: {} (first: {})", thousands(e.count), e.example))
         .collect()
-}
-
-/// The programs of a soak started from the harness executable at `harness`: the `wsrelay`
-/// binary from `relay_bin`, else beside the harness, unless `builtin`.
-pub fn programs(
-    harness: &Path,
-    relay_bin: Option<&Path>,
-    builtin: bool,
-) -> Result<SoakPrograms, String> {
-    let relay = if builtin {
-        RelayBin::Builtin(harness.to_owned())
-    } else {
-        let bin = relay_bin
-            .map(Path::to_owned)
-            .or_else(|| crate::targets::sibling("wsrelay"))
-            .ok_or("no wsrelay binary beside the harness: build it (cargo build --release -p wsrelay) or pass --relay-bin PATH or --relay-builtin")?;
-        RelayBin::Binary(bin)
-    };
-    Ok(SoakPrograms {
-        harness: harness.to_owned(),
-        relay,
-    })
 }

@@ -70,9 +70,10 @@ impl BlockWriter {
         self.fields = self.fields.saturating_add(1);
     }
 
+    /// The block, exactly its size: a session keeps it for as long as its client stays.
     fn finish(self) -> HeaderBlock {
         HeaderBlock {
-            block: Bytes::from(self.block),
+            block: Bytes::from(self.block.into_boxed_slice()),
             fields: self.fields,
         }
     }

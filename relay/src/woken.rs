@@ -5,8 +5,8 @@
 //! Polling those futures at every wakeup cost a mutex or two each time (`Notify` and
 //! `CancellationToken` check their waiter under a lock): about 2.5% of the relay's CPU at
 //! 64-byte messages. [`WhenWoken`] gives the inner future a waker of its own, which marks it
-//! woken before it wakes the task; the task's other wakeups skip it for two uncontended
-//! atomics. It costs a session one small allocation per wrapped future.
+//! woken before it wakes the task; the task's other wakeups skip it for an atomic load and a
+//! waker comparison. It costs a session one small allocation per wrapped future.
 
 use std::future::Future;
 use std::pin::Pin;

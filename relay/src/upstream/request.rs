@@ -79,6 +79,10 @@ impl BlockWriter {
     }
 }
 
+/// Room for the fields the relay adds (names, addresses, conn id), so writing the block
+/// rarely grows it; `finish` cuts it to size anyway.
+const RELAY_FIELDS_ROOM: usize = 160;
+
 /// The header names the relay adds itself: a dial names them without allocating.
 const RELAY_HEADERS: [&str; 5] = [
     "x-forwarded-for",
@@ -138,7 +142,7 @@ impl BackendRequest {
                 .iter()
                 .map(|(name, value)| name.as_str().len() + value.len() + 2)
                 .sum::<usize>()
-                + 160,
+                + RELAY_FIELDS_ROOM,
         );
         for (name, value) in client_headers {
             let replaced = matches!(

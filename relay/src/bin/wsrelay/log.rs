@@ -51,19 +51,20 @@ enum Filter {
     Spans(EnvFilter),
 }
 
-/// `directives` as the cheapest filter that understands them; `info` when empty or invalid.
+/// `directives` as the cheapest filter that understands them: `Targets` for levels by target,
+/// `EnvFilter` for anything else it accepts; `info` when empty or understood by neither.
 fn filter_for(directives: &str) -> Filter {
     let directives = directives.trim();
-    if directives.contains(['[', '{']) {
-        if let Ok(filter) = EnvFilter::try_new(directives) {
-            return Filter::Spans(filter);
-        }
-    } else if let Ok(targets) = directives.parse::<Targets>()
-        && !directives.is_empty()
+    let info = || Filter::Targets(Targets::new().with_default(LevelFilter::INFO));
+    if directives.is_empty() {
+        return info();
+    }
+    if !directives.contains(['[', '{'])
+        && let Ok(targets) = directives.parse::<Targets>()
     {
         return Filter::Targets(targets);
     }
-    Filter::Targets(Targets::new().with_default(LevelFilter::INFO))
+    EnvFilter::try_new(directives).map_or_else(|_| info(), Filter::Spans)
 }
 
 /// Sets the global subscriber: `filter`, then the `format` lines written through `log`.

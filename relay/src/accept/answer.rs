@@ -9,7 +9,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::connect::{ClientRequest, route_client};
 use super::http2::StreamGuard;
@@ -146,7 +145,7 @@ pub(super) async fn answer(
         http,
         deadline,
     };
-    let (span, pending) = match route_client(acceptor, &generation, route, client_request).await {
+    let pending = match route_client(acceptor, &generation, route, client_request).await {
         Ok(prepared) => prepared,
         Err(answer) => return answer,
     };
@@ -159,7 +158,7 @@ pub(super) async fn answer(
     let session = pending.run(acceptor.sessions.clone(), client, (slot, open));
     // Boxed, as the connection's task: the session's future is the largest the relay spawns.
     let session = Box::pin(session);
-    acceptor.tasks.spawn(session.instrument(span));
+    acceptor.tasks.spawn(session);
     Answer::new(Outcome::Upgraded, response)
 }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
 use tokio::time::Instant;
-use tracing::{Instrument, Span, info_span};
+use tracing::Instrument;
 
 use super::Acceptor;
 use super::outcome::{Answer, backend_timed_out, no_backend_reachable, no_healthy_backend};
 use crate::generation::Generation;
+use crate::observe::conn_span;
 use crate::route::{Route, client_hash_key};
 use crate::session::PendingSession;
 use crate::upstream::{BackendRequest, Walked};
@@ -33,13 +34,13 @@ pub(super) struct ClientRequest<'a> {
 
 /// Routes one client (an HTTP upgrade, or a stream a mux client opened) to its backend: hash
 /// key, ranking, the backend leg. Returns the session to start once the client side is known,
-/// in the span of its connection id, or the answer for the client, before its deadline.
+/// or the answer for the client, before its deadline.
 pub(super) async fn route_client(
     acceptor: &Acceptor,
     generation: &Arc<Generation>,
     route: &Arc<Route>,
     client: ClientRequest<'_>,
-) -> Result<(Span, PendingSession), Answer> {
+) -> Result<PendingSession, Answer> {
     let ClientRequest {
         uri,
         headers,
@@ -51,7 +52,6 @@ pub(super) async fn route_client(
     let conn_id = acceptor
         .next_conn_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = info_span!("conn", id = conn_id);
     let path = uri.path();
     let hash_key = client_hash_key(&route.hash_key, headers, path, uri.query(), peer);
     let request =
@@ -59,7 +59,7 @@ pub(super) async fn route_client(
     let upstream = &route.upstream;
     let ranked = upstream.ranking.rank(&hash_key);
     let walk = generation.walk(upstream, route.mode, &request, peer, Some(deadline));
-    let walked = walk.run(&ranked, None).instrument(span.clone()).await;
+    let walked = walk.run(&ranked, None).instrument(conn_span(conn_id)).await;
     let (backend_index, backend, protocol) = match walked {
         Walked::Connected {
             index,
@@ -84,5 +84,5 @@ pub(super) async fn route_client(
         protocol,
         request,
     };
-    Ok((span, pending))
+    Ok(pending)
 }

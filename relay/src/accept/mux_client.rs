@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 use tungstenite::protocol::Role;
 use wsrelay_protocol::{IncomingStream, Link, LinkConfig, LinkRole};
 
@@ -118,7 +118,7 @@ async fn route_stream(
         deadline,
     };
     match route_client(&acceptor, &generation, route, request).await {
-        Ok((span, pending)) => {
+        Ok(pending) => {
             let protocol = pending
                 .protocol
                 .as_ref()
@@ -126,7 +126,7 @@ async fn route_stream(
                 .map(str::to_owned);
             let stream = StreamLeg::new(incoming.accept(protocol));
             let session = pending.run(acceptor.sessions.clone(), ClientStart::Stream(stream), ());
-            session.instrument(span).await;
+            session.await;
         }
         Err(answer) => {
             let (status, body) = answer.into_status_and_text();

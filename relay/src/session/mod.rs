@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream as ServerTlsStream;
 use tokio_util::either::Either;
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
@@ -27,7 +27,7 @@ use crate::compress::{Agreed, DeflateLeg, MaybeDeflate};
 use crate::config::{Mode, OnBackendLoss};
 use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
-use crate::observe::{Observatory, SessionEntry, SessionObserver};
+use crate::observe::{Observatory, SessionEntry, SessionObserver, conn_span};
 use crate::pump::{
     AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, Direction, Leg, PumpEnd, PumpState, Side,
     StreamLeg, close_leg,
@@ -156,7 +156,7 @@ impl PendingSession {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                debug!(peer = %self.peer, %error, "client left before the upgrade completed");
+                debug!(parent: &conn_span(self.conn_id), peer = %self.peer, %error, "client left before the upgrade completed");
                 let away = ending::close(CloseCode::Away, "client went away");
                 close_leg(&mut self.backend, Some(away)).await;
                 return None;
@@ -176,7 +176,7 @@ impl PendingSession {
                     Err(error) => {
                         // Only a mismatch between the answer and yawc's reading of it gets
                         // here; the client was told compression is on.
-                        tracing::warn!(%error, "compressed client leg failed to start");
+                        tracing::warn!(parent: &conn_span(self.conn_id), %error, "compressed client leg failed to start");
                         let away = ending::close(CloseCode::Error, "relay error");
                         close_leg(&mut self.backend, Some(away)).await;
                         return None;
@@ -196,12 +196,21 @@ struct Start {
     client: ClientStart,
 }
 
+impl Start {
+    /// The parts, with the box freed: a box moved out of in an async function stays allocated
+    /// until the function ends, here the session's whole life.
+    fn into_parts(self: Box<Self>) -> (PendingSession, SessionContext, ClientStart) {
+        let Start {
+            pending,
+            context,
+            client,
+        } = *self;
+        (pending, context, client)
+    }
+}
+
 async fn run_to_end(start: Box<Start>) {
-    let Start {
-        pending,
-        context,
-        client,
-    } = *start;
+    let (pending, context, client) = start.into_parts();
     // The start is one-off and boxed: a session's future is as large as its largest step.
     let Some((mut session, mut client)) = Box::pin(pending.start(context, client)).await else {
         return;
@@ -248,7 +257,7 @@ impl Session {
         let backend_url: Arc<str> = upstream.backends[backend_index].original.as_str().into();
         // The access line at the close says all of this again, so opening costs no write at
         // the default level.
-        debug!(%peer, %path, backend = %backend_url, "session open");
+        debug!(parent: &conn_span(conn_id), %peer, %path, backend = %backend_url, "session open");
         let route_path: Arc<str> = route.path.as_str().into();
         let inspectors = route.inspectors.as_ref().map(|template| {
             template.instantiate(ConnectionInfo {
@@ -311,14 +320,17 @@ impl Session {
                                 }
                             }
                             Some(end) => {
-                                info!(backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
+                                info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
                             }
                         }
-                        info!(backend = %self.backend_url(), %end, "moving the client");
+                        info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "moving the client");
                     } else {
-                        info!(backend = %self.backend_url(), %end, "backend lost; re-originating the client");
+                        info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "backend lost; re-originating the client");
                     }
-                    if let Err(closing) = Box::pin(self.reoriginate(farewell)).await {
+                    let span = conn_span(self.conn_id);
+                    if let Err(closing) =
+                        Box::pin(self.reoriginate(farewell).instrument(span)).await
+                    {
                         return closing;
                     }
                 }
@@ -365,10 +377,11 @@ impl Session {
             Farewell::Nothing => None,
         };
         let (to_client, to_backend) = (farewell(&closing.client), farewell(&closing.backend));
+        let span = conn_span(self.conn_id);
         let backend = &mut self.backend;
         match closing.first {
             Some(first) => {
-                info!(peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first");
+                info!(parent: &span, peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first");
                 let to_backend_waiting = self.pump.take_waiting(Direction::ClientToBackend);
                 let to_client_waiting = self.pump.take_waiting(Direction::BackendToClient);
                 let order = match first {
@@ -410,6 +423,7 @@ impl Session {
         let traffic = self.pump.traffic;
         let session = self.pump.hooks().session();
         info!(
+            parent: &conn_span(self.conn_id),
             peer = %self.peer,
             route = %session.route,
             path = %session.path,

@@ -263,6 +263,10 @@ impl Shared {
         }
         let routes = new.routes.len();
         self.generations.replace(new);
+        // After the swap: a session that looks its backend up from now on finds it gone.
+        for url in &removed {
+            self.observe().sessions.backend_drained(url);
+        }
         old.retired.cancel();
         self.start_generation();
         Some(ReloadReport {

@@ -163,6 +163,7 @@ impl Generation {
         mode: Mode,
         request: &'a BackendRequest,
         peer: SocketAddr,
+        conn_id: u64,
         deadline: Option<tokio::time::Instant>,
     ) -> Walk<'a> {
         Walk {
@@ -174,6 +175,7 @@ impl Generation {
             },
             request,
             peer,
+            conn_id,
             deadline,
         }
     }

@@ -343,6 +343,7 @@ impl RelayHandle {
         let _ = self.accept.await;
         tracing::info!(sessions = sessions_at_drain, ?grace, "draining");
         shutdown.drain.cancel();
+        shared.observe().sessions.drain_all();
         tasks.close();
         let mut sessions_aborted = 0;
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {

@@ -879,6 +879,42 @@ async fn tap_says_when_nothing_matches_or_it_is_not_at_the_admin_listener() {
     assert!(stderr.contains("[server] admin"), "{stderr}");
 }
 
+/// A dial's lines are in the span of the client's connection id too, though a session keeps
+/// no span while it lives: each line makes its own.
+#[tokio::test]
+async fn a_failed_dial_is_logged_in_the_span_of_its_connection() {
+    let addr = unused_addr();
+    let nobody = unused_addr();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            &format!("ws://{nobody}"),
+        ],
+        "info",
+    );
+    relay.wait_listening(addr).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await;
+    assert!(refused.is_err(), "no backend, yet the client was upgraded");
+    relay
+        .wait_stderr("the failed dial's line", |l| {
+            l.contains("backend unreachable")
+        })
+        .await;
+    relay.signal("TERM");
+    assert!(relay.wait_exit().await.success());
+    let lines = json_lines(&relay.stderr());
+    let line = lines
+        .iter()
+        .find(|l| l["message"] == "backend unreachable")
+        .unwrap();
+    assert_eq!(line["span"]["name"], "conn", "{line}");
+    assert!(line["span"]["id"].is_u64(), "{line}");
+}
+
 #[tokio::test]
 async fn text_logs_to_a_pipe_are_plain_with_values_in_their_display_form() {
     let OneSession { addr, lines, .. } = one_session("text", "info").await;

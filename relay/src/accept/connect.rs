@@ -6,12 +6,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::Acceptor;
 use super::outcome::{Answer, backend_timed_out, no_backend_reachable, no_healthy_backend};
 use crate::generation::Generation;
-use crate::observe::conn_span;
 use crate::route::{Route, client_hash_key};
 use crate::session::PendingSession;
 use crate::upstream::{BackendRequest, Walked};
@@ -58,8 +56,15 @@ pub(super) async fn route_client(
         BackendRequest::from_client(uri, headers, peer, conn_id, route.preserve_host, scheme);
     let upstream = &route.upstream;
     let ranked = upstream.ranking.rank(&hash_key);
-    let walk = generation.walk(upstream, route.mode, &request, peer, Some(deadline));
-    let walked = walk.run(&ranked, None).instrument(conn_span(conn_id)).await;
+    let walk = generation.walk(
+        upstream,
+        route.mode,
+        &request,
+        peer,
+        conn_id,
+        Some(deadline),
+    );
+    let walked = walk.run(&ranked, None).await;
     let (backend_index, backend, protocol) = match walked {
         Walked::Connected {
             index,

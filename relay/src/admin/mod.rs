@@ -287,6 +287,7 @@ fn drain_backend(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
         );
     };
     if shared.generations.current().backends.drain(&url) {
+        shared.observe().sessions.backend_drained(&url);
         info!(backend = %url, grace = ?shared.generations.shutdown_grace(), "backend draining: no new clients; existing ones move after the grace period");
         text(StatusCode::OK, "draining\n")
     } else {

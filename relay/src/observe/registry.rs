@@ -8,11 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
 use crate::pump::Traffic;
@@ -59,6 +61,31 @@ impl TrafficCells {
     }
 }
 
+/// What the relay asks of a session from outside it. Each is a bit in the session's entry,
+/// raised by whoever walks the registry (the drain, the admin, a reload) and read by the
+/// session's pump: one word and one waker per session, rather than a waiter in a queue for
+/// each thing that could stop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// The relay drains: close with 1001 at the session's turn.
+    Drain = 1,
+    /// The session's backend was drained or removed: move after the grace period.
+    BackendDrained = 2,
+    /// The admin closed the connection (`DELETE /api/connections/ID`).
+    Close = 4,
+}
+
+/// The stop requests raised so far, as bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopRequests(u8);
+
+impl StopRequests {
+    /// True if `request` is among them.
+    pub fn has(self, request: StopRequest) -> bool {
+        self.0 & request as u8 != 0
+    }
+}
+
 /// What the admin API shows of one session.
 #[derive(Debug)]
 pub struct SessionEntry {
@@ -80,7 +107,10 @@ pub struct SessionEntry {
     traffic: TrafficCells,
     /// The close the admin asked for (`DELETE /api/connections/ID`), once it did.
     close_request: Mutex<Option<(u16, String)>>,
-    closed_by_admin: tokio::sync::Notify,
+    /// [`StopRequest`] bits raised so far.
+    stops: AtomicU8,
+    /// The session's pump, to wake when one is raised.
+    stop_waker: AtomicWaker,
 }
 
 impl SessionEntry {
@@ -105,7 +135,8 @@ impl SessionEntry {
             backend: Mutex::new(backend),
             traffic: TrafficCells::default(),
             close_request: Mutex::new(None),
-            closed_by_admin: tokio::sync::Notify::new(),
+            stops: AtomicU8::new(0),
+            stop_waker: AtomicWaker::new(),
         }
     }
 
@@ -114,31 +145,58 @@ impl SessionEntry {
         self.backend.lock().expect("backend lock").clone()
     }
 
-    /// Records a move to another backend.
+    /// Records a move to another backend; a drain of the one it left no longer applies. Under
+    /// the backend's lock, as [`SessionEntry::backend_drained`] reads it: a drain of the old
+    /// backend is raised before the move (and cleared here) or sees the new one.
     pub fn set_backend(&self, backend: Arc<str>) {
-        *self.backend.lock().expect("backend lock") = backend;
+        let mut current = self.backend.lock().expect("backend lock");
+        *current = backend;
+        self.stops
+            .fetch_and(!(StopRequest::BackendDrained as u8), Ordering::AcqRel);
+    }
+
+    /// Raises `request` and wakes the session's pump.
+    pub fn raise(&self, request: StopRequest) {
+        self.stops.fetch_or(request as u8, Ordering::AcqRel);
+        self.stop_waker.wake();
+    }
+
+    /// Raises [`StopRequest::BackendDrained`] if the session is on `url`.
+    pub fn backend_drained(&self, url: &str) {
+        let backend = self.backend.lock().expect("backend lock");
+        if **backend == *url {
+            self.raise(StopRequest::BackendDrained);
+        }
+    }
+
+    /// The requests raised so far; with none, `cx`'s task is woken at the next. `registered`
+    /// is the waker given last time, so a poll with the same one costs a load and a
+    /// comparison.
+    pub fn poll_stops(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> StopRequests {
+        let raised = self.stops.load(Ordering::Acquire);
+        if raised != 0 {
+            return StopRequests(raised);
+        }
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.stop_waker.register(cx.waker());
+            *registered = Some(cx.waker().clone());
+        }
+        // Raised between the load and the registration: its wake found no waker.
+        StopRequests(self.stops.load(Ordering::Acquire))
     }
 
     /// Asks the session to close with `code` and `reason`.
     pub fn request_close(&self, code: u16, reason: String) {
         *self.close_request.lock().expect("close request lock") = Some((code, reason));
-        self.closed_by_admin.notify_one();
+        self.raise(StopRequest::Close);
     }
 
-    /// Completes with the close the admin asked for.
-    pub async fn close_requested(&self) -> (u16, String) {
-        loop {
-            let notified = self.closed_by_admin.notified();
-            if let Some(request) = self
-                .close_request
-                .lock()
-                .expect("close request lock")
-                .clone()
-            {
-                return request;
-            }
-            notified.await;
-        }
+    /// The close the admin asked for, once it did.
+    pub fn close_request(&self) -> Option<(u16, String)> {
+        self.close_request
+            .lock()
+            .expect("close request lock")
+            .clone()
     }
 
     /// Stores the session's traffic so far.
@@ -232,6 +290,22 @@ impl SessionRegistry {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Asks every open session to drain. A session registered after this walk checks the
+    /// relay's drain itself once registered.
+    pub fn drain_all(&self) {
+        for entry in self.sessions.iter() {
+            entry.raise(StopRequest::Drain);
+        }
+    }
+
+    /// Tells the sessions on `url` that it was drained or removed. A session that moves to
+    /// it later looks at the backend's state itself.
+    pub fn backend_drained(&self, url: &str) {
+        for entry in self.sessions.iter() {
+            entry.backend_drained(url);
         }
     }
 

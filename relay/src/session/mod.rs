@@ -4,10 +4,10 @@
 
 mod ending;
 mod reoriginate;
+mod stop;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream as ServerTlsStream;
 use tokio_util::either::Either;
-use tracing::{Instrument, debug, info};
+use tracing::{debug, info};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
@@ -27,7 +27,7 @@ use crate::compress::{Agreed, DeflateLeg, MaybeDeflate};
 use crate::config::{Mode, OnBackendLoss};
 use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
-use crate::observe::{Observatory, SessionEntry, SessionObserver, conn_span};
+use crate::observe::{Observatory, SessionEntry, SessionObserver, StopRequest, conn_span};
 use crate::pump::{
     AnyLeg, BackendLeg, CLOSE_HANDSHAKE_TIMEOUT, Direction, Leg, PumpEnd, PumpState, Side,
     StreamLeg, close_leg,
@@ -37,6 +37,7 @@ use crate::shutdown::{Shutdown, UntilAborted, close_delay, until_aborted};
 use crate::upstream::{BackendRequest, BackendState, Upstream};
 use crate::websocket::WebSocket;
 use ending::{Closing, Farewell, Next};
+use stop::StopRequested;
 
 /// The client side of a session: its own upgraded socket (compressed or not), or a stream of a
 /// mux client's link.
@@ -216,8 +217,12 @@ async fn run_to_end(start: Box<Start>) {
         return;
     };
     let closing = session.pump_to_end(&mut client).await;
-    session.carry_out(&mut client, &closing).await;
-    session.finish(&closing);
+    // Boxed, with what it decided: kept beside the pump, it would grow every session's future.
+    Box::pin(async move {
+        session.carry_out(&mut client, &closing).await;
+        session.finish(&closing);
+    })
+    .await;
 }
 
 /// A session between its start and its end.
@@ -301,41 +306,54 @@ impl Session {
         let mut draining = false;
         loop {
             let end = self.pump_once(client, draining).await;
-            match ending::decide(&end, self.upstream.on_backend_loss, draining) {
-                Next::Drain => draining = true,
-                Next::Close(closing) => return closing,
-                Next::Reoriginate { farewell } => {
-                    if farewell.is_some() {
-                        // A move the relay decided: the backend is alive, so it can
-                        // acknowledge what it was sent and the move replays nothing.
-                        let within = self.pump.pong_timeout();
-                        let unsettled = self.pump.settle(client, &mut self.backend, within).await;
-                        match unsettled {
-                            None => {}
-                            Some(end @ (PumpEnd::ClientGone(_) | PumpEnd::ClientClosed(_))) => {
-                                if let Next::Close(closing) =
-                                    ending::decide(&end, self.upstream.on_backend_loss, draining)
-                                {
-                                    return closing;
-                                }
-                            }
-                            Some(end) => {
-                                info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
-                            }
-                        }
-                        info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "moving the client");
-                    } else {
-                        info!(parent: &conn_span(self.conn_id), backend = %self.backend_url(), %end, "backend lost; re-originating the client");
-                    }
-                    let span = conn_span(self.conn_id);
-                    if let Err(closing) =
-                        Box::pin(self.reoriginate(farewell).instrument(span)).await
-                    {
-                        return closing;
-                    }
+            let farewell = match ending::decide(&end, self.upstream.on_backend_loss, draining) {
+                Next::Drain => {
+                    draining = true;
+                    continue;
                 }
+                Next::Close(closing) => return closing,
+                Next::Reoriginate { farewell } => farewell,
+            };
+            // Boxed: a move is rare, and what it holds would otherwise sit in every session's
+            // future beside the pump.
+            let moved = Box::pin(self.move_client(client, end, farewell, draining));
+            if let Err(closing) = moved.await {
+                return closing;
             }
         }
+    }
+
+    /// Moves the client to another backend after the pump stopped with `end`; a move the
+    /// relay decided (`farewell` for the old backend) first lets that backend acknowledge what
+    /// it was sent, so the move replays nothing. `Err` says how the session ends instead.
+    async fn move_client(
+        &mut self,
+        client: &mut ClientLeg,
+        end: PumpEnd,
+        farewell: Option<CloseFrame>,
+        draining: bool,
+    ) -> Result<(), Closing> {
+        let span = conn_span(self.conn_id);
+        if farewell.is_some() {
+            let within = self.pump.pong_timeout();
+            match self.pump.settle(client, &mut self.backend, within).await {
+                None => {}
+                Some(end @ (PumpEnd::ClientGone(_) | PumpEnd::ClientClosed(_))) => {
+                    if let Next::Close(closing) =
+                        ending::decide(&end, self.upstream.on_backend_loss, draining)
+                    {
+                        return Err(closing);
+                    }
+                }
+                Some(end) => {
+                    info!(parent: &span, backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
+                }
+            }
+            info!(parent: &span, backend = %self.backend_url(), %end, "moving the client");
+        } else {
+            info!(parent: &span, backend = %self.backend_url(), %end, "backend lost; re-originating the client");
+        }
+        self.reoriginate(farewell).await
     }
 
     /// Runs the pump until it stops on its own, the relay drains, or the backend is drained
@@ -353,20 +371,24 @@ impl Session {
             };
             return self.pump.run(client, &mut self.backend, turn).await;
         }
-        let backend_state = context
-            .generations
-            .current()
-            .backends
-            .get_arc(&self.upstream.backends[self.backend_index].original);
-        let drain = context.shutdown.drain.clone();
         let entry = self.pump.hooks_mut().entry();
-        let stop = async move {
-            tokio::select! {
-                () = drain.cancelled() => PumpEnd::Drain,
-                () = drained(backend_state, grace) => PumpEnd::BackendDrained,
-                (code, reason) = entry.close_requested() => PumpEnd::ClosedByAdmin(code, reason),
-            }
-        };
+        // Raised here too, for what happened before the session registered or moved: the
+        // walks that raise them only see the sessions registered by then.
+        if context.shutdown.drain.is_cancelled() {
+            entry.raise(StopRequest::Drain);
+        }
+        let url = &self.upstream.backends[self.backend_index].original;
+        // A backend the current generation lacks was removed after the walk that chose it.
+        let generation = context.generations.current();
+        if generation
+            .backends
+            .get(url)
+            .is_none_or(BackendState::draining)
+        {
+            entry.raise(StopRequest::BackendDrained);
+        }
+        drop(generation);
+        let stop = StopRequested::new(entry, grace);
         self.pump.run(client, &mut self.backend, stop).await
     }
 
@@ -454,18 +476,6 @@ impl std::fmt::Display for CodeField {
     }
 }
 
-/// Completes `grace` after `backend` is drained (by the admin, or by a reload that removed
-/// it); never, if it isn't. `None`, a backend the current generation does not have, was
-/// removed after the walk that chose it and before this look-up (a reload or DNS answer
-/// installed meanwhile drained the state the session never got): it is gone as well, so the
-/// grace starts now. Waiting forever there left the client on a removed backend.
-async fn drained(backend: Option<Arc<BackendState>>, grace: Duration) {
-    if let Some(state) = backend {
-        state.drained().cancelled().await;
-    }
-    tokio::time::sleep(grace).await;
-}
-
 /// One leg to close: the leg, its farewell (`None`: nothing to send), and a message already
 /// read for it.
 type Closable<'a, L> = (&'a mut L, Option<Option<CloseFrame>>, Option<Message>);
@@ -522,22 +532,4 @@ async fn close_forwarding<A: Leg, B: Leg>(
         let _ = second.flush().await;
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, forward).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A move that lands on a backend removed while it dialed finds no state for it in the
-    /// current generation: that must start the grace, not wait forever (the churn proof's
-    /// client that stayed on a removed backend).
-    #[tokio::test]
-    async fn a_backend_the_current_generation_lacks_counts_as_drained() {
-        let ended = tokio::time::timeout(
-            Duration::from_secs(10),
-            drained(None, Duration::from_millis(1)),
-        )
-        .await;
-        assert!(ended.is_ok(), "waited on for a backend that is gone");
-    }
 }

@@ -12,6 +12,7 @@ use tungstenite::protocol::CloseFrame;
 
 use super::Session;
 use super::ending::{ClosedBy, Closing, backend_unavailable};
+use crate::observe::conn_span;
 use crate::pump::close_leg;
 use crate::upstream::{Replacing, Walked};
 
@@ -42,7 +43,14 @@ impl Session {
             )));
         };
         let ranked = upstream.ranking.rank(&self.hash_key);
-        let walk = generation.walk(&upstream, self.route.mode, &self.request, self.peer, None);
+        let walk = generation.walk(
+            &upstream,
+            self.route.mode,
+            &self.request,
+            self.peer,
+            self.conn_id,
+            None,
+        );
         let replacing = Replacing {
             lost: &lost,
             protocol: self.protocol.as_ref(),
@@ -70,7 +78,7 @@ impl Session {
             ));
         }
         let to: Arc<str> = upstream.backends[index].original.as_str().into();
-        info!(from = %lost, %to, replayed, "client re-originated");
+        info!(parent: &conn_span(self.conn_id), from = %lost, %to, replayed, "client re-originated");
         self.pump.hooks_mut().set_backend(to);
         self.upstream = upstream;
         self.backend_index = index;

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::BackendSets;
@@ -23,7 +22,7 @@ pub struct BackendState {
     gates_ranking: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
-    drained: CancellationToken,
+    drained: AtomicBool,
 }
 
 impl BackendState {
@@ -49,14 +48,10 @@ impl BackendState {
         (self.healthy.swap(flip_to, Ordering::Relaxed) != flip_to).then_some(flip_to)
     }
 
-    /// True once the admin drained it.
+    /// True once the admin drained it, or a reload removed it. Its sessions are told through
+    /// the session registry.
     pub fn draining(&self) -> bool {
-        self.drained.is_cancelled()
-    }
-
-    /// Completes when the admin drains it.
-    pub fn drained(&self) -> &CancellationToken {
-        &self.drained
+        self.drained.load(Ordering::Acquire)
     }
 }
 
@@ -138,7 +133,7 @@ impl BackendBook {
     pub fn drain(&self, url: &str) -> bool {
         match self.get(url) {
             Some(state) => {
-                state.drained.cancel();
+                state.drained.store(true, Ordering::Release);
                 true
             }
             None => false,

@@ -21,6 +21,7 @@ use super::book::BackendBook;
 use super::dial::{DialError, dial};
 use super::links::MuxPool;
 use super::request::BackendRequest;
+use crate::observe::conn_span;
 use crate::pump::{AnyLeg, BackendLeg, StreamLeg, close_leg};
 
 /// How a backend leg is made.
@@ -105,6 +106,8 @@ pub(crate) struct Walk<'a> {
     pub request: &'a BackendRequest,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The relay's id for the client's connection, for the walk's log lines.
+    pub conn_id: u64,
     /// When the client's handshake must be answered (`handshake_timeout`); each attempt gets
     /// at most the time left. `None` for a re-origination: the client already has its socket.
     pub deadline: Option<Instant>,
@@ -152,6 +155,7 @@ impl Walk<'_> {
             {
                 // Cut short by the client's deadline: that says nothing about the backend.
                 warn!(
+                    parent: &conn_span(self.conn_id),
                     backend = url,
                     "no answer before the client's handshake_timeout"
                 );
@@ -167,6 +171,7 @@ impl Walk<'_> {
                         && protocol.as_ref() != replacing.protocol
                     {
                         warn!(
+                            parent: &conn_span(self.conn_id),
                             backend = url,
                             "replacement backend picked another subprotocol; skipping it"
                         );
@@ -184,13 +189,15 @@ impl Walk<'_> {
                     };
                 }
                 Attempt::Refused(refusal) if replacing.is_none() => {
-                    info!(peer = %self.peer, backend = url, status = %refusal.status, "backend refused the client");
+                    info!(parent: &conn_span(self.conn_id), peer = %self.peer, backend = url, status = %refusal.status, "backend refused the client");
                     return Walked::Refused { refusal };
                 }
                 Attempt::Refused(refusal) => {
-                    warn!(backend = url, status = %refusal.status, "replacement backend refused the client");
+                    warn!(parent: &conn_span(self.conn_id), backend = url, status = %refusal.status, "replacement backend refused the client");
                 }
-                Attempt::Failed(reason) => warn!(backend = url, %reason, "backend unreachable"),
+                Attempt::Failed(reason) => {
+                    warn!(parent: &conn_span(self.conn_id), backend = url, %reason, "backend unreachable")
+                }
                 Attempt::NoLink => {}
             }
         }

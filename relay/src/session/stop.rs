@@ -1,0 +1,133 @@
+//! What stops a session's pump from outside: the relay's drain, its backend drained or
+//! removed (after the grace period), the admin closing it. All three arrive as bits in the
+//! session's registry entry ([`StopRequest`]), so waiting for them costs a session one word
+//! of its future, not a waiter in three queues.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Sleep;
+
+use crate::observe::{SessionEntry, StopRequest};
+use crate::pump::PumpEnd;
+
+/// Completes with the [`PumpEnd`] of the first stop raised on `entry`; a drained backend's
+/// after `grace`.
+pub(super) struct StopRequested {
+    entry: Arc<SessionEntry>,
+    grace: Duration,
+    registered: Option<Waker>,
+    /// Started when the backend's drain is seen; boxed, as most sessions never need it.
+    grace_over: Option<Pin<Box<Sleep>>>,
+}
+
+impl StopRequested {
+    /// Watches `entry`'s stop requests.
+    pub fn new(entry: Arc<SessionEntry>, grace: Duration) -> StopRequested {
+        StopRequested {
+            entry,
+            grace,
+            registered: None,
+            grace_over: None,
+        }
+    }
+}
+
+impl Future for StopRequested {
+    type Output = PumpEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
+        let this = self.get_mut();
+        let stops = this.entry.poll_stops(cx, &mut this.registered);
+        if stops.has(StopRequest::Drain) {
+            return Poll::Ready(PumpEnd::Drain);
+        }
+        if stops.has(StopRequest::Close)
+            && let Some((code, reason)) = this.entry.close_request()
+        {
+            return Poll::Ready(PumpEnd::ClosedByAdmin(code, reason));
+        }
+        if stops.has(StopRequest::BackendDrained) {
+            let grace = this.grace;
+            let grace_over = this
+                .grace_over
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
+            if grace_over.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(PumpEnd::BackendDrained);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Arc<SessionEntry> {
+        Arc::new(SessionEntry::new(
+            7,
+            "127.0.0.1:1".parse().unwrap(),
+            "1.1",
+            "/".into(),
+            "/".into(),
+            "per-client",
+            "ws://a".into(),
+        ))
+    }
+
+    fn poll_once(stop: &mut StopRequested) -> Poll<PumpEnd> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(stop).poll(&mut cx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_ends_the_pump_with_its_reason() {
+        let session = entry();
+        let mut stop = StopRequested::new(session.clone(), Duration::from_secs(5));
+        assert!(poll_once(&mut stop).is_pending());
+        session.request_close(4000, "bye".into());
+        assert!(matches!(
+            poll_once(&mut stop),
+            Poll::Ready(PumpEnd::ClosedByAdmin(4000, ref reason)) if reason == "bye"
+        ));
+        session.raise(StopRequest::Drain);
+        assert!(matches!(poll_once(&mut stop), Poll::Ready(PumpEnd::Drain)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_backend_stops_the_pump_after_the_grace_period() {
+        let session = entry();
+        let grace = Duration::from_secs(5);
+        session.backend_drained("ws://other");
+        let mut stop = StopRequested::new(session.clone(), grace);
+        assert!(poll_once(&mut stop).is_pending(), "another backend's drain");
+        session.backend_drained("ws://a");
+        let started = tokio::time::Instant::now();
+        assert!(matches!(stop.await, PumpEnd::BackendDrained));
+        assert_eq!(started.elapsed(), grace);
+    }
+
+    #[test]
+    fn a_move_clears_the_old_backends_drain() {
+        let session = entry();
+        session.backend_drained("ws://a");
+        session.set_backend("ws://b".into());
+        let mut stop = StopRequested::new(session.clone(), Duration::from_secs(5));
+        assert!(poll_once(&mut stop).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_raise_wakes_the_waiting_pump() {
+        let session = entry();
+        let stop = StopRequested::new(session.clone(), Duration::from_secs(5));
+        let waiting = tokio::spawn(stop);
+        tokio::task::yield_now().await;
+        session.raise(StopRequest::Drain);
+        let end = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+        assert!(matches!(end, Ok(Ok(PumpEnd::Drain))));
+    }
+}

@@ -1,4 +1,5 @@
-//! Hands the heap that glibc's malloc keeps back to the system once many sessions have ended.
+//! Hands the heap that glibc's malloc keeps back to the system once many sessions have ended,
+//! or once a burst of new sessions is over.
 //!
 //! glibc keeps what a thread frees in that thread's arena for later allocations and, by itself,
 //! returns only the free top of each heap, which a few live allocations pin: a relay that had
@@ -6,37 +7,55 @@
 //! `malloc_trim(0)` returns every free page of every arena. It walks the whole heap, locking
 //! each arena in turn, so it runs on a blocking thread, and only after many sessions ended
 //! (see [`TrimPolicy`]): freed memory that new sessions are about to reuse is not worth a walk.
+//! A burst of connects frees memory too: each handshake in flight holds some 40 KiB (hyper's
+//! buffers on both sides, the dial) that its session gives back once upgraded, so a burst 256
+//! handshakes wide leaves about 10 MiB free behind the sessions it opened.
 //! docs/operations.md ("Memory") has the figures.
 
 use std::time::Duration;
 
 use wsrelay::RelayHandle;
 
-/// How often the open sessions are counted.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the open sessions are counted: a quarter second, so a burst's memory goes back
+/// soon after it ends; a count is a few loads.
+const TICK: Duration = Duration::from_millis(250);
 
-/// Fewest ended sessions worth a trim (unless none is left): each leaves some 30-60 KiB free,
-/// so fewer than this keep 15 MiB at most.
+/// Fewest ended (or newly opened) sessions worth a trim, unless none is left: each leaves some
+/// 30-60 KiB free, so fewer than this keep 15 MiB at most.
 const MIN_ENDED: usize = 256;
 
-/// Decides when to trim from the number of open sessions, sampled every [`TICK`]: once the
-/// sessions that ended since the last trim are a quarter of the most that were open since then
-/// (and at least [`MIN_ENDED`]), or once every session has ended. A relay whose clients come
-/// and go at a steady rate never trims: the memory one session frees, the next one takes.
+/// Decides when to trim from the number of open sessions, sampled every [`TICK`]:
+/// - once the sessions that ended since the last trim are a quarter of the most that were open
+///   since then (and at least [`MIN_ENDED`]), or once every session has ended;
+/// - once a burst is over: the count stopped growing after it grew by a quarter of what is
+///   open now (and at least [`MIN_ENDED`]) since its lowest point after the last trim.
+///
+/// A relay whose clients come and go at a steady rate never trims: the memory one session
+/// frees, the next one takes.
 #[derive(Debug, Default)]
 pub struct TrimPolicy {
     /// The most sessions open since the last trim.
     high: usize,
+    /// The fewest open since the last trim.
+    low: usize,
+    /// The previous sample.
+    last: usize,
 }
 
 impl TrimPolicy {
     /// Takes the sessions open now; true when the heap should be trimmed now.
     pub fn observe(&mut self, open: usize) -> bool {
         self.high = self.high.max(open);
+        self.low = self.low.min(open);
         let ended = self.high - open;
-        let trim = ended > 0 && (open == 0 || (ended >= MIN_ENDED && ended * 4 >= self.high));
+        let after_ends = ended > 0 && (open == 0 || (ended >= MIN_ENDED && ended * 4 >= self.high));
+        let opened = open - self.low;
+        let burst_over = open <= self.last && opened >= MIN_ENDED && opened * 4 >= open;
+        self.last = open;
+        let trim = after_ends || burst_over;
         if trim {
             self.high = open;
+            self.low = open;
         }
         trim
     }
@@ -140,23 +159,25 @@ mod tests {
 
     #[test]
     fn steady_churn_never_trims() {
-        let samples: Vec<usize> = (0..600).map(|i| 9_800 + (i * 37) % 200).collect();
-        assert_eq!(trims(&samples), Vec::<usize>::new());
+        // The ramp to 9,900 trims once it is over; the churn after it never does.
+        let churn = (0..600).map(|i| 9_800 + (i * 37) % 200);
+        let samples: Vec<usize> = [9_900, 9_900].into_iter().chain(churn).collect();
+        assert_eq!(trims(&samples), vec![9_900]);
     }
 
     #[test]
     fn a_quarter_ended_trims_and_the_next_quarter_counts_from_there() {
         assert_eq!(
-            trims(&[0, 4_000, 10_000, 9_000, 7_501, 7_500, 7_000, 5_625]),
-            vec![7_500, 5_625]
+            trims(&[10_000, 10_000, 9_000, 7_501, 7_500, 7_000, 5_625]),
+            vec![10_000, 7_500, 5_625]
         );
     }
 
     #[test]
-    fn growth_after_a_trim_raises_the_mark_again() {
+    fn growth_after_a_trim_is_a_burst_of_its_own() {
         assert_eq!(
-            trims(&[10_000, 7_000, 20_000, 16_000, 15_000]),
-            vec![7_000, 15_000]
+            trims(&[10_000, 10_000, 7_000, 20_000, 21_000, 17_000, 15_000]),
+            vec![10_000, 7_000, 17_000]
         );
     }
 
@@ -165,6 +186,27 @@ mod tests {
         assert_eq!(trims(&[400, 200, 150, 160]), Vec::<usize>::new());
         assert_eq!(trims(&[400, 200, 0, 0, 0]), vec![0]);
         assert_eq!(trims(&[1, 0, 0, 3, 0]), vec![0, 0]);
+    }
+
+    #[test]
+    fn a_burst_of_connects_trims_once_it_stops_growing() {
+        assert_eq!(
+            trims(&[0, 4_000, 9_000, 9_000, 9_000, 9_001, 9_000]),
+            vec![9_000]
+        );
+    }
+
+    #[test]
+    fn a_second_burst_counts_from_the_first() {
+        assert_eq!(
+            trims(&[0, 8_000, 8_000, 9_000, 9_000, 12_000, 12_000]),
+            vec![8_000, 12_000]
+        );
+    }
+
+    #[test]
+    fn a_small_burst_on_many_open_sessions_does_not_trim() {
+        assert_eq!(trims(&[10_000, 10_000, 10_300, 10_300]), vec![10_000]);
     }
 
     #[test]

@@ -355,6 +355,10 @@ async fn json_logs_are_json_objects_and_the_access_line_carries_the_connection_i
     assert_eq!(closed.len(), 1, "one access line: {lines:?}");
     let line = closed[0];
     assert_eq!(line["span"]["id"].to_string(), session.conn_id, "{line}");
+    assert_eq!(
+        line["spans"][0], line["span"],
+        "the span list names it too: {line}"
+    );
     assert_eq!(line["route"], "/", "{line}");
     assert_eq!(line["path"], "/", "{line}");
     assert_eq!(line["http"], "1.1", "{line}");
@@ -913,6 +917,10 @@ async fn a_failed_dial_is_logged_in_the_span_of_its_connection() {
         .unwrap();
     assert_eq!(line["span"]["name"], "conn", "{line}");
     assert!(line["span"]["id"].is_u64(), "{line}");
+    assert_eq!(
+        line["spans"][0], line["span"],
+        "the span list names it too: {line}"
+    );
 }
 
 #[tokio::test]

@@ -20,10 +20,11 @@ pub(crate) use tap::{TapFilter, TapHub, TapSubscription};
 use crate::inspect::InspectorChain;
 use crate::pump::{Direction, PumpHooks, Side, Traffic, Verdict};
 
-/// The span a connection's log lines are written in: `conn{id=N}`. Made for each line (or
-/// each dial and move) rather than kept for the session's life: a live span holds about 0.4
-/// KiB in the log registry for every idle client, and entering it costs each wakeup two atomic
-/// updates, while a session writes one line at the default level.
+/// The span a connection's log lines are written in: `conn{id=N}`. Made and entered for each
+/// line (`conn_span(id).in_scope(|| info!(..))`, so every formatter sees it as the current
+/// span) rather than kept for the session's life: a live span holds about 0.4 KiB in the log
+/// registry for every idle client, and entering it costs each wakeup two atomic updates, while
+/// a session writes one line at the default level.
 pub(crate) fn conn_span(conn_id: u64) -> tracing::Span {
     tracing::info_span!("conn", id = conn_id)
 }

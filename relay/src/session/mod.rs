@@ -157,7 +157,7 @@ impl PendingSession {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                debug!(parent: &conn_span(self.conn_id), peer = %self.peer, %error, "client left before the upgrade completed");
+                conn_span(self.conn_id).in_scope(|| debug!(peer = %self.peer, %error, "client left before the upgrade completed"));
                 let away = ending::close(CloseCode::Away, "client went away");
                 close_leg(&mut self.backend, Some(away)).await;
                 return None;
@@ -177,7 +177,9 @@ impl PendingSession {
                     Err(error) => {
                         // Only a mismatch between the answer and yawc's reading of it gets
                         // here; the client was told compression is on.
-                        tracing::warn!(parent: &conn_span(self.conn_id), %error, "compressed client leg failed to start");
+                        conn_span(self.conn_id).in_scope(
+                            || tracing::warn!(%error, "compressed client leg failed to start"),
+                        );
                         let away = ending::close(CloseCode::Error, "relay error");
                         close_leg(&mut self.backend, Some(away)).await;
                         return None;
@@ -262,7 +264,8 @@ impl Session {
         let backend_url: Arc<str> = upstream.backends[backend_index].original.as_str().into();
         // The access line at the close says all of this again, so opening costs no write at
         // the default level.
-        debug!(parent: &conn_span(conn_id), %peer, %path, backend = %backend_url, "session open");
+        conn_span(conn_id)
+            .in_scope(|| debug!(%peer, %path, backend = %backend_url, "session open"));
         let route_path: Arc<str> = route.path.as_str().into();
         let inspectors = route.inspectors.as_ref().map(|template| {
             template.instantiate(ConnectionInfo {
@@ -346,12 +349,12 @@ impl Session {
                     }
                 }
                 Some(end) => {
-                    info!(parent: &span, backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying");
+                    span.in_scope(|| info!(backend = %self.backend_url(), %end, "backend did not acknowledge before the move; replaying"));
                 }
             }
-            info!(parent: &span, backend = %self.backend_url(), %end, "moving the client");
+            span.in_scope(|| info!(backend = %self.backend_url(), %end, "moving the client"));
         } else {
-            info!(parent: &span, backend = %self.backend_url(), %end, "backend lost; re-originating the client");
+            span.in_scope(|| info!(backend = %self.backend_url(), %end, "backend lost; re-originating the client"));
         }
         self.reoriginate(farewell).await
     }
@@ -403,7 +406,7 @@ impl Session {
         let backend = &mut self.backend;
         match closing.first {
             Some(first) => {
-                info!(parent: &span, peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first");
+                span.in_scope(|| info!(peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first"));
                 let to_backend_waiting = self.pump.take_waiting(Direction::ClientToBackend);
                 let to_client_waiting = self.pump.take_waiting(Direction::BackendToClient);
                 let order = match first {
@@ -444,23 +447,23 @@ impl Session {
             .close(closing.by.as_str(), closing.client_code);
         let traffic = self.pump.traffic;
         let session = self.pump.hooks().session();
-        info!(
-            parent: &conn_span(self.conn_id),
-            peer = %self.peer,
-            route = %session.route,
-            path = %session.path,
-            http = %session.http,
-            backend = %self.backend_url(),
-            how = %closing.how,
-            by = %closing.by.as_str(),
-            code = %CodeField(closing.client_code),
-            seconds = %format_args!("{:.3}", self.started.elapsed().as_secs_f64()),
-            messages_in = traffic.client_messages,
-            bytes_in = traffic.client_bytes,
-            messages_out = traffic.backend_messages,
-            bytes_out = traffic.backend_bytes,
-            "session closed"
-        );
+        conn_span(self.conn_id).in_scope(|| {
+            info!(peer = %self.peer,
+                route = %session.route,
+                path = %session.path,
+                http = %session.http,
+                backend = %self.backend_url(),
+                how = %closing.how,
+                by = %closing.by.as_str(),
+                code = %CodeField(closing.client_code),
+                seconds = %format_args!("{:.3}", self.started.elapsed().as_secs_f64()),
+                messages_in = traffic.client_messages,
+                bytes_in = traffic.client_bytes,
+                messages_out = traffic.backend_messages,
+                bytes_out = traffic.backend_bytes,
+                "session closed"
+            )
+        });
     }
 }
 

@@ -78,7 +78,8 @@ impl Session {
             ));
         }
         let to: Arc<str> = upstream.backends[index].original.as_str().into();
-        info!(parent: &conn_span(self.conn_id), from = %lost, %to, replayed, "client re-originated");
+        conn_span(self.conn_id)
+            .in_scope(|| info!(from = %lost, %to, replayed, "client re-originated"));
         self.pump.hooks_mut().set_backend(to);
         self.upstream = upstream;
         self.backend_index = index;

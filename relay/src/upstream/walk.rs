@@ -154,11 +154,12 @@ impl Walk<'_> {
                 && self.attempt_timeout(Instant::now()).is_none()
             {
                 // Cut short by the client's deadline: that says nothing about the backend.
-                warn!(
-                    parent: &conn_span(self.conn_id),
-                    backend = url,
-                    "no answer before the client's handshake_timeout"
-                );
+                conn_span(self.conn_id).in_scope(|| {
+                    warn!(
+                        backend = url,
+                        "no answer before the client's handshake_timeout"
+                    )
+                });
                 return Walked::TimedOut;
             }
             if let Some(reached) = attempt.reached() {
@@ -170,11 +171,12 @@ impl Walk<'_> {
                     if let Some(replacing) = replacing
                         && protocol.as_ref() != replacing.protocol
                     {
-                        warn!(
-                            parent: &conn_span(self.conn_id),
-                            backend = url,
-                            "replacement backend picked another subprotocol; skipping it"
-                        );
+                        conn_span(self.conn_id).in_scope(|| {
+                            warn!(
+                                backend = url,
+                                "replacement backend picked another subprotocol; skipping it"
+                            )
+                        });
                         let mismatch = CloseFrame {
                             code: CloseCode::Protocol,
                             reason: "subprotocol mismatch".into(),
@@ -189,15 +191,14 @@ impl Walk<'_> {
                     };
                 }
                 Attempt::Refused(refusal) if replacing.is_none() => {
-                    info!(parent: &conn_span(self.conn_id), peer = %self.peer, backend = url, status = %refusal.status, "backend refused the client");
+                    conn_span(self.conn_id).in_scope(|| info!(peer = %self.peer, backend = url, status = %refusal.status, "backend refused the client"));
                     return Walked::Refused { refusal };
                 }
                 Attempt::Refused(refusal) => {
-                    warn!(parent: &conn_span(self.conn_id), backend = url, status = %refusal.status, "replacement backend refused the client");
+                    conn_span(self.conn_id).in_scope(|| warn!(backend = url, status = %refusal.status, "replacement backend refused the client"));
                 }
-                Attempt::Failed(reason) => {
-                    warn!(parent: &conn_span(self.conn_id), backend = url, %reason, "backend unreachable")
-                }
+                Attempt::Failed(reason) => conn_span(self.conn_id)
+                    .in_scope(|| warn!(backend = url, %reason, "backend unreachable")),
                 Attempt::NoLink => {}
             }
         }

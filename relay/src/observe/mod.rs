@@ -47,7 +47,8 @@ pub(crate) struct SessionObserver {
     _registered: Registered,
     /// The backend serving the session, as taps and inspectors name it.
     backend: Arc<str>,
-    inspectors: Option<InspectorChain>,
+    /// Boxed: most routes have none, and every session would hold a chain's room.
+    inspectors: Option<Box<InspectorChain>>,
     tap: Arc<TapHub>,
     /// The route is `sensitive`: taps get no payload preview.
     redact: bool,
@@ -68,7 +69,7 @@ impl SessionObserver {
             _registered: observatory.sessions.register(entry.clone()),
             backend: entry.backend(),
             entry,
-            inspectors,
+            inspectors: inspectors.map(Box::new),
             tap: observatory.tap.clone(),
             redact,
             client_rtt: observatory.metrics.ping_rtt(Side::Client),

@@ -239,7 +239,8 @@ struct Session {
     upstream: Arc<Upstream>,
     backend_index: usize,
     backend: BackendLeg,
-    protocol: Option<HeaderValue>,
+    /// Boxed: most clients ask for no subprotocol, and every session would hold a header's room.
+    protocol: Option<Box<HeaderValue>>,
     request: BackendRequest,
     pump: PumpState<SessionObserver>,
     started: Instant,
@@ -293,7 +294,7 @@ impl Session {
             upstream,
             backend_index,
             backend,
-            protocol,
+            protocol: protocol.map(Box::new),
             request,
             started,
         }

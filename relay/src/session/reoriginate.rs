@@ -53,7 +53,7 @@ impl Session {
         );
         let replacing = Replacing {
             lost: &lost,
-            protocol: self.protocol.as_ref(),
+            protocol: self.protocol.as_deref(),
         };
         let walked = tokio::select! {
             walked = walk.run(&ranked, Some(replacing)) => walked,

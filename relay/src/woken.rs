@@ -1,12 +1,13 @@
 //! A future polled only after one of its own wakers fired.
 //!
-//! A session's task wakes for every message, but what stops it (a drain, a drained backend,
-//! the admin closing the connection, the end of the grace period) happens once in its life.
-//! Polling those futures at every wakeup cost a mutex or two each time (`Notify` and
-//! `CancellationToken` check their waiter under a lock): about 2.5% of the relay's CPU at
-//! 64-byte messages. [`WhenWoken`] gives the inner future a waker of its own, which marks it
-//! woken before it wakes the task; the task's other wakeups skip it for an atomic load and a
-//! waker comparison. It costs a session one small allocation per wrapped future.
+//! A session's task wakes for every message, but what ends it from outside (the end of the
+//! grace period, its turn to close in a drain) happens once in its life. Polling those futures
+//! at every wakeup cost a mutex or two each time (`CancellationToken` checks its waiter under a
+//! lock; a timer re-registers): about 2.5% of the relay's CPU at 64-byte messages. [`WhenWoken`]
+//! gives the inner future a waker of its own, which marks it woken before it wakes the task;
+//! the task's other wakeups skip it for an atomic load and a waker comparison. It costs a
+//! session one small allocation per wrapped future. (The stops raised on a session's registry
+//! entry need no wrapper: they are a flag already.)
 
 use std::future::Future;
 use std::pin::Pin;

@@ -35,8 +35,6 @@ pub use leg::{
 use keepalive::{LegLiveness, LegVerdict, far_future};
 use replay::ReplayLog;
 
-use crate::woken::WhenWoken;
-
 /// Messages a direction moves before it lets the other direction and the timers run.
 const FAIRNESS_BUDGET: usize = 32;
 
@@ -153,7 +151,7 @@ pin_project_lite::pin_project! {
         client: &'a mut C,
         backend: &'a mut B,
         #[pin]
-        stop: WhenWoken<S>,
+        stop: S,
         #[pin]
         timer: Sleep,
     }
@@ -260,7 +258,9 @@ impl<H: PumpHooks> PumpState<H> {
         self.lane(direction).waiting.take()
     }
 
-    /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one.
+    /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one. `stop` is
+    /// polled at every wakeup of the pump, so it must cost little when nothing happened: a
+    /// flag, or a future behind [`crate::woken::WhenWoken`].
     pub fn run<'a, C: Leg, B: Leg, S: Future<Output = PumpEnd>>(
         &'a mut self,
         client: &'a mut C,
@@ -272,7 +272,7 @@ impl<H: PumpHooks> PumpState<H> {
             state: self,
             client,
             backend,
-            stop: WhenWoken::new(stop),
+            stop,
         }
     }
 

@@ -36,6 +36,7 @@ use crate::route::Route;
 use crate::shutdown::{Shutdown, UntilAborted, close_delay, until_aborted};
 use crate::upstream::{BackendRequest, BackendState, Upstream};
 use crate::websocket::WebSocket;
+use crate::woken::WhenWoken;
 use ending::{Closing, Farewell, Next};
 use stop::StopRequested;
 
@@ -373,6 +374,7 @@ impl Session {
                 tokio::time::sleep(delay).await;
                 PumpEnd::Drain
             };
+            let turn = WhenWoken::new(turn);
             return self.pump.run(client, &mut self.backend, turn).await;
         }
         let entry = self.pump.hooks_mut().entry();

@@ -15,7 +15,8 @@ use crate::observe::{SessionEntry, StopRequest};
 use crate::pump::PumpEnd;
 
 /// Completes with the [`PumpEnd`] of the first stop raised on `entry`; a drained backend's
-/// after `grace`.
+/// after `grace`. Polled at every wakeup of the pump, it costs a load and a waker comparison
+/// while nothing is raised.
 pub(super) struct StopRequested {
     entry: Arc<SessionEntry>,
     grace: Duration,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -54,7 +54,7 @@ pub struct BackendServer {
 impl BackendServer {
     /// Binds `listen` and serves `kind` in the background.
     pub async fn start(kind: BackendKind, listen: SocketAddr) -> std::io::Result<BackendServer> {
-        let listener = TcpListener::bind(listen).await?;
+        let listener = bind_deep(listen)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(kind, listener, stopped));
@@ -81,11 +81,29 @@ impl Drop for BackendServer {
 /// Serves `kind` on `listen` until the process ends, printing `listening on ws://ADDR/` first
 /// (what a parent process waits for).
 pub async fn serve_forever(kind: BackendKind, listen: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
+    let listener = bind_deep(listen)?;
     println!("listening on ws://{}/", listener.local_addr()?);
     let (_stop, stopped) = watch::channel(false);
     accept_loop(kind, listener, stopped).await;
     Ok(())
+}
+
+/// A backend's accept queue. A proxy under test dials its backend as fast as its clients
+/// arrive; with `TcpListener::bind`'s 128 the queue overflowed during `hold` ramps (256
+/// handshakes at once), and the dials it dropped were retried a second later, in the proxy's
+/// p99 rather than its own. The kernel caps it at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds `listen` as `TcpListener::bind` does, with an [`ACCEPT_BACKLOG`] queue.
+fn bind_deep(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 fn server_ws_config() -> WebSocketConfig {

@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tungstenite::Message;
 
 pub(crate) use metrics::{CompressionCounters, Figures, Metrics};
-pub(crate) use registry::{Registered, SessionEntry, SessionRegistry, StopRequest};
+pub(crate) use registry::{Registered, SessionEntry, SessionRegistry, StopListener, StopRequest};
 pub(crate) use tap::{TapFilter, TapHub, TapSubscription};
 
 use crate::inspect::InspectorChain;

@@ -86,6 +86,13 @@ impl StopRequests {
     }
 }
 
+/// A session pump's side of its stop requests: the waker it gave and the requests it saw.
+#[derive(Debug, Default)]
+pub struct StopListener {
+    registered: Option<Waker>,
+    seen: u8,
+}
+
 /// What the admin API shows of one session.
 #[derive(Debug)]
 pub struct SessionEntry {
@@ -169,20 +176,25 @@ impl SessionEntry {
         }
     }
 
-    /// The requests raised so far; with none, `cx`'s task is woken at the next. `registered`
-    /// is the waker given last time, so a poll with the same one costs a load and a
-    /// comparison.
-    pub fn poll_stops(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> StopRequests {
+    /// The requests raised so far; `cx`'s task is woken at the next raise. `listener` keeps
+    /// what the last poll saw, so a poll with the same waker and nothing new costs a load and
+    /// two comparisons.
+    pub fn poll_stops(&self, cx: &mut Context<'_>, listener: &mut StopListener) -> StopRequests {
         let raised = self.stops.load(Ordering::Acquire);
-        if raised != 0 {
+        let same_waker = listener
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if raised == listener.seen && same_waker {
             return StopRequests(raised);
         }
-        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            self.stop_waker.register(cx.waker());
-            *registered = Some(cx.waker().clone());
-        }
-        // Raised between the load and the registration: its wake found no waker.
-        StopRequests(self.stops.load(Ordering::Acquire))
+        // A raise since the last poll took the waker out to wake it: give it again, or the
+        // next raise (a drain after a drained backend) would wake nobody.
+        self.stop_waker.register(cx.waker());
+        listener.registered = Some(cx.waker().clone());
+        // Raised between the first load and the registration: its wake found no waker.
+        listener.seen = self.stops.load(Ordering::Acquire);
+        StopRequests(listener.seen)
     }
 
     /// Asks the session to close with `code` and `reason`.

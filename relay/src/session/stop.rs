@@ -6,12 +6,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Sleep;
 
-use crate::observe::{SessionEntry, StopRequest};
+use crate::observe::{SessionEntry, StopListener, StopRequest};
 use crate::pump::PumpEnd;
 
 /// Completes with the [`PumpEnd`] of the first stop raised on `entry`; a drained backend's
@@ -20,7 +20,7 @@ use crate::pump::PumpEnd;
 pub(super) struct StopRequested {
     entry: Arc<SessionEntry>,
     grace: Duration,
-    registered: Option<Waker>,
+    listener: StopListener,
     /// Started when the backend's drain is seen; boxed, as most sessions never need it.
     grace_over: Option<Pin<Box<Sleep>>>,
 }
@@ -31,7 +31,7 @@ impl StopRequested {
         StopRequested {
             entry,
             grace,
-            registered: None,
+            listener: StopListener::default(),
             grace_over: None,
         }
     }
@@ -42,7 +42,7 @@ impl Future for StopRequested {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
         let this = self.get_mut();
-        let stops = this.entry.poll_stops(cx, &mut this.registered);
+        let stops = this.entry.poll_stops(cx, &mut this.listener);
         if stops.has(StopRequest::Drain) {
             return Poll::Ready(PumpEnd::Drain);
         }
@@ -81,7 +81,7 @@ mod tests {
     }
 
     fn poll_once(stop: &mut StopRequested) -> Poll<PumpEnd> {
-        let mut cx = Context::from_waker(Waker::noop());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         Pin::new(stop).poll(&mut cx)
     }
 
@@ -119,6 +119,27 @@ mod tests {
         session.set_backend("ws://b".into());
         let mut stop = StopRequested::new(session.clone(), Duration::from_secs(5));
         assert!(poll_once(&mut stop).is_pending());
+    }
+
+    /// A drain after a drained backend must not wait out the backend's grace: the first raise
+    /// took the waker to wake the pump, and the pump has to give it again.
+    #[tokio::test]
+    async fn a_drain_during_a_drained_backends_grace_ends_the_pump_at_once() {
+        let session = entry();
+        let stop = StopRequested::new(session.clone(), Duration::from_secs(3_600));
+        let waiting = tokio::spawn(stop);
+        tokio::task::yield_now().await;
+        session.backend_drained("ws://a");
+        // Let the pump see the drained backend and start its grace.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        session.raise(StopRequest::Drain);
+        let end = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+        assert!(
+            matches!(end, Ok(Ok(PumpEnd::Drain))),
+            "not woken by the drain"
+        );
     }
 
     #[tokio::test]

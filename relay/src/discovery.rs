@@ -259,7 +259,7 @@ mod tests {
             .map(|a| a.parse().unwrap())
             .collect();
         let set = backend_set(&discover("/chat"), addresses).unwrap();
-        let urls: Vec<&str> = set.iter().map(|b| b.url.original.as_str()).collect();
+        let urls: Vec<&str> = set.iter().map(|b| b.url.original.as_ref()).collect();
         assert_eq!(
             urls,
             [

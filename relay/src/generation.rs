@@ -182,12 +182,12 @@ impl Generation {
 
     /// Backend URLs this generation has and `other` lacks.
     pub fn backends_missing_from(&self, other: &Generation) -> Vec<String> {
-        let others: BTreeSet<&String> = other.backends.iter().map(|(url, _)| url).collect();
+        let others: BTreeSet<&str> = other.backends.iter().map(|(url, _)| url).collect();
         self.backends
             .iter()
             .map(|(url, _)| url)
             .filter(|url| !others.contains(url))
-            .cloned()
+            .map(str::to_owned)
             .collect()
     }
 }

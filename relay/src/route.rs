@@ -15,7 +15,7 @@ use crate::upstream::{BackendSets, BackendTls, Upstream};
 /// One `[[route]]`, ready to serve.
 pub(crate) struct Route {
     /// Path prefix the route serves.
-    pub path: String,
+    pub path: Arc<str>,
     /// Where its clients go.
     pub upstream: Arc<Upstream>,
     /// What identifies a client for hashing.
@@ -86,7 +86,7 @@ impl RouteTable {
                     entries.push(format!("rate:{rate_limit}"));
                 }
                 Some(Arc::new(Route {
-                    path: route.path.get_ref().clone(),
+                    path: route.path.get_ref().as_str().into(),
                     upstream,
                     hash_key: route.hash_key.clone(),
                     preserve_host: route.preserve_host,

@@ -176,7 +176,7 @@ fn backends(shared: &Shared) -> Vec<BackendRow> {
         .backends
         .iter()
         .map(|(url, state)| BackendRow {
-            url: url.clone(),
+            url: url.to_owned(),
             upstream: state.upstream.clone(),
             healthy: state.healthy(),
             draining: state.draining(),
@@ -195,7 +195,7 @@ fn metrics(shared: &Shared) -> String {
     let mut connections = census.by_route;
     for route in generation.routes.iter() {
         for backend in &route.upstream.backends {
-            let key = (route.path.as_str().into(), backend.original.as_str().into());
+            let key = (route.path.clone(), backend.original.clone());
             connections.entry(key).or_insert(0);
         }
     }
@@ -204,9 +204,9 @@ fn metrics(shared: &Shared) -> String {
     for upstream in generation.routes.mux_upstreams() {
         for backend in &upstream.backends {
             let url = &backend.original;
-            mux_streams.entry(url.as_str().into()).or_insert(0);
+            mux_streams.entry(url.clone()).or_insert(0);
             let live = generation.mux.live_links(&generation.upstreams, url);
-            mux_links.push((url.clone(), live as i64));
+            mux_links.push((url.to_string(), live as i64));
         }
     }
     let figures = Figures {
@@ -218,7 +218,7 @@ fn metrics(shared: &Shared) -> String {
         backend_healthy: generation
             .backends
             .iter()
-            .map(|(url, state)| (url.clone(), state.healthy()))
+            .map(|(url, state)| (url.to_owned(), state.healthy()))
             .collect(),
         mux_links,
         mux_streams: mux_streams

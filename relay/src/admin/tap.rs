@@ -73,7 +73,7 @@ fn exists(shared: &Shared, filter: &TapFilter) -> Result<(), String> {
     match filter {
         TapFilter::Route(path) => {
             let generation = shared.generations.current();
-            let paths: Vec<&str> = generation.routes.iter().map(|r| r.path.as_str()).collect();
+            let paths: Vec<&str> = generation.routes.iter().map(|r| r.path.as_ref()).collect();
             if paths.contains(&path.as_str()) {
                 Ok(())
             } else {

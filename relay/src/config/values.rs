@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -23,8 +24,9 @@ pub struct BackendConfig {
 /// A parsed `ws[s]://host:port[/base]` backend address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendUrl {
-    /// The URL exactly as configured; it is also the backend's identity for hashing.
-    pub original: String,
+    /// The URL exactly as configured; it is also the backend's identity for hashing. Shared:
+    /// every session on the backend names it.
+    pub original: Arc<str>,
     /// `wss://`: the backend is reached over TLS (the upstream's `tls` settings).
     pub secure: bool,
     /// The host as written, without the port (IPv6 addresses keep their brackets): the TLS
@@ -70,7 +72,7 @@ impl BackendUrl {
             Some(path) => path.trim_end_matches('/').to_owned(),
         };
         Ok(BackendUrl {
-            original: text.to_owned(),
+            original: text.into(),
             secure,
             host: authority.host().to_owned(),
             authority: format!("{}:{port}", authority.host()),

@@ -263,12 +263,12 @@ impl Session {
             request,
         } = pending;
         let upstream = route.upstream.clone();
-        let backend_url: Arc<str> = upstream.backends[backend_index].original.as_str().into();
+        let backend_url = upstream.backends[backend_index].original.clone();
         // The access line at the close says all of this again, so opening costs no write at
         // the default level.
         conn_span(conn_id)
             .in_scope(|| debug!(%peer, %path, backend = %backend_url, "session open"));
-        let route_path: Arc<str> = route.path.as_str().into();
+        let route_path = route.path.clone();
         let inspectors = route.inspectors.as_ref().map(|template| {
             template.instantiate(ConnectionInfo {
                 conn_id,

@@ -3,8 +3,6 @@
 //! upstream) without the lost backend, then the replay of what the lost backend may have
 //! missed.
 
-use std::sync::Arc;
-
 use futures_util::SinkExt;
 use tokio::time::Instant;
 use tracing::info;
@@ -77,7 +75,7 @@ impl Session {
                 "replacement backend failed during replay".into(),
             ));
         }
-        let to: Arc<str> = upstream.backends[index].original.as_str().into();
+        let to = upstream.backends[index].original.clone();
         conn_span(self.conn_id)
             .in_scope(|| info!(from = %lost, %to, replayed, "client re-originated"));
         self.pump.hooks_mut().set_backend(to);

@@ -58,7 +58,7 @@ impl BackendState {
 /// Every configured backend by URL.
 #[derive(Debug, Default)]
 pub struct BackendBook {
-    backends: BTreeMap<String, Arc<BackendState>>,
+    backends: BTreeMap<Arc<str>, Arc<BackendState>>,
 }
 
 impl BackendBook {
@@ -141,8 +141,8 @@ impl BackendBook {
     }
 
     /// Every backend, by URL.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &BackendState)> {
-        self.backends.iter().map(|(url, state)| (url, &**state))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &BackendState)> {
+        self.backends.iter().map(|(url, state)| (&**url, &**state))
     }
 
     /// True if any backend is healthy and not draining.

@@ -56,7 +56,7 @@ pub async fn dial(
     timeout: Duration,
 ) -> Result<Dialed, DialError> {
     let unreachable = |reason: String| DialError::Unreachable {
-        url: backend.original.clone(),
+        url: backend.original.to_string(),
         reason,
     };
     let http_request = request.for_backend(backend).map_err(unreachable)?;
@@ -95,7 +95,7 @@ pub async fn dial(
             }) => {
                 strip_for_client(&mut headers);
                 DialError::Refused {
-                    url: backend.original.clone(),
+                    url: backend.original.to_string(),
                     status,
                     headers,
                     body,

@@ -141,7 +141,7 @@ impl MuxPool {
                 continue;
             };
             for (index, backend) in upstream.backends.iter().enumerate() {
-                if backend.original == url {
+                if *backend.original == *url {
                     links += slots.backends[index]
                         .iter()
                         .filter(|slot| {
@@ -236,7 +236,7 @@ struct LinkSlotTask {
 impl LinkSlotTask {
     async fn run(self) {
         let backend = &self.upstream.backends[self.index];
-        let url = backend.original.as_str();
+        let url = backend.original.as_ref();
         let number = self.number;
         let socket = link_socket_config(self.socket, &self.config);
         let request = BackendRequest::mux_link();

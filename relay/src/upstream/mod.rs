@@ -71,7 +71,7 @@ impl Upstream {
         Upstream {
             name: name.to_owned(),
             backends: backends.iter().map(|b| b.url.clone()).collect(),
-            ranking: Ranking::new(backends.iter().map(|b| (b.url.original.as_str(), b.weight))),
+            ranking: Ranking::new(backends.iter().map(|b| (b.url.original.as_ref(), b.weight))),
             connect_timeout: config.connect_timeout.get_ref().0,
             on_backend_loss: config.on_backend_loss,
             health_check: config.health_check.as_ref().map(|c| c.get_ref().clone()),

@@ -141,7 +141,7 @@ impl Walk<'_> {
     pub async fn run(&self, ranked: &[usize], replacing: Option<Replacing<'_>>) -> Walked {
         let mut candidates = 0;
         for &index in ranked {
-            let url = self.upstream.backends[index].original.as_str();
+            let url = self.upstream.backends[index].original.as_ref();
             if replacing.is_some_and(|r| r.lost == url) || !self.book.accepts_new(url) {
                 continue;
             }

@@ -5,6 +5,7 @@
 //! optimised), so the benchmark gets one function that runs them between two byte streams of
 //! the caller's, e.g. `tokio::io::duplex` pipes, rather than the types themselves.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,7 +32,7 @@ where
     };
     let mut client = AnyLeg::Socket(WebSocket::new(client, Role::Server, config, &[]));
     let mut backend = AnyLeg::Socket(WebSocket::new(backend, Role::Client, config, &[]));
-    let mut state = PumpState::new(policy, Instant::now(), false, ());
+    let mut state = PumpState::new(Arc::new(policy), Instant::now(), false, ());
     state
         .run(&mut client, &mut backend, std::future::pending())
         .await

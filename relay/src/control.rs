@@ -93,7 +93,7 @@ impl Shared {
         let sessions = SessionContext {
             generations: generations.clone(),
             observe: Arc::new(Observatory::default()),
-            shutdown,
+            shutdown: Arc::new(shutdown),
         };
         Shared {
             generations,

@@ -56,7 +56,7 @@ pub(crate) struct Generation {
     /// Backend health and drain state, by URL.
     pub backends: Arc<BackendBook>,
     /// Keepalive settings for both legs.
-    pub keepalive: KeepalivePolicy,
+    pub keepalive: Arc<KeepalivePolicy>,
     /// tungstenite settings of client and backend legs alike.
     pub socket: WebSocketConfig,
     /// The links of mux upstreams.
@@ -120,7 +120,7 @@ impl Generation {
                 &sets,
                 previous.map(|p| &*p.backends),
             )),
-            keepalive,
+            keepalive: Arc::new(keepalive),
             socket,
             retired,
             config,

@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
+use crate::config::Mode;
 use crate::pump::Traffic;
 
 /// The four traffic counters, stored as relaxed atomics.
@@ -105,15 +106,16 @@ pub struct SessionEntry {
     /// Route path prefix.
     pub route: Arc<str>,
     /// Request path.
-    pub path: String,
-    /// `per-client` or `mux`.
-    pub mode: &'static str,
+    pub path: Box<str>,
+    /// How its route carries it.
+    mode: Mode,
     /// When the session was established.
     pub since: SystemTime,
     backend: Mutex<Arc<str>>,
     traffic: TrafficCells,
-    /// The close the admin asked for (`DELETE /api/connections/ID`), once it did.
-    close_request: Mutex<Option<(u16, String)>>,
+    /// The close the admin asked for (`DELETE /api/connections/ID`), once it did; boxed, as
+    /// few sessions are ever asked.
+    close_request: Mutex<Option<Box<(u16, String)>>>,
     /// [`StopRequest`] bits raised so far.
     stops: AtomicU8,
     /// The session's pump, to wake when one is raised.
@@ -128,7 +130,7 @@ impl SessionEntry {
         http: &'static str,
         route: Arc<str>,
         path: String,
-        mode: &'static str,
+        mode: Mode,
         backend: Arc<str>,
     ) -> SessionEntry {
         SessionEntry {
@@ -136,7 +138,7 @@ impl SessionEntry {
             client_addr,
             http,
             route,
-            path,
+            path: path.into_boxed_str(),
             mode,
             since: SystemTime::now(),
             backend: Mutex::new(backend),
@@ -144,6 +146,14 @@ impl SessionEntry {
             close_request: Mutex::new(None),
             stops: AtomicU8::new(0),
             stop_waker: AtomicWaker::new(),
+        }
+    }
+
+    /// `per-client` or `mux`.
+    pub fn mode(&self) -> &'static str {
+        match self.mode {
+            Mode::PerClient => "per-client",
+            Mode::Mux => "mux",
         }
     }
 
@@ -199,7 +209,7 @@ impl SessionEntry {
 
     /// Asks the session to close with `code` and `reason`.
     pub fn request_close(&self, code: u16, reason: String) {
-        *self.close_request.lock().expect("close request lock") = Some((code, reason));
+        *self.close_request.lock().expect("close request lock") = Some(Box::new((code, reason)));
         self.raise(StopRequest::Close);
     }
 
@@ -208,7 +218,8 @@ impl SessionEntry {
         self.close_request
             .lock()
             .expect("close request lock")
-            .clone()
+            .as_deref()
+            .cloned()
     }
 
     /// Stores the session's traffic so far.
@@ -225,9 +236,9 @@ impl SessionEntry {
             client_addr: self.client_addr.to_string(),
             http: self.http,
             route: self.route.to_string(),
-            path: self.path.clone(),
+            path: self.path.to_string(),
             backend: self.backend().to_string(),
-            mode: self.mode,
+            mode: self.mode(),
             since_unix_ms: self
                 .since
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -340,7 +351,7 @@ impl SessionRegistry {
                 .by_route
                 .entry((entry.route.clone(), backend.clone()))
                 .or_default() += 1;
-            if entry.mode == "mux" {
+            if entry.mode == Mode::Mux {
                 *census.mux_streams.entry(backend).or_default() += 1;
             }
             census.traffic.add(&entry.traffic.load());

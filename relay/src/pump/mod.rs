@@ -18,6 +18,7 @@ pub mod replay;
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -186,7 +187,8 @@ struct Lane {
 /// Pump state that outlives one backend leg, so a session can re-originate to another
 /// backend without losing what the client sent.
 pub struct PumpState<H> {
-    policy: KeepalivePolicy,
+    /// Shared: one per configuration generation, not a copy in every session.
+    policy: Arc<KeepalivePolicy>,
     inbound: Lane,
     outbound: Lane,
     /// Client messages the backend has not acknowledged; `None` when the session will not
@@ -204,7 +206,7 @@ pub struct PumpState<H> {
 impl<H: PumpHooks> PumpState<H> {
     /// State for a session whose legs both finished their handshake at `now`; `replayable`
     /// keeps a [`ReplayLog`] so a lost backend's messages can go to its replacement.
-    pub fn new(policy: KeepalivePolicy, now: Instant, replayable: bool, hooks: H) -> Self {
+    pub fn new(policy: Arc<KeepalivePolicy>, now: Instant, replayable: bool, hooks: H) -> Self {
         PumpState {
             policy,
             inbound: Lane::default(),
@@ -671,7 +673,7 @@ impl<H: PumpHooks> PumpState<H> {
         if !leg.pings() {
             return None;
         }
-        let policy = self.policy;
+        let policy = *self.policy;
         match self.liveness(side).check(now, &policy) {
             LegVerdict::Dead => Some(PumpEnd::gone(
                 side,
@@ -794,7 +796,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_read_when_the_backend_breaks_goes_to_the_next_backend() {
-        let mut state = PumpState::new(quiet_policy(), Instant::now(), true, ());
+        let mut state = PumpState::new(Arc::new(quiet_policy()), Instant::now(), true, ());
         let mut client = ScriptedLeg {
             incoming: VecDeque::from([Message::text("whoami")]),
             open: true,

@@ -24,7 +24,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role};
 
 use crate::compress::{Agreed, DeflateLeg, MaybeDeflate};
-use crate::config::{Mode, OnBackendLoss};
+use crate::config::OnBackendLoss;
 use crate::generation::{Generation, Generations};
 use crate::inspect::ConnectionInfo;
 use crate::observe::{Observatory, SessionEntry, SessionObserver, StopRequest, conn_span};
@@ -77,8 +77,8 @@ pub(crate) struct SessionContext {
     pub generations: Arc<Generations>,
     /// Registry, metrics, taps.
     pub observe: Arc<Observatory>,
-    /// Drain and abort.
-    pub shutdown: Shutdown,
+    /// Drain and abort (shared: each session holds one pointer, not three tokens).
+    pub shutdown: Arc<Shutdown>,
 }
 
 /// How the client side of a session arrives.
@@ -233,7 +233,6 @@ struct Session {
     context: SessionContext,
     route: Arc<Route>,
     conn_id: u64,
-    peer: SocketAddr,
     hash_key: Vec<u8>,
     /// The upstream serving the session now (a re-origination takes the current
     /// generation's).
@@ -277,20 +276,23 @@ impl Session {
                 client_addr: peer,
             })
         });
-        let mode = match route.mode {
-            Mode::PerClient => "per-client",
-            Mode::Mux => "mux",
-        };
-        let entry = SessionEntry::new(conn_id, peer, http, route_path, path, mode, backend_url);
+        let entry = SessionEntry::new(
+            conn_id,
+            peer,
+            http,
+            route_path,
+            path,
+            route.mode,
+            backend_url,
+        );
         let observer = SessionObserver::new(&context.observe, entry, inspectors, route.sensitive);
         let started = Instant::now();
         let replayable = upstream.on_backend_loss == OnBackendLoss::Reconnect;
         Session {
-            pump: PumpState::new(generation.keepalive, started, replayable, observer),
+            pump: PumpState::new(generation.keepalive.clone(), started, replayable, observer),
             context,
             route,
             conn_id,
-            peer,
             hash_key,
             upstream,
             backend_index,
@@ -299,6 +301,11 @@ impl Session {
             request,
             started,
         }
+    }
+
+    /// The client's address (its registry entry has it).
+    fn peer(&self) -> SocketAddr {
+        self.pump.hooks().session().client_addr
     }
 
     fn backend_url(&self) -> &str {
@@ -375,7 +382,8 @@ impl Session {
                 PumpEnd::Drain
             };
             let turn = WhenWoken::new(turn);
-            return self.pump.run(client, &mut self.backend, turn).await;
+            // Boxed: only a drain gets here, and its pump would widen every session's future.
+            return Box::pin(self.pump.run(client, &mut self.backend, turn)).await;
         }
         let entry = self.pump.hooks_mut().entry();
         // Raised here too, for what happened before the session registered or moved: the
@@ -406,10 +414,11 @@ impl Session {
         };
         let (to_client, to_backend) = (farewell(&closing.client), farewell(&closing.backend));
         let span = conn_span(self.conn_id);
+        let peer = self.peer();
         let backend = &mut self.backend;
         match closing.first {
             Some(first) => {
-                span.in_scope(|| info!(peer = %self.peer, how = %closing.how, first = first.as_str(), "closing one leg first"));
+                span.in_scope(|| info!(peer = %peer, how = %closing.how, first = first.as_str(), "closing one leg first"));
                 let to_backend_waiting = self.pump.take_waiting(Direction::ClientToBackend);
                 let to_client_waiting = self.pump.take_waiting(Direction::BackendToClient);
                 let order = match first {
@@ -451,7 +460,7 @@ impl Session {
         let traffic = self.pump.traffic;
         let session = self.pump.hooks().session();
         conn_span(self.conn_id).in_scope(|| {
-            info!(peer = %self.peer,
+            info!(peer = %session.client_addr,
                 route = %session.route,
                 path = %session.path,
                 http = %session.http,

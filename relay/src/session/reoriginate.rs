@@ -45,7 +45,7 @@ impl Session {
             &upstream,
             self.route.mode,
             &self.request,
-            self.peer,
+            self.peer(),
             self.conn_id,
             None,
         );

@@ -75,7 +75,7 @@ mod tests {
             "1.1",
             "/".into(),
             "/".into(),
-            "per-client",
+            crate::config::Mode::PerClient,
             "ws://a".into(),
         ))
     }

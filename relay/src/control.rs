@@ -122,7 +122,7 @@ impl Shared {
         &self.acceptor.sessions.observe
     }
 
-    pub fn shutdown(&self) -> &Shutdown {
+    pub fn shutdown(&self) -> &Arc<Shutdown> {
         &self.acceptor.sessions.shutdown
     }
 

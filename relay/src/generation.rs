@@ -136,7 +136,7 @@ impl Generation {
 
     /// Starts what the generation runs in the background, owned by `tasks`: health checks
     /// and mux links.
-    pub fn start(&self, tasks: &TaskTracker, shutdown: &Shutdown) {
+    pub fn start(&self, tasks: &TaskTracker, shutdown: &Arc<Shutdown>) {
         upstream::spawn_checks(
             tasks,
             &self.upstreams,

@@ -49,7 +49,6 @@ mod session;
 mod shutdown;
 mod upstream;
 mod websocket;
-mod woken;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -352,10 +351,11 @@ impl RelayHandle {
                 sessions = sessions_aborted,
                 "grace period over; dropping the rest"
             );
-            shutdown.abort.cancel();
+            shutdown.abort_now();
+            shared.observe().sessions.abort_all();
             tasks.wait().await;
         }
-        shutdown.abort.cancel();
+        shutdown.abort_now();
         shared.control.close();
         shared.control.wait().await;
         tracing::info!("drained");

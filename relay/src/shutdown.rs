@@ -3,16 +3,16 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-
-use crate::woken::WhenWoken;
+use tokio_util::sync::CancellationToken;
 
 /// The three stages of stopping, each a token that tasks watch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Shutdown {
     /// Stop accepting new connections.
     pub stop_accepting: CancellationToken,
@@ -20,6 +20,33 @@ pub struct Shutdown {
     pub drain: CancellationToken,
     /// The grace period is over: drop whatever is left.
     pub abort: CancellationToken,
+    /// [`Shutdown::abort`] as a flag, which every session reads at each wakeup (a token's
+    /// state is behind a lock every session would share).
+    aborted: AtomicBool,
+}
+
+impl Shutdown {
+    /// Ends the grace period: cancels [`Shutdown::abort`]. The sessions themselves are woken
+    /// by whoever holds them (the registry's walk), as they wait on no token.
+    pub fn abort_now(&self) {
+        self.aborted.store(true, Ordering::Release);
+        self.abort.cancel();
+    }
+
+    /// True once [`Shutdown::abort_now`] ran.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+}
+
+/// Runs `work` to its end, or forever once the grace period is over: for the rare steps of a
+/// session (its start, a move, its closing) that wait outside its pump, whose wakeup the abort
+/// must not miss. [`UntilAborted`] around the session then drops it.
+pub async fn or_aborted<F: Future>(work: F, shutdown: &Shutdown) -> F::Output {
+    tokio::select! {
+        output = work => output,
+        () = shutdown.abort.cancelled() => std::future::pending().await,
+    }
 }
 
 /// How long after the drain starts this connection is closed: spread over a window that grows
@@ -33,29 +60,32 @@ pub fn close_delay(conn_id: u64, open_connections: usize, grace: Duration) -> Du
 }
 
 pin_project! {
-    /// `work` run until it ends or `abort` is cancelled, holding `held` (a connection's slot, its
-    /// count of open streams) until then. A struct rather than an `async fn`: an async function
-    /// keeps its arguments beside the future it awaits, so wrapping a session that way would
-    /// double the memory every client holds for as long as it stays.
+    /// `work` run until it ends or the grace period is over, holding `held` (a connection's
+    /// slot, its count of open streams) until then. A struct rather than an `async fn`: an
+    /// async function keeps its arguments beside the future it awaits, so wrapping a session
+    /// that way would double the memory every client holds for as long as it stays.
+    ///
+    /// It waits on no token: it reads [`Shutdown::is_aborted`] whenever the task wakes, and
+    /// `work` sees to the wakeup (a session's pump through its registry entry, its rarer steps
+    /// through [`or_aborted`]).
     #[must_use = "futures do nothing unless polled"]
     pub struct UntilAborted<F, H> {
         #[pin]
         work: F,
-        #[pin]
-        abort: WhenWoken<WaitForCancellationFutureOwned>,
+        shutdown: Arc<Shutdown>,
         held: H,
     }
 }
 
-/// Runs `work` until it ends or `abort` is cancelled, and drops `held` then.
+/// Runs `work` until it ends or `shutdown` aborts, and drops `held` then.
 pub fn until_aborted<F: Future<Output = ()>, H>(
     work: F,
-    abort: CancellationToken,
+    shutdown: Arc<Shutdown>,
     held: H,
 ) -> UntilAborted<F, H> {
     UntilAborted {
         work,
-        abort: WhenWoken::new(abort.cancelled_owned()),
+        shutdown,
         held,
     }
 }
@@ -65,11 +95,20 @@ impl<F: Future<Output = ()>, H> Future for UntilAborted<F, H> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        if this.abort.poll(cx).is_ready() {
+        if this.shutdown.is_aborted() {
             tracing::debug!("dropped at the end of the grace period");
             return Poll::Ready(());
         }
-        this.work.poll(cx)
+        if this.work.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // Read again once `work` waits: an abort that came meanwhile may have woken nobody
+        // (its walk of the registry came before `work` registered there).
+        if this.shutdown.is_aborted() {
+            tracing::debug!("dropped at the end of the grace period");
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 
@@ -92,21 +131,38 @@ mod tests {
 
     #[tokio::test]
     async fn aborted_work_stops_and_lets_go_of_what_it_held() {
-        let abort = CancellationToken::new();
-        let held = std::sync::Arc::new(());
-        let work = until_aborted(std::future::pending(), abort.clone(), held.clone());
-        let task = tokio::spawn(work);
-        abort.cancel();
+        let shutdown = Arc::new(Shutdown::default());
+        let held = Arc::new(());
+        // Work that waits on the abort as a session's rare steps do, so the abort wakes it.
+        let waiting = shutdown.clone();
+        let work = async move { or_aborted(std::future::pending::<()>(), &waiting).await };
+        let task = tokio::spawn(until_aborted(work, shutdown.clone(), held.clone()));
+        tokio::task::yield_now().await;
+        shutdown.abort_now();
         task.await.unwrap();
-        assert_eq!(std::sync::Arc::strong_count(&held), 1, "still held");
+        assert_eq!(Arc::strong_count(&held), 1, "still held");
+    }
+
+    #[test]
+    fn an_abort_that_came_while_the_work_ran_ends_it_without_a_wakeup() {
+        let shutdown = Arc::new(Shutdown::default());
+        let aborting = shutdown.clone();
+        // The work registers nowhere: only the read after it ran can see the abort.
+        let work = std::future::poll_fn(move |_| {
+            aborting.abort_now();
+            Poll::<()>::Pending
+        });
+        let mut until = std::pin::pin!(until_aborted(work, shutdown, ()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(until.as_mut().poll(&mut cx).is_ready());
     }
 
     #[tokio::test]
     async fn work_that_ends_ends_the_future() {
-        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ran = Arc::new(AtomicBool::new(false));
         let flag = ran.clone();
-        let work = async move { flag.store(true, std::sync::atomic::Ordering::Relaxed) };
-        until_aborted(work, CancellationToken::new(), ()).await;
-        assert!(ran.load(std::sync::atomic::Ordering::Relaxed));
+        let work = async move { flag.store(true, Ordering::Relaxed) };
+        until_aborted(work, Arc::new(Shutdown::default()), ()).await;
+        assert!(ran.load(Ordering::Relaxed));
     }
 }

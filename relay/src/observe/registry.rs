@@ -74,6 +74,9 @@ pub enum StopRequest {
     BackendDrained = 2,
     /// The admin closed the connection (`DELETE /api/connections/ID`).
     Close = 4,
+    /// The grace period is over: the session is dropped where it stands. Its pump only needs
+    /// waking; what ends the session is the relay's flag ([`crate::shutdown::Shutdown`]).
+    Abort = 8,
 }
 
 /// The stop requests raised so far, as bits.
@@ -321,6 +324,13 @@ impl SessionRegistry {
     pub fn drain_all(&self) {
         for entry in self.sessions.iter() {
             entry.raise(StopRequest::Drain);
+        }
+    }
+
+    /// Wakes every open session at the end of the grace period, for it to see the abort.
+    pub fn abort_all(&self) {
+        for entry in self.sessions.iter() {
+            entry.raise(StopRequest::Abort);
         }
     }
 

@@ -262,7 +262,7 @@ impl<H: PumpHooks> PumpState<H> {
 
     /// Runs until one of the [`PumpEnd`] events, or until `stop` completes with one. `stop` is
     /// polled at every wakeup of the pump, so it must cost little when nothing happened: a
-    /// flag, or a future behind [`crate::woken::WhenWoken`].
+    /// flag, as a session's stop requests are.
     pub fn run<'a, C: Leg, B: Leg, S: Future<Output = PumpEnd>>(
         &'a mut self,
         client: &'a mut C,

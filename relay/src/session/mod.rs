@@ -33,10 +33,9 @@ use crate::pump::{
     StreamLeg, close_leg,
 };
 use crate::route::Route;
-use crate::shutdown::{Shutdown, UntilAborted, close_delay, until_aborted};
+use crate::shutdown::{Shutdown, UntilAborted, close_delay, or_aborted, until_aborted};
 use crate::upstream::{BackendRequest, BackendState, Upstream};
 use crate::websocket::WebSocket;
-use crate::woken::WhenWoken;
 use ending::{Closing, Farewell, Next};
 use stop::StopRequested;
 
@@ -128,7 +127,7 @@ impl PendingSession {
         client: ClientStart,
         held: H,
     ) -> UntilAborted<impl Future<Output = ()> + Send + 'static, H> {
-        let abort = context.shutdown.abort.clone();
+        let shutdown = context.shutdown.clone();
         // Boxed until the session starts: an async function keeps its arguments for its whole
         // life, and a session lives as long as its client.
         let start = Box::new(Start {
@@ -136,7 +135,7 @@ impl PendingSession {
             context,
             client,
         });
-        until_aborted(run_to_end(start), abort, held)
+        until_aborted(run_to_end(start), shutdown, held)
     }
 
     /// Takes over the client's side (its upgraded connection, or a mux client's stream) and
@@ -216,13 +215,18 @@ impl Start {
 async fn run_to_end(start: Box<Start>) {
     let (pending, context, client) = start.into_parts();
     // The start is one-off and boxed: a session's future is as large as its largest step.
-    let Some((mut session, mut client)) = Box::pin(pending.start(context, client)).await else {
+    let started = Box::pin(async move {
+        let shutdown = context.shutdown.clone();
+        or_aborted(pending.start(context, client), &shutdown).await
+    });
+    let Some((mut session, mut client)) = started.await else {
         return;
     };
     let closing = session.pump_to_end(&mut client).await;
     // Boxed, with what it decided: kept beside the pump, it would grow every session's future.
     Box::pin(async move {
-        session.carry_out(&mut client, &closing).await;
+        let shutdown = session.context.shutdown.clone();
+        or_aborted(session.carry_out(&mut client, &closing), &shutdown).await;
         session.finish(&closing);
     })
     .await;
@@ -328,7 +332,12 @@ impl Session {
             };
             // Boxed: a move is rare, and what it holds would otherwise sit in every session's
             // future beside the pump.
-            let moved = Box::pin(self.move_client(client, end, farewell, draining));
+            let shutdown = self.context.shutdown.clone();
+            let (session, leg) = (&mut *self, &mut *client);
+            let moved = Box::pin(async move {
+                let moving = session.move_client(leg, end, farewell, draining);
+                or_aborted(moving, &shutdown).await
+            });
             if let Err(closing) = moved.await {
                 return closing;
             }
@@ -374,18 +383,13 @@ impl Session {
     async fn pump_once(&mut self, client: &mut ClientLeg, draining: bool) -> PumpEnd {
         let context = &self.context;
         let grace = context.generations.shutdown_grace();
+        let entry = self.pump.hooks_mut().entry();
         if draining {
             let open = context.observe.sessions.len();
             let delay = close_delay(self.conn_id, open, grace);
-            let turn = async move {
-                tokio::time::sleep(delay).await;
-                PumpEnd::Drain
-            };
-            let turn = WhenWoken::new(turn);
-            // Boxed: only a drain gets here, and its pump would widen every session's future.
-            return Box::pin(self.pump.run(client, &mut self.backend, turn)).await;
+            let turn = StopRequested::drain_turn(entry, delay);
+            return self.pump.run(client, &mut self.backend, turn).await;
         }
-        let entry = self.pump.hooks_mut().entry();
         // Raised here too, for what happened before the session registered or moved: the
         // walks that raise them only see the sessions registered by then.
         if context.shutdown.drain.is_cancelled() {

@@ -17,12 +17,18 @@ use crate::pump::PumpEnd;
 /// Completes with the [`PumpEnd`] of the first stop raised on `entry`; a drained backend's
 /// after `grace`. Polled at every wakeup of the pump, it costs a load and a waker comparison
 /// while nothing is raised.
+///
+/// Either way it keeps the pump's waker in the entry, which is how the end of the grace
+/// period ([`StopRequest::Abort`]) reaches a session in its pump.
 pub(super) struct StopRequested {
     entry: Arc<SessionEntry>,
     grace: Duration,
     listener: StopListener,
-    /// Started when the backend's drain is seen; boxed, as most sessions never need it.
+    /// Started when the backend's drain is seen, or at once for a drain's turn; boxed, as
+    /// most sessions never need it.
     grace_over: Option<Pin<Box<Sleep>>>,
+    /// Waiting for this session's turn to close in a drain, and for nothing else.
+    drain_turn: bool,
 }
 
 impl StopRequested {
@@ -33,6 +39,18 @@ impl StopRequested {
             grace,
             listener: StopListener::default(),
             grace_over: None,
+            drain_turn: false,
+        }
+    }
+
+    /// Ends the pump with [`PumpEnd::Drain`] after `delay`, the session's turn in a drain.
+    pub fn drain_turn(entry: Arc<SessionEntry>, delay: Duration) -> StopRequested {
+        StopRequested {
+            entry,
+            grace: delay,
+            listener: StopListener::default(),
+            grace_over: Some(Box::pin(tokio::time::sleep(delay))),
+            drain_turn: true,
         }
     }
 }
@@ -43,6 +61,13 @@ impl Future for StopRequested {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
         let this = self.get_mut();
         let stops = this.entry.poll_stops(cx, &mut this.listener);
+        if this.drain_turn {
+            let turn = this
+                .grace_over
+                .as_mut()
+                .expect("a drain's turn has its timer");
+            return turn.as_mut().poll(cx).map(|()| PumpEnd::Drain);
+        }
         if stops.has(StopRequest::Drain) {
             return Poll::Ready(PumpEnd::Drain);
         }
@@ -157,6 +182,35 @@ mod tests {
             Pin::new(&mut stop).poll(&mut cx),
             Poll::Ready(PumpEnd::Drain)
         ));
+    }
+
+    /// A session waiting for its turn in a drain ends at its turn, ignores the other requests
+    /// (it is closing already), and is still woken by a raise: the abort at the grace period's
+    /// end reaches it that way.
+    #[tokio::test(start_paused = true)]
+    async fn a_drains_turn_ends_the_pump_at_the_turn_and_keeps_the_waker() {
+        let session = entry();
+        let wakes = Arc::new(CountingWaker::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let turn = Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        let mut stop = StopRequested::drain_turn(session.clone(), turn);
+        assert!(Pin::new(&mut stop).poll(&mut cx).is_pending());
+        session.request_close(4000, "bye".into());
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            Pin::new(&mut stop).poll(&mut cx).is_pending(),
+            "an admin close during the turn"
+        );
+        session.raise(StopRequest::Abort);
+        assert_eq!(
+            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the abort woke nobody"
+        );
+        assert!(matches!(stop.await, PumpEnd::Drain));
+        assert!(started.elapsed() >= turn, "ended before its turn");
     }
 
     #[tokio::test]

@@ -165,7 +165,7 @@ impl MuxPool {
         socket: WebSocketConfig,
         tasks: &TaskTracker,
         retired: &CancellationToken,
-        shutdown: &Shutdown,
+        shutdown: &Arc<Shutdown>,
     ) {
         for upstream in upstreams {
             let Some(links) = self.upstreams.get(&upstream.name) else {
@@ -230,7 +230,7 @@ struct LinkSlotTask {
     config: LinkConfig,
     socket: WebSocketConfig,
     retired: CancellationToken,
-    shutdown: Shutdown,
+    shutdown: Arc<Shutdown>,
 }
 
 impl LinkSlotTask {

@@ -37,6 +37,13 @@ pub trait Leg:
     /// True when closing waits for the peer's Close in return (a socket's close handshake); a
     /// mux stream's Close is one frame on its link.
     fn awaits_close_reply(&self) -> bool;
+
+    /// [`Sink::start_send`] of a message the caller keeps (the replay log's copy of what went
+    /// to a backend). A socket encodes it from the borrow; a clone would allocate, as the first
+    /// clone of a payload read into a buffer of its own allocates its shared count.
+    fn start_send_kept(&mut self, message: &Message) -> Result<(), WsError> {
+        Pin::new(self).start_send(message.clone())
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocket<S> {
@@ -54,6 +61,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for WebSocket<S> {
 
     fn awaits_close_reply(&self) -> bool {
         true
+    }
+
+    fn start_send_kept(&mut self, message: &Message) -> Result<(), WsError> {
+        self.send_borrowed(message)
     }
 }
 
@@ -157,6 +168,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for AnyLeg<S> {
 
     fn awaits_close_reply(&self) -> bool {
         each_leg!(self, leg => leg.awaits_close_reply())
+    }
+
+    fn start_send_kept(&mut self, message: &Message) -> Result<(), WsError> {
+        each_leg!(self, leg => leg.start_send_kept(message))
     }
 }
 

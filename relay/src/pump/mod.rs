@@ -528,9 +528,13 @@ impl<H: PumpHooks> PumpState<H> {
         if direction == Direction::ClientToBackend
             && let Some(replay) = &mut self.replay
         {
-            replay.sent(message.clone(), now);
+            let sent = destination.start_send_kept(&message);
+            // Logged even if the write failed: the next backend gets it in the replay.
+            replay.sent(message, now);
+            sent?;
+        } else {
+            Pin::new(&mut *destination).start_send(message)?;
         }
-        Pin::new(&mut *destination).start_send(message)?;
         self.lane(direction).needs_flush = true;
         Ok(true)
     }

@@ -42,8 +42,10 @@ use codec::{FrameKind, Header, ReadContext, TextCheck, opcode};
 const PARTIAL_READ: usize = 4 * 1024;
 
 /// The write buffer's first size: a burst of small frames fits without growing it; it is let
-/// go once written, so an idle leg holds none.
-const FIRST_WRITE_BUFFER: usize = 2 * 1024;
+/// go once written, so an idle leg holds none. At most glibc's per-thread cache's largest size
+/// (1,032 bytes): a larger one, taken and freed at every burst, goes through the arena and
+/// makes it consolidate its small free chunks each time.
+const FIRST_WRITE_BUFFER: usize = 1024;
 
 /// Where the close handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +373,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
     }
 
+    /// An error if nothing more may be sent.
+    fn check_sendable(&self) -> Result<(), WsError> {
+        match self.state {
+            State::Terminated => Err(WsError::AlreadyClosed),
+            State::Active => Ok(()),
+            _ => Err(WsError::Protocol(ProtocolError::SendAfterClosing)),
+        }
+    }
+
+    /// `start_send` of a message the caller keeps: its frame is written from the borrow (a
+    /// Pong or a raw frame, which the socket keeps, is cloned).
+    pub fn send_borrowed(&mut self, message: &Message) -> Result<(), WsError> {
+        self.check_sendable()?;
+        match message {
+            Message::Text(text) => self.format(opcode::TEXT, text.as_bytes()),
+            Message::Binary(data) => self.format(opcode::BINARY, data),
+            Message::Ping(data) => self.format(opcode::PING, data),
+            Message::Close(close) => {
+                self.state = State::ClosedByUs;
+                let payload = codec::close_payload(close.as_ref());
+                self.format(opcode::CLOSE, &payload);
+            }
+            Message::Pong(_) | Message::Frame(_) => {
+                return Pin::new(self).start_send(message.clone());
+            }
+        }
+        Ok(())
+    }
+
     /// Owes the peer `reply`; a newer pong replaces one not sent yet, nothing replaces a Close.
     fn set_reply(&mut self, reply: Reply) {
         if matches!(self.reply, None | Some(Reply::Pong(_))) {
@@ -481,29 +512,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WebSocket<S> {
 
     fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), WsError> {
         let this = self.get_mut();
-        match this.state {
-            State::Terminated => return Err(WsError::AlreadyClosed),
-            State::Active => {}
-            _ => return Err(WsError::Protocol(ProtocolError::SendAfterClosing)),
-        }
         match message {
-            Message::Text(text) => this.format(opcode::TEXT, text.as_bytes()),
-            Message::Binary(data) => this.format(opcode::BINARY, &data),
-            Message::Ping(data) => this.format(opcode::PING, &data),
-            Message::Pong(data) => this.set_reply(Reply::Pong(data)),
-            Message::Close(close) => {
-                this.state = State::ClosedByUs;
-                let payload = codec::close_payload(close.as_ref());
-                this.format(opcode::CLOSE, &payload);
+            Message::Pong(data) => {
+                this.check_sendable()?;
+                this.set_reply(Reply::Pong(data));
+                Ok(())
             }
             Message::Frame(mut frame) => {
+                this.check_sendable()?;
                 if let Some(mask) = this.mask() {
                     frame.header_mut().mask = Some(mask);
                 }
                 frame.format(&mut this.unwritten)?;
+                Ok(())
             }
+            message => this.send_borrowed(&message),
         }
-        Ok(())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {

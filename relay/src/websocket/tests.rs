@@ -435,3 +435,36 @@ mod properties {
         }
     }
 }
+
+/// What the replay log keeps is written from a borrow: the peer reads each kind as it was sent
+/// (masked, as a client's frames are), and a borrowed send after our Close is refused as an
+/// owned one is.
+#[tokio::test]
+async fn a_borrowed_send_reads_like_an_owned_one() {
+    for role in [Role::Server, Role::Client] {
+        let (mut ours, mut theirs) = pair(role).await;
+        let sent = [
+            Message::Text("kept".into()),
+            Message::Binary(payload(4096)),
+            Message::Binary(Bytes::new()),
+        ];
+        for message in &sent {
+            ours.send_borrowed(message).unwrap();
+        }
+        ours.flush().await.unwrap();
+        for message in &sent {
+            assert_eq!(&next(&mut theirs).await.unwrap().unwrap(), message);
+        }
+        let close = Message::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        }));
+        ours.send_borrowed(&close).unwrap();
+        ours.flush().await.unwrap();
+        assert_eq!(next(&mut theirs).await.unwrap().unwrap(), close);
+        assert!(matches!(
+            ours.send_borrowed(&Message::Text("late".into())),
+            Err(WsError::Protocol(ProtocolError::SendAfterClosing))
+        ));
+    }
+}

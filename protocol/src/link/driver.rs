@@ -6,7 +6,7 @@
 //! message limit, flushed when nothing more is queued. Reading and writing are polled side by
 //! side in the same task, so a peer that stops reading never stops this end from reading.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use tungstenite::protocol::CloseFrame;
 
 use super::LinkSocket;
 use super::error::{LinkError, OpenError};
-use super::shared::{LinkShared, Out, RecvEnd, StreamShared, lock};
+use super::shared::{LinkShared, Out, RecvEnd, StreamMap, StreamShared, lock};
 use super::stream::{IncomingStream, MuxStream, truncate_reason, wire_close_code};
 use crate::frame::{Frame, Limits, encode_into};
 use crate::version::Side;
@@ -82,7 +82,7 @@ pub(crate) struct Engine<W> {
     ws: W,
     shared: Arc<LinkShared>,
     limits: Limits,
-    entries: HashMap<u64, Entry>,
+    entries: StreamMap<Entry>,
     /// The highest stream id opened on the link so far (received in an `Open` on the
     /// acceptor, sent in an `Open` on the initiator). A frame naming a larger id is an error;
     /// one naming a smaller id that has no entry refers to a finished stream.
@@ -125,7 +125,7 @@ impl<W: LinkSocket> Engine<W> {
             ws,
             shared,
             limits,
-            entries: HashMap::new(),
+            entries: StreamMap::default(),
             max_id: 0,
             incoming,
             local: VecDeque::new(),

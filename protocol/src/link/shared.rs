@@ -27,6 +27,11 @@ use super::{LinkConfig, LinkRole};
 use crate::version::LinkParams;
 
 /// What a handle or stream asks the driver to do. Processed in order.
+/// A map by stream id. Looked up for every message a link carries, so hashed with foldhash
+/// (seeded per map, so a peer choosing ids can't aim them at one bucket) rather than std's
+/// SipHash, which cost a mux relay 6% of its instructions per message.
+pub(crate) type StreamMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
 pub(crate) enum Out {
     /// Send `Open` for a new stream (initiator). The id was assigned under the outbox lock, so
     /// `Open`s enter the queue in increasing id order.
@@ -63,7 +68,7 @@ pub(crate) struct Outbox {
     /// The driver's waker, taken and woken by whoever pushes.
     pub driver: Option<Waker>,
     /// Streams waiting for `queued_data` to drop below the budget, by stream id.
-    pub budget_waiters: HashMap<u64, Waker>,
+    pub budget_waiters: StreamMap<Waker>,
     /// The next stream id the initiator assigns; ids start at 1 and only grow.
     pub next_id: u64,
     /// Set when the link has ended: nothing more is accepted.
@@ -104,7 +109,7 @@ impl LinkShared {
                 items: VecDeque::new(),
                 queued_data: 0,
                 driver: None,
-                budget_waiters: HashMap::new(),
+                budget_waiters: StreamMap::default(),
                 next_id: 1,
                 ended: None,
             }),

@@ -129,17 +129,33 @@ mod tests {
         assert!(spread.len() >= 10, "{spread:?}");
     }
 
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Work waiting in one of a session's rare steps is woken by the abort, and the session
+    /// then ends and lets go of what it held.
     #[tokio::test]
-    async fn aborted_work_stops_and_lets_go_of_what_it_held() {
+    async fn aborted_work_is_woken_stops_and_lets_go_of_what_it_held() {
         let shutdown = Arc::new(Shutdown::default());
         let held = Arc::new(());
-        // Work that waits on the abort as a session's rare steps do, so the abort wakes it.
         let waiting = shutdown.clone();
         let work = async move { or_aborted(std::future::pending::<()>(), &waiting).await };
-        let task = tokio::spawn(until_aborted(work, shutdown.clone(), held.clone()));
-        tokio::task::yield_now().await;
+        let mut until = Box::pin(until_aborted(work, shutdown.clone(), held.clone()));
+        let wakes = Arc::new(CountingWaker::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(until.as_mut().poll(&mut cx).is_pending());
         shutdown.abort_now();
-        task.await.unwrap();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the abort woke nobody");
+        assert!(until.as_mut().poll(&mut cx).is_ready());
+        drop(until);
         assert_eq!(Arc::strong_count(&held), 1, "still held");
     }
 

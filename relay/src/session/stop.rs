@@ -22,13 +22,20 @@ use crate::pump::PumpEnd;
 /// period ([`StopRequest::Abort`]) reaches a session in its pump.
 pub(super) struct StopRequested {
     entry: Arc<SessionEntry>,
-    grace: Duration,
     listener: StopListener,
-    /// Started when the backend's drain is seen, or at once for a drain's turn; boxed, as
-    /// most sessions never need it.
-    grace_over: Option<Pin<Box<Sleep>>>,
-    /// Waiting for this session's turn to close in a drain, and for nothing else.
-    drain_turn: bool,
+    waiting: Waiting,
+}
+
+/// What a [`StopRequested`] ends the pump for.
+enum Waiting {
+    /// Any stop raised on the entry; a drained backend's after `grace`, timed by `grace_over`
+    /// once the drain is seen (boxed, as most sessions never need it).
+    Requests {
+        grace: Duration,
+        grace_over: Option<Pin<Box<Sleep>>>,
+    },
+    /// This session's turn to close in a drain, and nothing else: it is closing already.
+    DrainTurn(Pin<Box<Sleep>>),
 }
 
 impl StopRequested {
@@ -36,10 +43,11 @@ impl StopRequested {
     pub fn new(entry: Arc<SessionEntry>, grace: Duration) -> StopRequested {
         StopRequested {
             entry,
-            grace,
             listener: StopListener::default(),
-            grace_over: None,
-            drain_turn: false,
+            waiting: Waiting::Requests {
+                grace,
+                grace_over: None,
+            },
         }
     }
 
@@ -47,10 +55,8 @@ impl StopRequested {
     pub fn drain_turn(entry: Arc<SessionEntry>, delay: Duration) -> StopRequested {
         StopRequested {
             entry,
-            grace: delay,
             listener: StopListener::default(),
-            grace_over: Some(Box::pin(tokio::time::sleep(delay))),
-            drain_turn: true,
+            waiting: Waiting::DrainTurn(Box::pin(tokio::time::sleep(delay))),
         }
     }
 }
@@ -61,13 +67,10 @@ impl Future for StopRequested {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PumpEnd> {
         let this = self.get_mut();
         let stops = this.entry.poll_stops(cx, &mut this.listener);
-        if this.drain_turn {
-            let turn = this
-                .grace_over
-                .as_mut()
-                .expect("a drain's turn has its timer");
-            return turn.as_mut().poll(cx).map(|()| PumpEnd::Drain);
-        }
+        let (grace, grace_over) = match &mut this.waiting {
+            Waiting::DrainTurn(turn) => return turn.as_mut().poll(cx).map(|()| PumpEnd::Drain),
+            Waiting::Requests { grace, grace_over } => (*grace, grace_over),
+        };
         if stops.has(StopRequest::Drain) {
             return Poll::Ready(PumpEnd::Drain);
         }
@@ -77,10 +80,7 @@ impl Future for StopRequested {
             return Poll::Ready(PumpEnd::ClosedByAdmin(code, reason));
         }
         if stops.has(StopRequest::BackendDrained) {
-            let grace = this.grace;
-            let grace_over = this
-                .grace_over
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
+            let grace_over = grace_over.get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
             if grace_over.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(PumpEnd::BackendDrained);
             }

@@ -28,6 +28,7 @@
 mod accept;
 mod admin;
 mod admission;
+mod ascii;
 #[doc(hidden)]
 pub mod benching;
 mod certificates;

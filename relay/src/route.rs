@@ -157,6 +157,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// Room for an address as text: the longest IPv6 form is 45 bytes.
+const IP_TEXT_ROOM: usize = 45;
+
 /// The bytes a client is hashed by. A missing header, cookie or query parameter falls back
 /// to the client's IP address, so such clients still spread over the backends.
 pub fn client_hash_key(
@@ -175,7 +178,11 @@ pub fn client_hash_key(
     };
     match found {
         Some(bytes) => bytes.to_vec(),
-        None => client.ip().to_string().into_bytes(),
+        None => {
+            let mut text = Vec::with_capacity(IP_TEXT_ROOM);
+            crate::ascii::push_ip(&mut text, client.ip());
+            text
+        }
     }
 }
 

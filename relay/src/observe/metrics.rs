@@ -10,6 +10,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,11 +22,38 @@ use crate::pump::{Side, Traffic};
 /// Label pairs of one series.
 type Labels = Vec<(&'static str, String)>;
 
+/// A handshake's labels: counted at every connect, so they are built without allocating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    outcome: &'static str,
+    status: u16,
+}
+
+/// A close's labels: counted at every session's end, so they are built without allocating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    by: &'static str,
+    code: CloseCodeLabel,
+}
+
+/// The close code the client got, or `none`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct CloseCodeLabel(Option<u16>);
+
+impl EncodeLabelValue for CloseCodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(code) => EncodeLabelValue::encode(&code, encoder),
+            None => EncodeLabelValue::encode(&"none", encoder),
+        }
+    }
+}
+
 /// Every event metric the relay exports.
 pub struct Metrics {
     registry: Registry,
-    handshakes: Family<Labels, Counter>,
-    closes: Family<Labels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
     reoriginations: Counter,
     ping_rtt: Family<Labels, Histogram>,
     /// The `ping_rtt` series of each leg (client, backend), looked up once: every session
@@ -82,13 +110,13 @@ fn rtt_histogram() -> Histogram {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("wsrelay");
-        let handshakes = Family::<Labels, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "handshakes",
             "Client handshakes by outcome and HTTP status",
             handshakes.clone(),
         );
-        let closes = Family::<Labels, Counter>::default();
+        let closes = Family::<CloseLabels, Counter>::default();
         registry.register(
             "closes",
             "Session closes by who closed and close code",
@@ -169,20 +197,15 @@ impl Metrics {
     /// Counts a client handshake's outcome.
     pub fn handshake(&self, outcome: &'static str, status: u16) {
         self.handshakes
-            .get_or_create(&vec![
-                ("outcome", outcome.to_owned()),
-                ("status", status.to_string()),
-            ])
+            .get_or_create(&HandshakeLabels { outcome, status })
             .inc();
     }
 
     /// Counts a session's close: who closed it (`client`, `backend`, `relay`) and the code
     /// the client got.
     pub fn close(&self, by: &'static str, code: Option<u16>) {
-        let code = code.map_or_else(|| "none".to_owned(), |c| c.to_string());
-        self.closes
-            .get_or_create(&vec![("by", by.to_owned()), ("code", code)])
-            .inc();
+        let code = CloseCodeLabel(code);
+        self.closes.get_or_create(&CloseLabels { by, code }).inc();
     }
 
     /// The counters the compressed client legs add to.
@@ -329,6 +352,8 @@ mod tests {
         let metrics = Metrics::default();
         metrics.handshake("upgraded", 101);
         metrics.close("client", Some(1000));
+        metrics.close("relay", None);
+        metrics.close("relay", None);
         metrics.discovery_failed("chat");
         metrics.discovery_failed("chat");
         let mut figures = Figures {
@@ -348,6 +373,7 @@ mod tests {
             "wsrelay_messages_total{direction=\"in\"} 3",
             "wsrelay_bytes_total{direction=\"out\"} 20",
             "wsrelay_closes_total{by=\"client\",code=\"1000\"} 1",
+            "wsrelay_closes_total{by=\"relay\",code=\"none\"} 2",
             "wsrelay_connections_active{route=\"/chat\",backend=\"ws://b:1\"} 2",
             "wsrelay_discovery_failures_total{upstream=\"chat\"} 2",
             "wsrelay_discovered_backends{upstream=\"chat\"} 3",

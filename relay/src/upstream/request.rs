@@ -2,7 +2,6 @@
 //! headers, and the forwarding headers a proxy adds. The same request opens a socket of its
 //! own (per-client mode) or a stream on a mux link.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -11,6 +10,7 @@ use http::{Request, Uri};
 use tungstenite::handshake::client::generate_key;
 use wsrelay_protocol::OpenRequest;
 
+use crate::ascii;
 use crate::config::BackendUrl;
 use crate::headers;
 
@@ -162,21 +162,18 @@ impl BackendRequest {
         block.field_with("x-forwarded-for", |out| {
             for earlier in client_headers.get_all("x-forwarded-for") {
                 if let Ok(earlier) = earlier.to_str() {
-                    let _ = write!(out, "{earlier}, ");
+                    out.extend_from_slice(earlier.as_bytes());
+                    out.extend_from_slice(b", ");
                 }
             }
-            let _ = write!(out, "{client_ip}");
+            ascii::push_ip(out, client_ip);
         });
         block.field("x-forwarded-proto", scheme.as_bytes());
         if let Some(host) = client_headers.get(header::HOST) {
             block.field("x-forwarded-host", host.as_bytes());
         }
-        block.field_with("x-real-ip", |out| {
-            let _ = write!(out, "{client_ip}");
-        });
-        block.field_with("x-relay-conn-id", |out| {
-            let _ = write!(out, "{conn_id}");
-        });
+        block.field_with("x-real-ip", |out| ascii::push_ip(out, client_ip));
+        block.field_with("x-relay-conn-id", |out| ascii::push_decimal(out, conn_id));
         BackendRequest {
             path_and_query: uri
                 .path_and_query()

@@ -30,6 +30,9 @@ pub(crate) const MAX_HEADER: usize = 14;
 /// Largest payload of a control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
+/// Largest control frame, masked: a two-byte header, the key, the payload.
+pub(crate) const MAX_CONTROL_FRAME: usize = 2 + 4 + MAX_CONTROL_PAYLOAD as usize;
+
 /// A frame header as it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {

@@ -416,10 +416,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     fn format(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.mask();
-        if self.unwritten.capacity() == 0 {
-            // Room for a burst of small frames at once: the buffer lives until it is written.
-            let frame = payload.len() + codec::MAX_HEADER;
-            self.unwritten.reserve(frame.max(FIRST_WRITE_BUFFER));
+        // Room for the frame and a control frame behind it: the pump follows a burst with an
+        // ack ping, and a buffer filled exactly by large frames would double, copying them
+        // all, for the ping's few bytes. The first buffer holds a burst of small frames; it
+        // lives until it is written.
+        let room = payload.len() + codec::MAX_HEADER + codec::MAX_CONTROL_FRAME;
+        if self.unwritten.capacity() - self.unwritten.len() < room {
+            self.unwritten.reserve(room.max(FIRST_WRITE_BUFFER));
         }
         codec::write_frame(&mut self.unwritten, opcode, mask, payload);
     }

@@ -468,3 +468,28 @@ async fn a_borrowed_send_reads_like_an_owned_one() {
         ));
     }
 }
+
+#[tokio::test]
+async fn a_ping_behind_a_burst_of_large_frames_does_not_grow_the_write_buffer() {
+    // The pump follows a burst with an ack ping; a buffer the frames filled exactly would
+    // double (copying them) for the ping's few bytes.
+    for role in [Role::Server, Role::Client] {
+        let (mut ours, mut theirs) = pair(role).await;
+        let burst: Vec<Message> = (0..4).map(|_| Message::Binary(payload(4096))).collect();
+        for message in &burst {
+            ours.send_borrowed(message).unwrap();
+        }
+        let (buffer, room) = (ours.unwritten.as_ptr(), ours.unwritten.capacity());
+        let ping = Message::Ping(Bytes::from_static(&[7; 8]));
+        ours.send_borrowed(&ping).unwrap();
+        assert_eq!(
+            (ours.unwritten.as_ptr(), ours.unwritten.capacity()),
+            (buffer, room),
+            "{role:?}: the ping grew the write buffer"
+        );
+        ours.flush().await.unwrap();
+        for message in burst.iter().chain([&ping]) {
+            assert_eq!(&next(&mut theirs).await.unwrap().unwrap(), message);
+        }
+    }
+}

@@ -21,8 +21,10 @@ use wsrelay::RelayHandle;
 const TICK: Duration = Duration::from_millis(250);
 
 /// Fewest ended (or newly opened) sessions worth a trim, unless none is left: each leaves some
-/// 30-60 KiB free, so fewer than this keep 15 MiB at most.
-const MIN_ENDED: usize = 256;
+/// 30-60 KiB free, so fewer than this keep 2 MiB at most, and a trim of a heap that small
+/// takes a fraction of a millisecond (0.15-0.35 ms after a burst of 50 connects, which gave
+/// back 0.7-1 MiB of the 2-3 MiB the burst had grown the heap by).
+const MIN_ENDED: usize = 32;
 
 /// Decides when to trim from the number of open sessions, sampled every [`TICK`]:
 /// - once the sessions that ended since the last trim are a quarter of the most that were open
@@ -183,8 +185,8 @@ mod tests {
 
     #[test]
     fn few_ended_sessions_do_not_trim_unless_none_is_left() {
-        assert_eq!(trims(&[400, 200, 150, 160]), Vec::<usize>::new());
-        assert_eq!(trims(&[400, 200, 0, 0, 0]), vec![0]);
+        assert_eq!(trims(&[40, 20, 15, 16]), Vec::<usize>::new());
+        assert_eq!(trims(&[40, 20, 0, 0, 0]), vec![0]);
         assert_eq!(trims(&[1, 0, 0, 3, 0]), vec![0, 0]);
     }
 

@@ -157,9 +157,6 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Room for an address as text: the longest IPv6 form is 45 bytes.
-const IP_TEXT_ROOM: usize = 45;
-
 /// The bytes a client is hashed by. A missing header, cookie or query parameter falls back
 /// to the client's IP address, so such clients still spread over the backends.
 pub fn client_hash_key(
@@ -179,8 +176,10 @@ pub fn client_hash_key(
     match found {
         Some(bytes) => bytes.to_vec(),
         None => {
-            let mut text = Vec::with_capacity(IP_TEXT_ROOM);
-            crate::ascii::push_ip(&mut text, client.ip());
+            // The longest form of each (a session keeps its key): 15 bytes, and 45 for IPv6.
+            let ip = client.ip();
+            let mut text = Vec::with_capacity(if ip.is_ipv4() { 15 } else { 45 });
+            crate::ascii::push_ip(&mut text, ip);
             text
         }
     }

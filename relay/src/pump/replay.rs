@@ -31,7 +31,7 @@ pub const MAX_UNACKED_BYTES: usize = 256 * 1024;
 pub const ACK_AFTER_MESSAGES: usize = 32;
 /// Payload bytes after which an ack ping is due at once. What the log holds is about this
 /// plus what is in flight, per busy session. 16 KiB was measured against 64 (4 KiB echo, 50
-/// connections, 4 messages in flight each): 8-12 KiB less memory per connection, but the
+/// connections, 4 messages in flight each): 4-20 KiB less memory per connection, but the
 /// backend answered every fourth message's ping with a segment of its own (1.23 -> 1.64 TCP
 /// segments per echo on the machine) and the echo rate fell about 8%.
 pub const ACK_AFTER_BYTES: usize = 64 * 1024;

@@ -48,6 +48,8 @@ mod pump;
 mod route;
 mod session;
 mod shutdown;
+#[cfg(test)]
+mod testing;
 mod upstream;
 mod websocket;
 

@@ -115,6 +115,7 @@ impl<F: Future<Output = ()>, H> Future for UntilAborted<F, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::CountingWaker;
 
     #[test]
     fn delays_stay_within_half_the_grace() {
@@ -129,16 +130,6 @@ mod tests {
         assert!(spread.len() >= 10, "{spread:?}");
     }
 
-    /// Counts its wakes.
-    #[derive(Default)]
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     /// Work waiting in one of a session's rare steps is woken by the abort, and the session
     /// then ends and lets go of what it held.
     #[tokio::test]
@@ -148,12 +139,11 @@ mod tests {
         let waiting = shutdown.clone();
         let work = async move { or_aborted(std::future::pending::<()>(), &waiting).await };
         let mut until = Box::pin(until_aborted(work, shutdown.clone(), held.clone()));
-        let wakes = Arc::new(CountingWaker::default());
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         assert!(until.as_mut().poll(&mut cx).is_pending());
         shutdown.abort_now();
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the abort woke nobody");
+        assert_eq!(wakes.wakes(), 1, "the abort woke nobody");
         assert!(until.as_mut().poll(&mut cx).is_ready());
         drop(until);
         assert_eq!(Arc::strong_count(&held), 1, "still held");

@@ -92,6 +92,7 @@ impl Future for StopRequested {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::CountingWaker;
 
     fn entry() -> Arc<SessionEntry> {
         Arc::new(SessionEntry::new(
@@ -146,38 +147,23 @@ mod tests {
         assert!(poll_once(&mut stop).is_pending());
     }
 
-    /// Counts its wakes.
-    #[derive(Default)]
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
     /// A drain after a drained backend must not wait out the backend's grace: the first raise
     /// took the waker to wake the pump, and the pump has to give it again.
     #[tokio::test(start_paused = true)]
     async fn a_drain_during_a_drained_backends_grace_wakes_the_pump() {
         let session = entry();
-        let wakes = Arc::new(CountingWaker::default());
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         let mut stop = StopRequested::new(session.clone(), Duration::from_secs(3_600));
         assert!(Pin::new(&mut stop).poll(&mut cx).is_pending());
         session.backend_drained("ws://a");
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(wakes.wakes(), 1);
         assert!(
             Pin::new(&mut stop).poll(&mut cx).is_pending(),
             "in the grace"
         );
         session.raise(StopRequest::Drain);
-        assert_eq!(
-            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
-            2,
-            "the drain woke nobody"
-        );
+        assert_eq!(wakes.wakes(), 2, "the drain woke nobody");
         assert!(matches!(
             Pin::new(&mut stop).poll(&mut cx),
             Poll::Ready(PumpEnd::Drain)
@@ -190,25 +176,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_drains_turn_ends_the_pump_at_the_turn_and_keeps_the_waker() {
         let session = entry();
-        let wakes = Arc::new(CountingWaker::default());
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         let turn = Duration::from_secs(2);
         let started = tokio::time::Instant::now();
         let mut stop = StopRequested::drain_turn(session.clone(), turn);
         assert!(Pin::new(&mut stop).poll(&mut cx).is_pending());
         session.request_close(4000, "bye".into());
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(wakes.wakes(), 1);
         assert!(
             Pin::new(&mut stop).poll(&mut cx).is_pending(),
             "an admin close during the turn"
         );
         session.raise(StopRequest::Abort);
-        assert_eq!(
-            wakes.0.load(std::sync::atomic::Ordering::SeqCst),
-            2,
-            "the abort woke nobody"
-        );
+        assert_eq!(wakes.wakes(), 2, "the abort woke nobody");
         assert!(matches!(stop.await, PumpEnd::Drain));
         assert!(started.elapsed() >= turn, "ended before its turn");
     }

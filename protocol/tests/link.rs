@@ -967,3 +967,53 @@ async fn a_consumer_that_catches_up_returns_all_its_credit_at_once() {
     }
     assert_eq!(returned, 11);
 }
+
+#[tokio::test]
+async fn a_burst_of_data_goes_out_in_messages_of_at_most_16_kib() {
+    // 8 streams queue 8 KiB each before the driver runs (one thread: it runs when this task
+    // waits), so the driver finds 64 KiB to send at once.
+    let (mut peer, end) = raw_initiator(LinkConfig::default()).await;
+    let streams: Vec<u64> = (1..=8).collect();
+    let opens: Vec<Frame> = streams.iter().map(|&id| open_frame(id, "/chat")).collect();
+    peer.send_frames(&opens).await;
+    let mut accepted = Vec::new();
+    for _ in &streams {
+        let incoming = within("an Open", end.handle.accept()).await.unwrap();
+        accepted.push(incoming.accept(None));
+    }
+    let mut accepts = 0;
+    while accepts < streams.len() {
+        accepts += peer
+            .next_frames()
+            .await
+            .iter()
+            .filter(|f| matches!(f, Frame::Accept { .. }))
+            .count();
+    }
+    for stream in &mut accepted {
+        for _ in 0..8 {
+            stream.feed(Message::binary(vec![7u8; 1024])).await.unwrap();
+        }
+        // Every message is queued for the driver; none has been sent.
+        stream
+            .flush()
+            .now_or_never()
+            .expect("queued at once")
+            .unwrap();
+    }
+    let mut received = 0;
+    while received < 64 * 1024 {
+        match within("frames from the link", peer.ws.next()).await {
+            Some(Ok(Message::Binary(message))) => {
+                assert!(message.len() <= 16 * 1024, "a {} byte batch", message.len());
+                for frame in decode_all(message, &Limits::DEFAULT) {
+                    if let Frame::Data { payload, .. } = frame.unwrap() {
+                        received += payload.len();
+                    }
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected frames, got {other:?}"),
+        }
+    }
+}

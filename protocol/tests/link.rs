@@ -1016,4 +1016,47 @@ async fn a_burst_of_data_goes_out_in_messages_of_at_most_16_kib() {
             other => panic!("expected frames, got {other:?}"),
         }
     }
+    // A frame larger than a batch goes in a message of its own, between the small ones.
+    accepted[0]
+        .feed(Message::binary(vec![1u8; 100]))
+        .await
+        .unwrap();
+    accepted[1]
+        .feed(Message::binary(vec![2u8; 40_000]))
+        .await
+        .unwrap();
+    accepted[2]
+        .feed(Message::binary(vec![3u8; 100]))
+        .await
+        .unwrap();
+    for stream in &mut accepted[..3] {
+        stream
+            .flush()
+            .now_or_never()
+            .expect("queued at once")
+            .unwrap();
+    }
+    let mut sizes = Vec::new();
+    while sizes.len() < 3 {
+        match within("frames from the link", peer.ws.next()).await {
+            Some(Ok(Message::Binary(message))) => {
+                let data: Vec<(u64, usize)> = decode_all(message.clone(), &Limits::DEFAULT)
+                    .filter_map(|frame| match frame.unwrap() {
+                        Frame::Data {
+                            stream, payload, ..
+                        } => Some((stream, payload.len())),
+                        _ => None,
+                    })
+                    .collect();
+                if data.iter().any(|&(_, len)| len == 40_000) {
+                    assert_eq!(data, [(2, 40_000)], "the large frame shares its message");
+                    assert!(message.len() < 40_100, "a {} byte message", message.len());
+                }
+                sizes.extend(data);
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected frames, got {other:?}"),
+        }
+    }
+    assert_eq!(sizes, [(1, 100), (2, 40_000), (3, 100)]);
 }

@@ -113,6 +113,16 @@ impl MuxStream {
         self.protocol.as_deref()
     }
 
+    /// Gives back the receive queue's buffer if nothing waits in it. A burst of messages grows
+    /// the queue, and an idle stream would keep that room for as long as it stays open (a
+    /// relay calls this at its keepalive checks); a busy one would only grow it again.
+    pub fn release_idle_buffer(&self) {
+        let mut st = lock(&self.shared.state);
+        if st.inbound.is_empty() && st.inbound.capacity() > 0 {
+            st.inbound = std::collections::VecDeque::new();
+        }
+    }
+
     /// Payload bytes this stream may send right now before it waits for the peer's credit.
     pub fn send_credit(&self) -> u64 {
         lock(&self.shared.state).send_credit
@@ -391,5 +401,48 @@ impl Drop for IncomingStream {
                 reason: "stream was not accepted".into(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Hello;
+    use crate::link::shared::LinkShared;
+    use crate::link::{LinkConfig, LinkRole};
+    use futures_util::StreamExt;
+    use futures_util::task::noop_waker_ref;
+
+    #[test]
+    fn a_drained_queue_gives_its_buffer_back_when_asked() {
+        let hello = Hello::new(1 << 20, 1 << 20);
+        let params = crate::negotiate(&hello, &hello).unwrap();
+        let link = Arc::new(LinkShared::new(
+            LinkRole::Initiator,
+            LinkConfig::default(),
+            params,
+        ));
+        let mut stream = MuxStream::new(StreamShared::new(1, link), None);
+        lock(&stream.shared.state)
+            .inbound
+            .extend((0..40).map(|n| Message::binary(vec![n])));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        stream.release_idle_buffer();
+        assert!(
+            lock(&stream.shared.state).inbound.capacity() >= 40,
+            "kept while full"
+        );
+        for _ in 0..40 {
+            assert!(matches!(
+                stream.poll_next_unpin(&mut cx),
+                Poll::Ready(Some(Ok(_)))
+            ));
+        }
+        assert!(
+            lock(&stream.shared.state).inbound.capacity() >= 40,
+            "kept until asked"
+        );
+        stream.release_idle_buffer();
+        assert_eq!(lock(&stream.shared.state).inbound.capacity(), 0);
     }
 }

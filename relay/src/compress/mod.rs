@@ -196,6 +196,10 @@ impl<L: Leg, S: AsyncRead + AsyncWrite + Unpin> Leg for MaybeDeflate<L, S> {
     fn awaits_close_reply(&self) -> bool {
         either!(self, leg => leg.awaits_close_reply())
     }
+
+    fn release_idle_buffers(&mut self) {
+        either!(self, leg => leg.release_idle_buffers())
+    }
 }
 
 impl<L: Leg, S: AsyncRead + AsyncWrite + Unpin> Stream for MaybeDeflate<L, S> {

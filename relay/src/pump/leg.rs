@@ -38,6 +38,10 @@ pub trait Leg:
     /// mux stream's Close is one frame on its link.
     fn awaits_close_reply(&self) -> bool;
 
+    /// Gives back buffers a burst grew and nothing fills now; called at keepalive checks. A
+    /// socket leg keeps none between reads and writes, so by default this does nothing.
+    fn release_idle_buffers(&mut self) {}
+
     /// [`Sink::start_send`] of a message the caller keeps (the replay log's copy of what went
     /// to a backend). A socket encodes it from the borrow; a clone would allocate, as the first
     /// clone of a payload read into a buffer of its own allocates its shared count.
@@ -95,6 +99,10 @@ impl Leg for StreamLeg {
 
     fn awaits_close_reply(&self) -> bool {
         false
+    }
+
+    fn release_idle_buffers(&mut self) {
+        self.stream.release_idle_buffer();
     }
 }
 
@@ -168,6 +176,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Leg for AnyLeg<S> {
 
     fn awaits_close_reply(&self) -> bool {
         each_leg!(self, leg => leg.awaits_close_reply())
+    }
+
+    fn release_idle_buffers(&mut self) {
+        each_leg!(self, leg => leg.release_idle_buffers())
     }
 
     fn start_send_kept(&mut self, message: &Message) -> Result<(), WsError> {

@@ -629,6 +629,11 @@ impl<H: PumpHooks> PumpState<H> {
         backend: &mut B,
     ) -> Option<PumpEnd> {
         let mut next = far_future(now);
+        client.release_idle_buffers();
+        backend.release_idle_buffers();
+        if let Some(replay) = &mut self.replay {
+            replay.release_idle_buffer();
+        }
         if let Some(idle) = self.policy.idle_timeout {
             let due = self.last_message + idle;
             if now >= due {

@@ -53,6 +53,9 @@ pub struct ReplayLog {
     ack_in_flight: Option<u64>,
     /// Messages were dropped from the log: a replay would be incomplete.
     overflowed: bool,
+    /// The ack ping in flight went out because the messages before it waited [`ACK_DELAY`],
+    /// not because enough of them gathered: the client paused.
+    paused_ping: bool,
     /// When the first message not yet covered by an ack ping was sent.
     uncovered_since: Option<Instant>,
     /// Messages and bytes sent since the last ack ping.
@@ -79,7 +82,7 @@ impl ReplayLog {
         self.unacked.push_back((seq, message));
         if self.unacked.len() > MAX_UNACKED_MESSAGES || self.unacked_bytes > MAX_UNACKED_BYTES {
             self.overflowed = true;
-            self.unacked.clear();
+            self.unacked = VecDeque::new();
             self.unacked_bytes = 0;
         }
     }
@@ -98,14 +101,16 @@ impl ReplayLog {
         if self.ack_in_flight.is_some() || self.uncovered_since.is_none() {
             return None;
         }
-        let due = self.uncovered_messages >= ACK_AFTER_MESSAGES
+        let gathered = self.uncovered_messages >= ACK_AFTER_MESSAGES
             || self.uncovered_bytes >= ACK_AFTER_BYTES
-            || self.overflowed
-            || self.ack_due().is_some_and(|due| now >= due);
-        if !due {
+            || self.overflowed;
+        let waited = self.ack_due().is_some_and(|due| now >= due);
+        if !gathered && !waited {
             return None;
         }
-        self.ack_ping_now()
+        let ping = self.ack_ping_now();
+        self.paused_ping = !gathered;
+        ping
     }
 
     /// An ack ping covering every message sent so far, to send now whatever the batching
@@ -117,6 +122,7 @@ impl ReplayLog {
         }
         let last = self.next_seq - 1;
         self.ack_in_flight = Some(last);
+        self.paused_ping = false;
         self.uncovered_since = None;
         self.uncovered_messages = 0;
         self.uncovered_bytes = 0;
@@ -148,6 +154,12 @@ impl ReplayLog {
             }
             self.unacked_bytes -= message.len();
             self.unacked.pop_front();
+        }
+        // The client paused and everything is acknowledged: the end of a burst, so its room
+        // goes back now, while other sessions can take it, rather than at the next keepalive
+        // check. A session that keeps sending acks by count and refills it instead.
+        if std::mem::take(&mut self.paused_ping) {
+            self.release_idle_buffer();
         }
         true
     }
@@ -183,12 +195,25 @@ impl ReplayLog {
         }
     }
 
+    /// Gives back the log's buffer if everything in it is acknowledged; the pump calls it at
+    /// its keepalive checks. A burst grows the buffer (64 bytes a message: 4 KiB after 40
+    /// messages in flight), and an idle client would keep that for as long as it stays.
+    /// Giving it back whenever the log empties made a busy session grow it again after every
+    /// ack (3% more instructions per 64 B echo); a pong answering a ping sent after a pause
+    /// gives it back at once (see [`ReplayLog::pong`]).
+    pub fn release_idle_buffer(&mut self) {
+        if self.unacked.is_empty() && self.unacked.capacity() > 0 {
+            self.unacked = VecDeque::new();
+        }
+    }
+
     /// Takes the messages to replay on a replacement backend, oldest first, or `None` if the
     /// log overflowed and cannot say what the lost backend missed. Resets the log for the
     /// replacement.
     pub fn take_for_replay(&mut self) -> Option<Vec<Message>> {
         let overflowed = std::mem::take(&mut self.overflowed);
         self.ack_in_flight = None;
+        self.paused_ping = false;
         self.uncovered_since = None;
         self.uncovered_messages = 0;
         self.uncovered_bytes = 0;
@@ -208,6 +233,12 @@ impl ReplayLog {
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.unacked.is_empty()
+    }
+
+    /// Messages the log could hold without growing.
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.unacked.capacity()
     }
 }
 
@@ -270,6 +301,60 @@ mod tests {
             log.ack_ping(at(50)).is_none(),
             "nothing left to acknowledge"
         );
+    }
+
+    #[test]
+    fn an_acknowledged_burst_gives_its_buffer_back_when_asked() {
+        let mut log = ReplayLog::default();
+        for n in 0..40 {
+            log.sent(text(n), at(0));
+        }
+        let ping = log.ack_ping_now().unwrap();
+        log.sent(text(40), at(1));
+        assert!(log.pong(&payload(&ping)));
+        log.release_idle_buffer();
+        assert_eq!(log.len(), 1);
+        assert!(log.capacity() >= 40, "kept while a message waits");
+        let ping = log.ack_ping_now().unwrap();
+        assert!(log.pong(&payload(&ping)));
+        assert!(
+            log.capacity() >= 40,
+            "kept until asked: a busy session refills it"
+        );
+        log.release_idle_buffer();
+        assert_eq!(log.capacity(), 0, "an idle client holds no log buffer");
+        // The same when a mux stream's returned credit confirms them.
+        for n in 0..40 {
+            log.sent(text(n), at(2));
+        }
+        log.confirm_through(log.leg_bytes());
+        log.release_idle_buffer();
+        assert_eq!(log.capacity(), 0);
+        // Acks and credit offsets go on from where they were.
+        log.sent(text(0), at(3));
+        let ping = log.ack_ping_now().unwrap();
+        assert_eq!(payload(&ping), 81u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_burst_acknowledged_after_a_pause_gives_its_buffer_back_at_once() {
+        let mut log = ReplayLog::default();
+        for n in 0..32 {
+            log.sent(text(n), at(0));
+        }
+        let ping = log.ack_ping(at(0)).expect("32 messages gathered");
+        for n in 32..40 {
+            log.sent(text(n), at(1));
+        }
+        // Acked by count: a busy session keeps its room.
+        assert!(log.pong(&payload(&ping)));
+        assert_eq!(log.len(), 8);
+        assert!(log.capacity() >= 32);
+        assert!(log.ack_ping(at(2)).is_none(), "8 messages wait for company");
+        // The rest waited for the ack delay: the client paused.
+        let ping = log.ack_ping(at(60)).expect("the ack delay passed");
+        assert!(log.pong(&payload(&ping)));
+        assert_eq!(log.capacity(), 0);
     }
 
     #[test]

@@ -108,9 +108,9 @@ impl ReplayLog {
         if !gathered && !waited {
             return None;
         }
-        let ping = self.ack_ping_now();
+        let ping = self.ack_ping_now()?;
         self.paused_ping = !gathered;
-        ping
+        Some(ping)
     }
 
     /// An ack ping covering every message sent so far, to send now whatever the batching
